@@ -1,0 +1,63 @@
+//! `L2Advertisement`: which pools are announced at Layer 2, from which nodes, on which
+//! interfaces, and whether the owner forwards VIP traffic to the Service's NodePort.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Announce the IPs of some pools with ARP (IPv4) and NDP (IPv6).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "ferrolb.io",
+    version = "v1beta1",
+    kind = "L2Advertisement",
+    plural = "l2advertisements",
+    shortname = "l2adv",
+    category = "ferrolb",
+    status = "L2AdvertisementStatus",
+    printcolumn(name = "Pools", type_ = "string", json_path = ".spec.ipAddressPools"),
+    printcolumn(name = "Interfaces", type_ = "string", json_path = ".spec.interfaces"),
+    printcolumn(name = "Forwarding", type_ = "string", json_path = ".spec.forwarding"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct L2AdvertisementSpec {
+    /// Pools announced by name. With neither this nor ipAddressPoolSelectors, every pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_address_pools: Vec<String>,
+    /// Pools announced by label; combined with ipAddressPools by union.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_address_pool_selectors: Vec<LabelSelector>,
+    /// Nodes that may announce; a node matching any selector is eligible. Empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_selectors: Vec<LabelSelector>,
+    /// Interfaces to announce on. Empty: every interface with a subnet holding the IP,
+    /// else every non-loopback interface that is up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub interfaces: Vec<String>,
+    /// `nodePort`: the owner DNATs VIP:port to its own InternalIP:nodePort, for
+    /// clusters where nothing else handles LoadBalancer IPs.
+    #[serde(default)]
+    pub forwarding: Forwarding,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Forwarding {
+    #[default]
+    None,
+    NodePort,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct L2AdvertisementStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,23 @@
+//! ferrolb's API: the custom resources, the Service annotations, and the parsing and
+//! validation of pool addresses that the controller and the speaker share.
+//!
+//! Nothing here does I/O.
+
+pub mod address;
+pub mod annotations;
+pub mod crds;
+pub mod l2advertisement;
+pub mod pool;
+pub mod selector;
+pub mod validation;
+
+pub use address::{AddressRange, Family};
+pub use l2advertisement::{Forwarding, L2Advertisement, L2AdvertisementSpec};
+pub use pool::{
+    AddressEntry, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus, ServiceAllocation,
+};
+
+/// The API group of every ferrolb resource.
+pub const GROUP: &str = "ferrolb.io";
+/// The served and stored version.
+pub const VERSION: &str = "v1beta1";

@@ -1,0 +1,265 @@
+//! Checks of pools that the API server cannot do alone: the exact meaning of each
+//! address entry, overlaps inside one pool and between pools, and selector syntax.
+//!
+//! An unusable pool is never silently dropped: it keeps the ranges that do parse (so
+//! Services already holding an IP there keep it) and carries problems that become its
+//! status conditions, each naming the field and, for overlaps, the other pool.
+
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::address::{AddressRange, parse_range};
+use crate::pool::IPAddressPool;
+use crate::selector;
+
+/// The condition type a problem is reported under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProblemKind {
+    /// The pool's own spec is wrong.
+    Invalid,
+    /// The pool shares addresses with an older pool.
+    Overlapping,
+}
+
+impl fmt::Display for ProblemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProblemKind::Invalid => "Invalid",
+            ProblemKind::Overlapping => "Overlapping",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    /// A sentence naming the pool and the field, ready for a condition or a log line.
+    pub message: String,
+}
+
+/// One pool after checking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedPool {
+    pub name: String,
+    /// Every entry that parses, sorted; overlapping entries are kept as written.
+    pub ranges: Vec<AddressRange>,
+    pub problems: Vec<Problem>,
+}
+
+impl CheckedPool {
+    /// Whether new addresses may be handed out from this pool.
+    pub fn usable(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks one pool on its own.
+pub fn check_pool(pool: &IPAddressPool) -> CheckedPool {
+    let name = pool.metadata.name.clone().unwrap_or_default();
+    let mut problems = Vec::new();
+    let mut invalid = |message: String| {
+        problems.push(Problem {
+            kind: ProblemKind::Invalid,
+            message,
+        })
+    };
+    if pool.spec.addresses.is_empty() {
+        invalid(format!(
+            "pool {name:?}: spec.addresses is empty; list at least one CIDR, range or IP"
+        ));
+    }
+    let mut parsed: Vec<(usize, AddressRange)> = Vec::new();
+    for (i, entry) in pool.spec.addresses.iter().enumerate() {
+        match parse_range(&entry.0) {
+            Ok(range) => {
+                if let Some((j, _, common)) = parsed
+                    .iter()
+                    .find_map(|(j, r)| r.intersection(&range).map(|c| (*j, *r, c)))
+                {
+                    invalid(format!(
+                        "pool {name:?}: spec.addresses[{i}] {:?} overlaps spec.addresses[{j}] {:?} at {common}",
+                        entry.0, pool.spec.addresses[j].0
+                    ));
+                }
+                parsed.push((i, range));
+            }
+            Err(e) => invalid(format!("pool {name:?}: spec.addresses[{i}]: {e}")),
+        }
+    }
+    if let Some(alloc) = &pool.spec.service_allocation {
+        let mut check_selectors = |field: &str, selectors: &[LabelSelector]| {
+            for (i, s) in selectors.iter().enumerate() {
+                if let Err(e) = selector::validate(s) {
+                    invalid(format!(
+                        "pool {name:?}: spec.serviceAllocation.{field}[{i}].{e}"
+                    ));
+                }
+            }
+        };
+        check_selectors("namespaceSelectors", &alloc.namespace_selectors);
+        check_selectors("serviceSelectors", &alloc.service_selectors);
+    }
+    let mut ranges: Vec<AddressRange> = parsed.into_iter().map(|(_, r)| r).collect();
+    ranges.sort();
+    CheckedPool {
+        name,
+        ranges,
+        problems,
+    }
+}
+
+/// Checks every pool, then marks overlaps between them.
+///
+/// When two pools overlap, the older one (by `metadata.creationTimestamp`, then by
+/// name) keeps working and the newer one is marked Overlapping, so that adding a bad
+/// pool never breaks one that was serving. Pools are returned sorted by name.
+pub fn check_pools(pools: &[IPAddressPool]) -> Vec<CheckedPool> {
+    let mut order: Vec<&IPAddressPool> = pools.iter().collect();
+    order.sort_by(|a, b| {
+        let key = |p: &IPAddressPool| {
+            (
+                p.metadata.creation_timestamp.clone(),
+                p.metadata.name.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    // Entries of pools accepted so far, with where they came from.
+    let mut accepted: Vec<(AddressRange, &str, usize, &str)> = Vec::new();
+    let mut checked: Vec<CheckedPool> = Vec::with_capacity(pools.len());
+    for pool in order {
+        let mut c = check_pool(pool);
+        let mut own: Vec<(AddressRange, &str, usize, &str)> = Vec::new();
+        for (i, entry) in pool.spec.addresses.iter().enumerate() {
+            let Ok(range) = parse_range(&entry.0) else {
+                continue;
+            };
+            for (other, other_pool, j, other_entry) in &accepted {
+                if let Some(common) = other.intersection(&range) {
+                    c.problems.push(Problem {
+                        kind: ProblemKind::Overlapping,
+                        message: format!(
+                            "pool {:?}: spec.addresses[{i}] {:?} overlaps pool {other_pool:?} spec.addresses[{j}] {other_entry:?} at {common}",
+                            c.name, entry.0
+                        ),
+                    });
+                }
+            }
+            own.push((
+                range,
+                pool.metadata.name.as_deref().unwrap_or_default(),
+                i,
+                &entry.0,
+            ));
+        }
+        if c.usable() {
+            accepted.extend(own);
+        }
+        checked.push(c);
+    }
+    checked.sort_by(|a, b| a.name.cmp(&b.name));
+    checked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::IPAddressPoolSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn pool(name: &str, addresses: &[&str]) -> IPAddressPool {
+        IPAddressPool::new(
+            name,
+            IPAddressPoolSpec {
+                addresses: addresses.iter().map(|a| (*a).into()).collect(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn created(mut p: IPAddressPool, secs: i64) -> IPAddressPool {
+        p.metadata.creation_timestamp = Some(Time(Timestamp::from_second(secs).unwrap()));
+        p
+    }
+
+    #[test]
+    fn a_good_pool_has_no_problems() {
+        let c = check_pool(&pool(
+            "a",
+            &["10.0.0.0/24", "fd00::/120", "10.0.1.1-10.0.1.9"],
+        ));
+        assert!(c.usable(), "{:?}", c.problems);
+        assert_eq!(c.ranges.len(), 3);
+    }
+
+    #[test]
+    fn bad_entry_names_pool_index_and_text_and_keeps_the_rest() {
+        let c = check_pool(&pool("lab", &["10.0.0.0/24", "10.0.1.5/24"]));
+        assert!(!c.usable());
+        let msg = &c.problems[0].message;
+        assert!(msg.contains("pool \"lab\": spec.addresses[1]"), "{msg}");
+        assert!(msg.contains("did you mean \"10.0.1.0/24\""), "{msg}");
+        assert_eq!(c.ranges.len(), 1, "the parseable entry is kept");
+    }
+
+    #[test]
+    fn overlap_inside_one_pool_is_invalid() {
+        let c = check_pool(&pool("a", &["10.0.0.0/24", "10.0.0.128-10.0.1.3"]));
+        assert_eq!(c.problems.len(), 1);
+        assert!(
+            c.problems[0].message.contains("at 10.0.0.128-10.0.0.255"),
+            "{:?}",
+            c.problems
+        );
+    }
+
+    #[test]
+    fn newer_overlapping_pool_is_marked_and_older_keeps_working() {
+        let old = created(pool("zeta", &["10.0.0.0/24"]), 100);
+        let new = created(pool("alpha", &["10.0.0.200-10.0.1.10"]), 200);
+        let checked = check_pools(&[new, old]);
+        let alpha = &checked[0];
+        let zeta = &checked[1];
+        assert!(zeta.usable());
+        assert_eq!(alpha.problems[0].kind, ProblemKind::Overlapping);
+        let msg = &alpha.problems[0].message;
+        assert!(
+            msg.contains("pool \"alpha\"") && msg.contains("pool \"zeta\""),
+            "{msg}"
+        );
+        assert!(msg.contains("at 10.0.0.200-10.0.0.255"), "{msg}");
+    }
+
+    #[test]
+    fn without_timestamps_the_name_decides() {
+        let checked = check_pools(&[pool("b", &["fd00::/64"]), pool("a", &["fd00::1"])]);
+        assert!(checked[0].usable());
+        assert!(!checked[1].usable());
+    }
+
+    #[test]
+    fn broken_selector_is_named() {
+        use crate::pool::ServiceAllocation;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        let mut p = pool("a", &["10.0.0.0/24"]);
+        p.spec.service_allocation = Some(ServiceAllocation {
+            namespace_selectors: vec![LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "team".into(),
+                    operator: "Equals".into(),
+                    values: None,
+                }]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let c = check_pool(&p);
+        let msg = &c.problems[0].message;
+        assert!(
+            msg.contains("spec.serviceAllocation.namespaceSelectors[0].matchExpressions[0]: unknown operator \"Equals\""),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! The CEL rules in the generated CRDs, evaluated as the API server would on
+//! `kubectl apply` (client-side, by kube-cel), so a malformed pool is refused at once.
+
+use ferrolb_api::{IPAddressPool, L2Advertisement};
+use kube::CustomResourceExt;
+use serde_json::{Value, json};
+
+fn pool_schema() -> Value {
+    let crd = IPAddressPool::crd();
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap();
+    serde_json::to_value(schema).unwrap()
+}
+
+fn pool_with(addresses: &[&str]) -> Value {
+    json!({
+        "apiVersion": "ferrolb.io/v1beta1",
+        "kind": "IPAddressPool",
+        "metadata": {"name": "lab"},
+        "spec": {"addresses": addresses},
+    })
+}
+
+fn errors(addresses: &[&str]) -> Vec<String> {
+    match kube_cel::validate(&pool_schema(), &pool_with(addresses), None) {
+        Ok(()) => vec![],
+        Err(errs) => errs.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn well_formed_entries_pass() {
+    let ok = [
+        "192.168.10.0/24",
+        "fd00::/120",
+        "192.168.10.10-192.168.10.20",
+        "192.168.10.10 - 192.168.10.20",
+        "fd00::10-fd00::20",
+        "10.0.0.7",
+        "10.0.0.7/32",
+        "fd00::7/128",
+    ];
+    for entry in ok {
+        assert_eq!(errors(&[entry]), Vec::<String>::new(), "{entry}");
+    }
+}
+
+#[test]
+fn malformed_entries_are_refused_with_a_readable_message() {
+    let cases = [
+        ("banana", "must be a CIDR"),
+        ("10.0.0.1-", "must be a CIDR"),
+        ("10.0.0.1-fd00::1", "must be a CIDR"),
+        ("10.0.0.256", "must be a CIDR"),
+        ("192.168.10.5/24", "host bits set"),
+        ("0.0.0.0/0", "covers the whole address family"),
+    ];
+    for (entry, want) in cases {
+        let errs = errors(&[entry]);
+        assert!(errs.iter().any(|e| e.contains(want)), "{entry}: {errs:?}");
+        assert!(
+            errs.iter().all(|e| e.contains("spec.addresses")),
+            "{entry}: {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn crds_are_cluster_scoped_with_status_and_columns() {
+    for crd in [IPAddressPool::crd(), L2Advertisement::crd()] {
+        assert_eq!(crd.spec.scope, "Cluster");
+        assert_eq!(crd.spec.group, "ferrolb.io");
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1beta1");
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        assert!(
+            v.additional_printer_columns
+                .as_ref()
+                .is_some_and(|c| !c.is_empty())
+        );
+    }
+}
+
+#[test]
+fn forwarding_is_an_enum_the_server_checks() {
+    let crd = serde_json::to_value(L2Advertisement::crd()).unwrap();
+    let forwarding = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["forwarding"];
+    assert_eq!(
+        forwarding["enum"],
+        json!(["none", "nodePort"]),
+        "{forwarding}"
+    );
+}

@@ -1,0 +1,1 @@
+//! Placeholder until the speaker lands; see issue "speaker data plane".
