@@ -1,0 +1,711 @@
+//! IP address management: which external IPs each LoadBalancer Service gets.
+//!
+//! Pure: plain data in, plain data out; no kube, no tokio, no I/O. The controller keeps
+//! one [`Allocator`] and calls [`Allocator::assign`] / [`Allocator::release`] as
+//! Services change; `ferrolb plan` and the speaker's standalone mode call [`plan`],
+//! which gives the same answer for the same input on every machine.
+//!
+//! The rules, in order of precedence:
+//! 1. A Service keeps the IPs it already has while they stay valid (in a pool open to
+//!    it, shareable with their other holders, of a family it asks for).
+//! 2. Requested IPs are honoured when valid and free or shareable; otherwise the
+//!    Service is pending with the reason.
+//! 3. Otherwise each wanted family gets an IP from the first eligible pool, ordered by
+//!    `serviceAllocation.priority` (lower first, unset last) then name: an IP already
+//!    shared under the Service's `allow-shared-ip` key if one fits, else the lowest
+//!    free address.
+
+mod free;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+
+use ferrolb_api::address::{buggy_count, from_u128, is_buggy, to_u128};
+use ferrolb_api::selector::{self, Labels};
+use ferrolb_api::{AddressRange, Family};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use free::FreeSpace;
+
+/// `namespace/name` of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> ServiceKey {
+        ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service port as far as sharing is concerned: two Services on one IP must not both
+/// use the same port and protocol.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    pub port: i32,
+    pub protocol: String,
+}
+
+impl fmt::Display for PortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
+}
+
+/// `spec.ipFamilyPolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FamilyPolicy {
+    #[default]
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+/// `spec.externalTrafficPolicy`, with what sharing needs to know about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Traffic {
+    #[default]
+    Cluster,
+    /// Traffic stays on nodes with a local endpoint, so Services sharing an IP must
+    /// select the same pods or one of them would be unreachable from the owner node.
+    Local { selector: Labels },
+}
+
+/// Everything the allocator needs to know about one LoadBalancer Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceRequest {
+    pub key: ServiceKey,
+    pub labels: Labels,
+    pub ports: Vec<PortKey>,
+    pub sharing_key: Option<String>,
+    /// IPs asked for by annotation or `spec.loadBalancerIP`, at most one per family.
+    pub requested: Vec<IpAddr>,
+    /// The one pool the Service may use (`ferrolb.io/address-pool`).
+    pub pool: Option<String>,
+    pub family_policy: FamilyPolicy,
+    /// Families in order of preference; never empty.
+    pub families: Vec<Family>,
+    pub traffic: Traffic,
+    /// IPs the Service holds now (from `status.loadBalancer.ingress`).
+    pub current: Vec<IpAddr>,
+}
+
+impl Default for ServiceKey {
+    fn default() -> Self {
+        ServiceKey::new("default", "")
+    }
+}
+
+/// One pool as the allocator sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub ranges: Vec<AddressRange>,
+    /// False when the pool is Invalid or Overlapping: it hands out nothing new, but
+    /// Services already holding one of its addresses keep them.
+    pub usable: bool,
+    /// Why the pool is not usable, for messages.
+    pub problem: Option<String>,
+    pub auto_assign: bool,
+    pub avoid_buggy_ips: bool,
+    pub priority: Option<i32>,
+    pub namespaces: Vec<String>,
+    pub namespace_selectors: Vec<LabelSelector>,
+    pub service_selectors: Vec<LabelSelector>,
+}
+
+/// One IP given to a Service, and the pool it came from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Assignment {
+    pub ip: IpAddr,
+    pub pool: String,
+}
+
+/// What a Service gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `notes` explains a family that PreferDualStack could not get.
+    Assigned {
+        assignments: Vec<Assignment>,
+        notes: Vec<String>,
+    },
+    /// No IP; `reason` is a sentence a person can act on.
+    Pending { reason: String },
+}
+
+impl Outcome {
+    pub fn assignments(&self) -> &[Assignment] {
+        match self {
+            Outcome::Assigned { assignments, .. } => assignments,
+            Outcome::Pending { .. } => &[],
+        }
+    }
+}
+
+/// Addresses per family. IPv6 counts exceed 2^64, hence u128.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FamilyCounts {
+    pub ipv4: u128,
+    pub ipv6: u128,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub name: String,
+    pub assigned: FamilyCounts,
+    pub available: FamilyCounts,
+}
+
+/// The answer of [`plan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub services: BTreeMap<ServiceKey, Outcome>,
+    pub pools: Vec<PoolUsage>,
+}
+
+struct PoolState {
+    config: PoolConfig,
+    /// Indexed by [`slot`].
+    free: [FreeSpace; 2],
+    total: [u128; 2],
+    assigned: [u128; 2],
+}
+
+fn slot(family: Family) -> usize {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+impl PoolState {
+    fn new(config: PoolConfig) -> PoolState {
+        let mut free = [FreeSpace::default(), FreeSpace::default()];
+        let mut total = [0u128; 2];
+        for family in [Family::V4, Family::V6] {
+            let ranges: Vec<(u128, u128)> = config
+                .ranges
+                .iter()
+                .filter(|r| r.family() == family)
+                .map(|r| (r.first(), r.last()))
+                .collect();
+            let space = FreeSpace::new(ranges);
+            total[slot(family)] = space
+                .intervals()
+                .map(|(s, e)| {
+                    let buggy = if config.avoid_buggy_ips {
+                        buggy_count(family, s, e)
+                    } else {
+                        0
+                    };
+                    (e - s + 1) - buggy
+                })
+                .fold(0u128, u128::saturating_add);
+            free[slot(family)] = space;
+        }
+        PoolState {
+            config,
+            free,
+            total,
+            assigned: [0; 2],
+        }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.config.ranges.iter().any(|r| r.contains(ip))
+    }
+
+    fn has_family(&self, family: Family) -> bool {
+        self.config.ranges.iter().any(|r| r.family() == family)
+    }
+}
+
+/// What a holder of an IP brings to the sharing rules.
+#[derive(Clone, Debug)]
+struct Holder {
+    ports: Vec<PortKey>,
+    sharing_key: Option<String>,
+    traffic: Traffic,
+}
+
+/// The allocator's state: pools, and who holds which IP.
+pub struct Allocator {
+    /// Sorted by name.
+    pools: Vec<PoolState>,
+    namespaces: BTreeMap<String, Labels>,
+    holders: HashMap<IpAddr, BTreeMap<ServiceKey, Holder>>,
+    by_service: HashMap<ServiceKey, Vec<Assignment>>,
+    /// IPs held under each sharing key, ordered so that joining one is deterministic.
+    by_sharing_key: HashMap<String, BTreeSet<IpAddr>>,
+}
+
+impl Allocator {
+    /// `namespaces` maps namespace names to their labels; a namespace missing from it
+    /// has only the `kubernetes.io/metadata.name` label Kubernetes gives every one.
+    pub fn new(mut pools: Vec<PoolConfig>, namespaces: BTreeMap<String, Labels>) -> Allocator {
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        Allocator {
+            pools: pools.into_iter().map(PoolState::new).collect(),
+            namespaces,
+            holders: HashMap::new(),
+            by_service: HashMap::new(),
+            by_sharing_key: HashMap::new(),
+        }
+    }
+
+    /// What a Service holds now.
+    pub fn assignments(&self, key: &ServiceKey) -> &[Assignment] {
+        self.by_service
+            .get(key)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Per-pool counts, sorted by pool name.
+    pub fn usage(&self) -> Vec<PoolUsage> {
+        self.pools
+            .iter()
+            .map(|p| PoolUsage {
+                name: p.config.name.clone(),
+                assigned: FamilyCounts {
+                    ipv4: p.assigned[0],
+                    ipv6: p.assigned[1],
+                },
+                available: FamilyCounts {
+                    ipv4: p.total[0].saturating_sub(p.assigned[0]),
+                    ipv6: p.total[1].saturating_sub(p.assigned[1]),
+                },
+            })
+            .collect()
+    }
+
+    /// Frees every IP the Service holds (deleted, or no longer a LoadBalancer).
+    pub fn release(&mut self, key: &ServiceKey) {
+        for a in self.by_service.remove(key).unwrap_or_default() {
+            self.vacate(a.ip, key);
+        }
+    }
+
+    /// Decides the Service's IPs, keeping valid current ones, and records them.
+    pub fn assign(&mut self, svc: &ServiceRequest) -> Outcome {
+        self.release(&svc.key);
+        let families = wanted_families(svc);
+        if let Some(ip) = svc
+            .requested
+            .iter()
+            .find(|ip| !families.contains(&Family::of(**ip)))
+        {
+            let allowed: Vec<&str> = families.iter().map(|f| f.as_kubernetes()).collect();
+            return Outcome::Pending {
+                reason: format!(
+                    "requested {ip} is {} but the Service's ipFamilies allow only {}",
+                    Family::of(*ip),
+                    allowed.join(", ")
+                ),
+            };
+        }
+        let mut problems = Vec::new();
+        for family in &families {
+            let requested = svc.requested.iter().find(|ip| Family::of(**ip) == *family);
+            let current = svc.current.iter().find(|ip| Family::of(**ip) == *family);
+            let chosen = if let Some(ip) = requested {
+                self.check_ip(svc, *ip, true)
+                    .map(|pool| (*ip, pool))
+                    .map_err(|e| format!("requested {e}"))
+            } else if let Some(pool) = current.and_then(|ip| self.check_ip(svc, *ip, false).ok()) {
+                Ok((*current.expect("checked above"), pool))
+            } else {
+                self.pick(svc, *family)
+            };
+            match chosen {
+                Ok((ip, pool)) => self.occupy(ip, pool, svc),
+                Err(reason) => problems.push(reason),
+            }
+        }
+        let got = self.assignments(&svc.key).to_vec();
+        if problems.is_empty()
+            || (svc.family_policy == FamilyPolicy::PreferDualStack && !got.is_empty())
+        {
+            return Outcome::Assigned {
+                assignments: got,
+                notes: problems,
+            };
+        }
+        self.release(&svc.key);
+        let prefix = if svc.family_policy == FamilyPolicy::RequireDualStack
+            && problems.len() < families.len()
+        {
+            "RequireDualStack needs both families: "
+        } else {
+            ""
+        };
+        Outcome::Pending {
+            reason: format!("{prefix}{}", problems.join("; ")),
+        }
+    }
+
+    /// Takes back the Service's current IPs that are still valid, and nothing else.
+    fn keep_current(&mut self, svc: &ServiceRequest) {
+        let families = wanted_families(svc);
+        for ip in &svc.current {
+            let family = Family::of(*ip);
+            let asked_other = svc
+                .requested
+                .iter()
+                .any(|r| Family::of(*r) == family && r != ip);
+            let already = self
+                .assignments(&svc.key)
+                .iter()
+                .any(|a| Family::of(a.ip) == family);
+            if !families.contains(&family) || asked_other || already {
+                continue;
+            }
+            if let Ok(pool) = self.check_ip(svc, *ip, false) {
+                self.occupy(*ip, pool, svc);
+            }
+        }
+    }
+
+    /// The pool an IP belongs to: a usable one if any holds it.
+    fn pool_of(&self, ip: IpAddr) -> Option<usize> {
+        let mut containing = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.contains(ip));
+        let first = containing.next()?;
+        Some(
+            std::iter::once(first)
+                .chain(containing)
+                .find(|(_, p)| p.config.usable)
+                .unwrap_or(first)
+                .0,
+        )
+    }
+
+    /// Whether the Service may have `ip`; the error reads after "requested ".
+    fn check_ip(
+        &self,
+        svc: &ServiceRequest,
+        ip: IpAddr,
+        must_be_usable: bool,
+    ) -> Result<usize, String> {
+        let Some(pool) = self.pool_of(ip) else {
+            return Err(format!("{ip} is in no pool"));
+        };
+        let p = &self.pools[pool];
+        let name = &p.config.name;
+        if must_be_usable && !p.config.usable {
+            let why = p.config.problem.as_deref().unwrap_or("it is not ready");
+            return Err(format!(
+                "{ip} is in pool {name:?}, which is not usable: {why}"
+            ));
+        }
+        if let Some(why) = self.refusal(pool, svc) {
+            return Err(format!("{ip} is in pool {name:?}, but {why}"));
+        }
+        if p.config.avoid_buggy_ips && is_buggy(Family::of(ip), to_u128(ip)) {
+            return Err(format!(
+                "{ip} ends in .0 or .255 and pool {name:?} sets avoidBuggyIPs"
+            ));
+        }
+        match self.sharing_refusal(ip, svc) {
+            Some(why) => Err(why),
+            None => Ok(pool),
+        }
+    }
+
+    /// Why a pool does not serve this Service, if it does not (autoAssign and
+    /// usability aside).
+    fn refusal(&self, pool: usize, svc: &ServiceRequest) -> Option<String> {
+        let c = &self.pools[pool].config;
+        if let Some(wanted) = &svc.pool
+            && *wanted != c.name
+        {
+            return Some(format!("the Service asks for pool {wanted:?}"));
+        }
+        let ns = &svc.key.namespace;
+        let ns_open = (c.namespaces.is_empty() && c.namespace_selectors.is_empty())
+            || c.namespaces.contains(ns)
+            || selector::any_matches(&c.namespace_selectors, &self.namespace_labels(ns));
+        if !ns_open {
+            return Some(format!(
+                "pool {:?} does not serve namespace {ns:?} (spec.serviceAllocation)",
+                c.name
+            ));
+        }
+        if !c.service_selectors.is_empty()
+            && !selector::any_matches(&c.service_selectors, &svc.labels)
+        {
+            return Some(format!(
+                "pool {:?} serves only Services matching spec.serviceAllocation.serviceSelectors",
+                c.name
+            ));
+        }
+        None
+    }
+
+    fn namespace_labels(&self, ns: &str) -> Labels {
+        self.namespaces
+            .get(ns)
+            .cloned()
+            .unwrap_or_else(|| [("kubernetes.io/metadata.name".to_string(), ns.to_string())].into())
+    }
+
+    /// Why the Service may not join the current holders of `ip`, if it may not.
+    fn sharing_refusal(&self, ip: IpAddr, svc: &ServiceRequest) -> Option<String> {
+        let holders = self.holders.get(&ip)?;
+        for (other, h) in holders.iter().filter(|(k, _)| **k != svc.key) {
+            let key = match (&svc.sharing_key, &h.sharing_key) {
+                (None, _) => {
+                    return Some(format!(
+                        "{ip} is used by {other}, and this Service has no allow-shared-ip key"
+                    ));
+                }
+                (Some(_), None) => {
+                    return Some(format!(
+                        "{ip} is used by {other}, which has no allow-shared-ip key"
+                    ));
+                }
+                (Some(mine), Some(theirs)) if mine != theirs => {
+                    return Some(format!(
+                        "{ip} is used by {other} with allow-shared-ip key {theirs:?}, not {mine:?}"
+                    ));
+                }
+                (Some(mine), Some(_)) => mine,
+            };
+            let clash: Vec<String> = svc
+                .ports
+                .iter()
+                .filter(|p| h.ports.contains(p))
+                .map(|p| p.to_string())
+                .collect();
+            if !clash.is_empty() {
+                return Some(format!(
+                    "{ip}: ports {} clash with {other} on shared key {key:?}",
+                    clash.join(", ")
+                ));
+            }
+            if svc.traffic != h.traffic {
+                return Some(format!(
+                    "{ip} is used by {other}; Services with externalTrafficPolicy Local share an IP \
+                     only with Local Services selecting the same pods"
+                ));
+            }
+        }
+        None
+    }
+
+    /// A new IP of `family` for the Service.
+    fn pick(&self, svc: &ServiceRequest, family: Family) -> Result<(IpAddr, usize), String> {
+        if let Some(wanted) = &svc.pool
+            && !self.pools.iter().any(|p| p.config.name == *wanted)
+        {
+            return Err(format!(
+                "pool {wanted:?} (annotation ferrolb.io/address-pool) does not exist"
+            ));
+        }
+        let mut candidates: Vec<usize> = (0..self.pools.len())
+            .filter(|&i| {
+                let p = &self.pools[i];
+                p.config.usable
+                    && p.has_family(family)
+                    && (p.config.auto_assign || svc.pool.is_some())
+                    && self.refusal(i, svc).is_none()
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(self.explain_no_pool(svc, family));
+        }
+        candidates.sort_by_key(|&i| {
+            let c = &self.pools[i].config;
+            (c.priority.is_none(), c.priority, i)
+        });
+        if let Some(key) = &svc.sharing_key {
+            for ip in self.by_sharing_key.get(key).into_iter().flatten() {
+                if Family::of(*ip) == family
+                    && let Some(pool) = self.pool_of(*ip)
+                    && candidates.contains(&pool)
+                    && self.sharing_refusal(*ip, svc).is_none()
+                {
+                    return Ok((*ip, pool));
+                }
+            }
+        }
+        for &i in &candidates {
+            let p = &self.pools[i];
+            if let Some(n) = p.free[slot(family)].lowest(family, p.config.avoid_buggy_ips) {
+                return Ok((from_u128(family, n), i));
+            }
+        }
+        let names: Vec<String> = candidates
+            .iter()
+            .map(|&i| format!("{:?}", self.pools[i].config.name))
+            .collect();
+        Err(if names.len() == 1 {
+            format!("pool {} is exhausted", names[0])
+        } else {
+            format!("pools {} are exhausted", names.join(", "))
+        })
+    }
+
+    fn explain_no_pool(&self, svc: &ServiceRequest, family: Family) -> String {
+        if self.pools.is_empty() {
+            return "no IPAddressPool exists".to_string();
+        }
+        let reasons: Vec<String> = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.has_family(family))
+            .filter(|(_, p)| svc.pool.as_ref().is_none_or(|want| *want == p.config.name))
+            .map(|(i, p)| {
+                let name = &p.config.name;
+                if !p.config.usable {
+                    format!(
+                        "pool {name:?} is not usable ({})",
+                        p.config.problem.as_deref().unwrap_or("not ready")
+                    )
+                } else if let Some(why) = self.refusal(i, svc) {
+                    why
+                } else {
+                    format!("pool {name:?} has autoAssign false")
+                }
+            })
+            .collect();
+        if reasons.is_empty() {
+            return format!("no pool has {family} addresses");
+        }
+        let mut reasons = reasons;
+        reasons.dedup();
+        format!(
+            "no {family} pool is open to this Service: {}",
+            reasons.join("; ")
+        )
+    }
+
+    fn occupy(&mut self, ip: IpAddr, pool: usize, svc: &ServiceRequest) {
+        let holders = self.holders.entry(ip).or_default();
+        if holders.is_empty() {
+            let family = Family::of(ip);
+            for p in self.pools.iter_mut().filter(|p| p.contains(ip)) {
+                if p.free[slot(family)].take(to_u128(ip)) {
+                    p.assigned[slot(family)] += 1;
+                }
+            }
+        }
+        holders.insert(
+            svc.key.clone(),
+            Holder {
+                ports: svc.ports.clone(),
+                sharing_key: svc.sharing_key.clone(),
+                traffic: svc.traffic.clone(),
+            },
+        );
+        if let Some(key) = &svc.sharing_key {
+            self.by_sharing_key
+                .entry(key.clone())
+                .or_default()
+                .insert(ip);
+        }
+        let held = self.by_service.entry(svc.key.clone()).or_default();
+        held.push(Assignment {
+            ip,
+            pool: self.pools[pool].config.name.clone(),
+        });
+        held.sort();
+    }
+
+    fn vacate(&mut self, ip: IpAddr, key: &ServiceKey) {
+        let Some(holders) = self.holders.get_mut(&ip) else {
+            return;
+        };
+        let Some(gone) = holders.remove(key) else {
+            return;
+        };
+        if let Some(sharing) = &gone.sharing_key
+            && !holders
+                .values()
+                .any(|h| h.sharing_key.as_ref() == Some(sharing))
+            && let Some(set) = self.by_sharing_key.get_mut(sharing)
+        {
+            set.remove(&ip);
+            if set.is_empty() {
+                self.by_sharing_key.remove(sharing);
+            }
+        }
+        if holders.is_empty() {
+            self.holders.remove(&ip);
+            let family = Family::of(ip);
+            for p in self.pools.iter_mut().filter(|p| p.contains(ip)) {
+                p.free[slot(family)].give_back(to_u128(ip));
+                p.assigned[slot(family)] -= 1;
+            }
+        }
+    }
+}
+
+/// The families a Service gets IPs for, in order.
+fn wanted_families(svc: &ServiceRequest) -> Vec<Family> {
+    let mut families = svc.families.clone();
+    if families.is_empty() {
+        families.push(Family::V4);
+    }
+    families.dedup();
+    match svc.family_policy {
+        FamilyPolicy::SingleStack => families.truncate(1),
+        FamilyPolicy::PreferDualStack | FamilyPolicy::RequireDualStack => {
+            for f in [Family::V4, Family::V6] {
+                if !families.contains(&f) {
+                    families.push(f);
+                }
+            }
+            families.truncate(2);
+        }
+    }
+    families
+}
+
+/// Allocates for a whole set of Services at once, deterministically: the same pools,
+/// namespaces and Services, in any order, give the same answer.
+///
+/// Valid current IPs are kept first, so nothing that works moves; then Services that
+/// ask for specific IPs are served before automatic picks, so an automatic pick never
+/// takes an address someone asked for; ties are broken by namespace/name.
+pub fn plan(
+    pools: Vec<PoolConfig>,
+    namespaces: BTreeMap<String, Labels>,
+    services: &[ServiceRequest],
+) -> Plan {
+    let mut allocator = Allocator::new(pools, namespaces);
+    let mut order: Vec<&ServiceRequest> = services.iter().collect();
+    order.sort_by(|a, b| a.key.cmp(&b.key));
+    order.dedup_by(|a, b| a.key == b.key);
+    for svc in &order {
+        allocator.keep_current(svc);
+    }
+    order.sort_by_key(|s| (s.requested.is_empty(), s.key.clone()));
+    let services = order
+        .into_iter()
+        .map(|svc| (svc.key.clone(), allocator.assign(svc)))
+        .collect();
+    Plan {
+        services,
+        pools: allocator.usage(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

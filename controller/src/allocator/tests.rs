@@ -1,0 +1,527 @@
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ferrolb_api::address::parse_range;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use proptest::prelude::*;
+
+use super::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn pool(name: &str, addresses: &[&str]) -> PoolConfig {
+    PoolConfig {
+        name: name.into(),
+        ranges: addresses.iter().map(|a| parse_range(a).unwrap()).collect(),
+        usable: true,
+        auto_assign: true,
+        ..Default::default()
+    }
+}
+
+fn svc(ns_name: &str) -> ServiceRequest {
+    let (ns, name) = ns_name.split_once('/').unwrap();
+    ServiceRequest {
+        key: ServiceKey::new(ns, name),
+        ports: vec![PortKey {
+            port: 80,
+            protocol: "TCP".into(),
+        }],
+        families: vec![Family::V4],
+        ..Default::default()
+    }
+}
+
+fn with_port(mut s: ServiceRequest, port: i32) -> ServiceRequest {
+    s.ports = vec![PortKey {
+        port,
+        protocol: "TCP".into(),
+    }];
+    s
+}
+
+fn shared(mut s: ServiceRequest, key: &str) -> ServiceRequest {
+    s.sharing_key = Some(key.into());
+    s
+}
+
+fn run(pools: Vec<PoolConfig>, services: &[ServiceRequest]) -> Plan {
+    plan(pools, BTreeMap::new(), services)
+}
+
+fn ips_of(p: &Plan, key: &str) -> Vec<String> {
+    let (ns, name) = key.split_once('/').unwrap();
+    p.services[&ServiceKey::new(ns, name)]
+        .assignments()
+        .iter()
+        .map(|a| a.ip.to_string())
+        .collect()
+}
+
+fn reason_of(p: &Plan, key: &str) -> String {
+    let (ns, name) = key.split_once('/').unwrap();
+    match &p.services[&ServiceKey::new(ns, name)] {
+        Outcome::Pending { reason } => reason.clone(),
+        other => panic!("{key} is not pending: {other:?}"),
+    }
+}
+
+#[test]
+fn lowest_free_address_in_name_order() {
+    let p = run(
+        vec![pool("a", &["10.0.0.10-10.0.0.11"])],
+        &[svc("default/c"), svc("default/a"), svc("default/b")],
+    );
+    assert_eq!(ips_of(&p, "default/a"), ["10.0.0.10"]);
+    assert_eq!(ips_of(&p, "default/b"), ["10.0.0.11"]);
+    assert_eq!(reason_of(&p, "default/c"), "pool \"a\" is exhausted");
+    assert_eq!(p.pools[0].assigned.ipv4, 2);
+    assert_eq!(p.pools[0].available.ipv4, 0);
+}
+
+#[test]
+fn current_ips_are_kept_even_when_a_lower_one_is_free() {
+    let mut b = svc("default/b");
+    b.current = vec![ip("10.0.0.7")];
+    let p = run(vec![pool("a", &["10.0.0.0/24"])], &[svc("default/a"), b]);
+    assert_eq!(ips_of(&p, "default/b"), ["10.0.0.7"]);
+    assert_eq!(ips_of(&p, "default/a"), ["10.0.0.0"]);
+}
+
+#[test]
+fn a_current_ip_outside_every_pool_is_replaced() {
+    let mut a = svc("default/a");
+    a.current = vec![ip("192.168.1.1")];
+    let p = run(vec![pool("a", &["10.0.0.0/24"])], &[a]);
+    assert_eq!(ips_of(&p, "default/a"), ["10.0.0.0"]);
+}
+
+#[test]
+fn requested_ip_is_honoured_and_not_taken_by_an_earlier_automatic_pick() {
+    let mut z = svc("default/z");
+    z.requested = vec![ip("10.0.0.0")];
+    let p = run(vec![pool("a", &["10.0.0.0/30"])], &[svc("default/a"), z]);
+    assert_eq!(ips_of(&p, "default/z"), ["10.0.0.0"]);
+    assert_eq!(ips_of(&p, "default/a"), ["10.0.0.1"]);
+}
+
+#[test]
+fn requested_ip_problems_are_explained() {
+    let mut outside = svc("default/outside");
+    outside.requested = vec![ip("10.9.9.9")];
+    let mut taken = svc("default/taken");
+    taken.requested = vec![ip("10.0.0.1")];
+    let mut holder = svc("default/holder");
+    holder.current = vec![ip("10.0.0.1")];
+    let p = run(vec![pool("a", &["10.0.0.0/24"])], &[outside, taken, holder]);
+    assert_eq!(
+        reason_of(&p, "default/outside"),
+        "requested 10.9.9.9 is in no pool"
+    );
+    assert_eq!(
+        reason_of(&p, "default/taken"),
+        "requested 10.0.0.1 is used by default/holder, and this Service has no allow-shared-ip key"
+    );
+}
+
+#[test]
+fn address_pool_annotation_restricts_and_unlocks_manual_pools() {
+    let mut manual = pool("manual", &["10.1.0.0/24"]);
+    manual.auto_assign = false;
+    let mut asks = svc("default/asks");
+    asks.pool = Some("manual".into());
+    let mut missing = svc("default/missing");
+    missing.pool = Some("nope".into());
+    let p = run(
+        vec![pool("auto", &["10.0.0.0/24"]), manual],
+        &[asks, missing, svc("default/plain")],
+    );
+    assert_eq!(ips_of(&p, "default/asks"), ["10.1.0.0"]);
+    assert_eq!(ips_of(&p, "default/plain"), ["10.0.0.0"]);
+    assert_eq!(
+        reason_of(&p, "default/missing"),
+        "pool \"nope\" (annotation ferrolb.io/address-pool) does not exist"
+    );
+}
+
+#[test]
+fn auto_assign_false_pool_is_used_when_asked_by_ip() {
+    let mut manual = pool("manual", &["10.1.0.0/24"]);
+    manual.auto_assign = false;
+    let mut by_ip = svc("default/by-ip");
+    by_ip.requested = vec![ip("10.1.0.9")];
+    let p = run(vec![manual], &[by_ip, svc("default/plain")]);
+    assert_eq!(ips_of(&p, "default/by-ip"), ["10.1.0.9"]);
+    assert_eq!(
+        reason_of(&p, "default/plain"),
+        "no IPv4 pool is open to this Service: pool \"manual\" has autoAssign false"
+    );
+}
+
+#[test]
+fn avoid_buggy_ips_skips_dot_zero_and_dot_255() {
+    let mut a = pool("a", &["10.0.0.254-10.0.1.1"]);
+    a.avoid_buggy_ips = true;
+    let mut asks = svc("default/z");
+    asks.requested = vec![ip("10.0.0.255")];
+    let p = run(
+        vec![a],
+        &[svc("default/a"), svc("default/b"), svc("default/c"), asks],
+    );
+    assert_eq!(ips_of(&p, "default/a"), ["10.0.0.254"]);
+    assert_eq!(ips_of(&p, "default/b"), ["10.0.1.1"]);
+    assert_eq!(reason_of(&p, "default/c"), "pool \"a\" is exhausted");
+    assert!(reason_of(&p, "default/z").contains("avoidBuggyIPs"));
+    assert_eq!(
+        p.pools[0].available.ipv4, 0,
+        "buggy addresses are not counted as available"
+    );
+}
+
+#[test]
+fn priority_then_name_orders_pools() {
+    let mut low = pool("zz-first", &["10.2.0.0/24"]);
+    low.priority = Some(1);
+    let mut high = pool("aa-second", &["10.3.0.0/24"]);
+    high.priority = Some(5);
+    let unset = pool("0-last", &["10.1.0.0/24"]);
+    let p = run(vec![unset, high, low], &[svc("default/a")]);
+    assert_eq!(ips_of(&p, "default/a"), ["10.2.0.0"]);
+}
+
+#[test]
+fn namespace_lists_and_selectors_restrict_pools() {
+    let mut team = pool("team", &["10.5.0.0/24"]);
+    team.priority = Some(1);
+    team.namespaces = vec!["shop".into()];
+    team.namespace_selectors = vec![LabelSelector {
+        match_labels: Some([("team".to_string(), "blue".to_string())].into()),
+        ..Default::default()
+    }];
+    let namespaces: BTreeMap<String, Labels> = [(
+        "blue-ns".to_string(),
+        [("team".to_string(), "blue".to_string())].into(),
+    )]
+    .into();
+    let p = plan(
+        vec![team, pool("general", &["10.9.0.0/24"])],
+        namespaces,
+        &[svc("shop/a"), svc("blue-ns/b"), svc("other/c")],
+    );
+    assert_eq!(ips_of(&p, "blue-ns/b"), ["10.5.0.0"], "by namespace label");
+    assert_eq!(ips_of(&p, "shop/a"), ["10.5.0.1"], "by namespace name");
+    assert_eq!(ips_of(&p, "other/c"), ["10.9.0.0"]);
+}
+
+#[test]
+fn service_selectors_restrict_pools() {
+    let mut gold = pool("gold", &["10.5.0.0/24"]);
+    gold.service_selectors = vec![LabelSelector {
+        match_labels: Some([("tier".to_string(), "gold".to_string())].into()),
+        ..Default::default()
+    }];
+    let mut vip = svc("default/vip");
+    vip.labels = [("tier".to_string(), "gold".to_string())].into();
+    let p = run(vec![gold], &[vip, svc("default/plain")]);
+    assert_eq!(ips_of(&p, "default/vip"), ["10.5.0.0"]);
+    assert_eq!(
+        reason_of(&p, "default/plain"),
+        "no IPv4 pool is open to this Service: pool \"gold\" serves only Services matching spec.serviceAllocation.serviceSelectors"
+    );
+}
+
+#[test]
+fn sharing_needs_the_same_key_and_distinct_ports() {
+    let a = shared(with_port(svc("default/a"), 80), "k");
+    let b = shared(with_port(svc("default/b"), 443), "k");
+    let c = shared(with_port(svc("default/c"), 80), "k");
+    let d = shared(with_port(svc("default/d"), 8080), "other");
+    let e = with_port(svc("default/e"), 9090);
+    let p = run(vec![pool("a", &["10.0.0.0/24"])], &[a, b, c, d, e]);
+    assert_eq!(ips_of(&p, "default/a"), ["10.0.0.0"]);
+    assert_eq!(
+        ips_of(&p, "default/b"),
+        ["10.0.0.0"],
+        "same key, other port: shares"
+    );
+    assert_eq!(
+        ips_of(&p, "default/c"),
+        ["10.0.0.1"],
+        "port 80 clashes: a fresh IP"
+    );
+    assert_eq!(
+        ips_of(&p, "default/d"),
+        ["10.0.0.2"],
+        "another key never shares"
+    );
+    assert_eq!(ips_of(&p, "default/e"), ["10.0.0.3"], "no key never shares");
+    assert_eq!(p.pools[0].assigned.ipv4, 4, "counts IPs, not Services");
+}
+
+#[test]
+fn requested_shared_ip_with_clashing_ports_is_pending_with_the_reason() {
+    let web = shared(with_port(svc("default/web"), 80), "k");
+    let mut other = shared(with_port(svc("default/other"), 80), "k");
+    other.requested = vec![ip("10.0.0.0")];
+    let mut web = web;
+    web.current = vec![ip("10.0.0.0")];
+    let p = run(vec![pool("a", &["10.0.0.0/24"])], &[web, other]);
+    assert_eq!(
+        reason_of(&p, "default/other"),
+        "requested 10.0.0.0: ports 80/TCP clash with default/web on shared key \"k\""
+    );
+}
+
+#[test]
+fn local_traffic_shares_only_with_the_same_selector() {
+    let local = |name: &str, port: i32, app: &str| {
+        let mut s = shared(with_port(svc(name), port), "k");
+        s.traffic = Traffic::Local {
+            selector: [("app".to_string(), app.to_string())].into(),
+        };
+        s
+    };
+    let p = run(
+        vec![pool("a", &["10.0.0.0/24"])],
+        &[
+            local("default/a", 80, "web"),
+            local("default/b", 443, "web"),
+            local("default/c", 8443, "api"),
+            shared(with_port(svc("default/d"), 22), "k"),
+        ],
+    );
+    assert_eq!(ips_of(&p, "default/b"), ips_of(&p, "default/a"));
+    assert_ne!(ips_of(&p, "default/c"), ips_of(&p, "default/a"));
+    assert_ne!(ips_of(&p, "default/d"), ips_of(&p, "default/a"));
+}
+
+#[test]
+fn dual_stack_policies() {
+    let mut require = svc("default/require");
+    require.family_policy = FamilyPolicy::RequireDualStack;
+    let mut prefer = svc("default/prefer");
+    prefer.family_policy = FamilyPolicy::PreferDualStack;
+    let mut v6 = svc("default/v6");
+    v6.families = vec![Family::V6];
+    let only_v4 = run(
+        vec![pool("v4", &["10.0.0.0/24"])],
+        &[require.clone(), prefer.clone(), v6.clone()],
+    );
+    assert_eq!(
+        reason_of(&only_v4, "default/require"),
+        "RequireDualStack needs both families: no pool has IPv6 addresses"
+    );
+    assert_eq!(ips_of(&only_v4, "default/prefer"), ["10.0.0.0"]);
+    assert_eq!(
+        reason_of(&only_v4, "default/v6"),
+        "no pool has IPv6 addresses"
+    );
+    assert_eq!(
+        only_v4.pools[0].assigned.ipv4, 1,
+        "the failed RequireDualStack holds nothing"
+    );
+
+    let both = run(
+        vec![pool("v4", &["10.0.0.0/24"]), pool("v6", &["fd00::/120"])],
+        &[require, prefer, v6],
+    );
+    assert_eq!(ips_of(&both, "default/prefer"), ["10.0.0.0", "fd00::"]);
+    assert_eq!(ips_of(&both, "default/require"), ["10.0.0.1", "fd00::1"]);
+    assert_eq!(ips_of(&both, "default/v6"), ["fd00::2"]);
+}
+
+#[test]
+fn single_stack_takes_the_first_family() {
+    let mut s = svc("default/a");
+    s.families = vec![Family::V6, Family::V4];
+    let p = run(
+        vec![pool("v4", &["10.0.0.0/24"]), pool("v6", &["fd00::/120"])],
+        &[s],
+    );
+    assert_eq!(ips_of(&p, "default/a"), ["fd00::"]);
+}
+
+#[test]
+fn unusable_pool_keeps_existing_holders_but_hands_out_nothing() {
+    let mut broken = pool("broken", &["10.0.0.0/24"]);
+    broken.usable = false;
+    broken.problem = Some("pool \"broken\": spec.addresses[1]: ...".into());
+    let mut old = svc("default/old");
+    old.current = vec![ip("10.0.0.5")];
+    let p = run(vec![broken], &[old, svc("default/new")]);
+    assert_eq!(ips_of(&p, "default/old"), ["10.0.0.5"]);
+    assert!(reason_of(&p, "default/new").contains("pool \"broken\" is not usable"));
+}
+
+#[test]
+fn release_frees_the_ip_for_the_next_service() {
+    let mut a = Allocator::new(vec![pool("a", &["10.0.0.1"])], BTreeMap::new());
+    assert!(matches!(
+        a.assign(&svc("default/one")),
+        Outcome::Assigned { .. }
+    ));
+    assert!(matches!(
+        a.assign(&svc("default/two")),
+        Outcome::Pending { .. }
+    ));
+    a.release(&ServiceKey::new("default", "one"));
+    assert_eq!(
+        a.assign(&svc("default/two")).assignments()[0].ip,
+        ip("10.0.0.1")
+    );
+    assert_eq!(a.usage()[0].available.ipv4, 0);
+}
+
+#[test]
+fn reassigning_a_service_is_idempotent() {
+    let mut a = Allocator::new(vec![pool("a", &["10.0.0.0/24"])], BTreeMap::new());
+    let mut s = svc("default/one");
+    let first = a.assign(&s);
+    s.current = first.assignments().iter().map(|x| x.ip).collect();
+    assert_eq!(a.assign(&s), first);
+    assert_eq!(a.usage()[0].assigned.ipv4, 1);
+}
+
+#[test]
+fn ipv6_counts_do_not_overflow() {
+    let p = run(vec![pool("big", &["fd00::/8", "10.0.0.0/8"])], &[]);
+    assert_eq!(p.pools[0].available.ipv6, 1u128 << 120);
+    assert_eq!(p.pools[0].available.ipv4, 1 << 24);
+}
+
+// ---- properties ----
+
+/// A small world: two pools over few addresses so that collisions are common.
+fn arb_services() -> impl Strategy<Value = Vec<ServiceRequest>> {
+    let one = (
+        0usize..12,                  // name
+        prop::option::of(0usize..2), // sharing key
+        0i32..3,                     // port
+        prop::option::of(0u8..12),   // requested host
+        prop::option::of(0u8..12),   // current host
+        prop::option::of(0usize..3), // pool annotation
+        any::<bool>(),               // local traffic
+    )
+        .prop_map(|(name, key, port, req, cur, pool, local)| {
+            let mut s = with_port(svc(&format!("ns{}/svc{name}", name % 3)), 80 + port);
+            s.sharing_key = key.map(|k| format!("key{k}"));
+            s.requested = req
+                .map(|h| ip(&format!("10.0.0.{h}")))
+                .into_iter()
+                .collect();
+            s.current = cur
+                .map(|h| ip(&format!("10.0.0.{h}")))
+                .into_iter()
+                .collect();
+            s.pool = pool.map(|p| ["a", "b", "missing"][p].to_string());
+            if local {
+                s.traffic = Traffic::Local {
+                    selector: [("app".to_string(), (name % 2).to_string())].into(),
+                };
+            }
+            s
+        });
+    prop::collection::vec(one, 0..24)
+}
+
+fn small_pools() -> Vec<PoolConfig> {
+    let mut b = pool("b", &["10.0.0.6-10.0.0.9"]);
+    b.auto_assign = false;
+    vec![pool("a", &["10.0.0.0-10.0.0.5"]), b]
+}
+
+fn dedup(services: Vec<ServiceRequest>) -> Vec<ServiceRequest> {
+    let mut seen = BTreeSet::new();
+    services
+        .into_iter()
+        .filter(|s| seen.insert(s.key.clone()))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn no_ip_is_held_by_services_that_may_not_share_it(services in arb_services()) {
+        let services = dedup(services);
+        let p = run(small_pools(), &services);
+        let by_key: BTreeMap<_, _> = services.iter().map(|s| (s.key.clone(), s)).collect();
+        let mut holders: BTreeMap<IpAddr, Vec<&ServiceRequest>> = BTreeMap::new();
+        for (key, outcome) in &p.services {
+            for a in outcome.assignments() {
+                holders.entry(a.ip).or_default().push(by_key[key]);
+            }
+        }
+        for (ip, hs) in holders {
+            for (i, x) in hs.iter().enumerate() {
+                for y in &hs[i + 1..] {
+                    prop_assert!(x.sharing_key.is_some() && x.sharing_key == y.sharing_key,
+                        "{ip} held by {} and {} without a common key", x.key, y.key);
+                    prop_assert!(x.ports.iter().all(|port| !y.ports.contains(port)),
+                        "{ip}: {} and {} clash", x.key, y.key);
+                    prop_assert_eq!(&x.traffic, &y.traffic);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_answer_does_not_depend_on_input_order(services in arb_services(), seed in any::<u64>()) {
+        let services = dedup(services);
+        let mut shuffled = services.clone();
+        // A deterministic shuffle from the seed.
+        let mut state = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+            shuffled.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let mut pools = small_pools();
+        pools.reverse();
+        prop_assert_eq!(run(small_pools(), &services), run(pools, &shuffled));
+    }
+
+    #[test]
+    fn requested_ips_are_honoured_exactly_when_valid_and_free(
+        hosts in prop::collection::vec(prop::option::of(0u8..16), 1..10),
+    ) {
+        // No sharing, no current IPs: a request is valid when it lies in pool "a" (.0-.9)
+        // and no service earlier in name order asked for the same address.
+        let services: Vec<ServiceRequest> = hosts.iter().enumerate().map(|(i, h)| {
+            let mut s = svc(&format!("default/s{i:02}"));
+            s.requested = h.map(|h| ip(&format!("10.0.0.{h}"))).into_iter().collect();
+            s
+        }).collect();
+        let p = run(vec![pool("a", &["10.0.0.0-10.0.0.9"])], &services);
+        let mut taken = BTreeSet::new();
+        for s in &services {
+            let Some(want) = s.requested.first() else { continue };
+            let valid = to_u128(*want) & 0xff <= 9 && !taken.contains(want);
+            let got = p.services[&s.key].assignments().iter().map(|a| a.ip).collect::<Vec<_>>();
+            if valid {
+                taken.insert(*want);
+                prop_assert_eq!(got, vec![*want]);
+            } else {
+                prop_assert!(got.is_empty(), "{} got {:?} for an invalid request", s.key, got);
+            }
+        }
+    }
+
+    #[test]
+    fn replanning_with_the_result_as_status_changes_nothing(services in arb_services()) {
+        let services = dedup(services);
+        let first = run(small_pools(), &services);
+        let with_status: Vec<ServiceRequest> = services.iter().map(|s| {
+            let mut s = s.clone();
+            s.current = first.services[&s.key].assignments().iter().map(|a| a.ip).collect();
+            s
+        }).collect();
+        let second = run(small_pools(), &with_status);
+        for (key, outcome) in &first.services {
+            if !outcome.assignments().is_empty() {
+                prop_assert_eq!(outcome.assignments(), second.services[key].assignments(), "{} moved", key);
+            }
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Kubernetes objects to allocator input. Pure: reads objects, returns plain data.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ferrolb_api::annotations::{self, lookup};
+use ferrolb_api::selector::Labels;
+use ferrolb_api::validation::{CheckedPool, check_pools};
+use ferrolb_api::{Family, IPAddressPool};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+
+use crate::allocator::{FamilyPolicy, PoolConfig, PortKey, ServiceKey, ServiceRequest, Traffic};
+
+/// Allocator pools from IPAddressPools, with the result of checking them (whose
+/// problems become status conditions and log lines).
+pub fn pool_configs(pools: &[IPAddressPool]) -> (Vec<PoolConfig>, Vec<CheckedPool>) {
+    let checked = check_pools(pools);
+    let configs = checked
+        .iter()
+        .map(|c| {
+            let pool = pools
+                .iter()
+                .find(|p| p.metadata.name.as_deref().unwrap_or_default() == c.name)
+                .expect("every checked pool comes from the input");
+            let alloc = pool.spec.service_allocation.clone().unwrap_or_default();
+            PoolConfig {
+                name: c.name.clone(),
+                ranges: c.ranges.clone(),
+                usable: c.usable(),
+                problem: c.problems.first().map(|p| p.message.clone()),
+                auto_assign: pool.spec.auto_assign(),
+                avoid_buggy_ips: pool.spec.avoid_buggy_ips(),
+                priority: alloc.priority,
+                namespaces: alloc.namespaces,
+                namespace_selectors: alloc.namespace_selectors,
+                service_selectors: alloc.service_selectors,
+            }
+        })
+        .collect();
+    (configs, checked)
+}
+
+/// Namespace name to labels.
+pub fn namespace_labels(namespaces: &[Namespace]) -> BTreeMap<String, Labels> {
+    namespaces
+        .iter()
+        .filter_map(|ns| {
+            let name = ns.metadata.name.clone()?;
+            let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+            labels
+                .entry("kubernetes.io/metadata.name".into())
+                .or_insert_with(|| name.clone());
+            Some((name, labels))
+        })
+        .collect()
+}
+
+/// How a Service enters allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Translation {
+    /// Not a LoadBalancer, or one of another `loadBalancerClass`: not ferrolb's.
+    NotOurs,
+    Request(Box<ServiceRequest>),
+    /// Ours, but its spec or annotations cannot be honoured; stays pending.
+    Invalid {
+        key: ServiceKey,
+        reason: String,
+    },
+}
+
+/// Whether ferrolb serves a Service: type LoadBalancer, and no class or ferrolb's.
+pub fn is_ours(svc: &Service) -> bool {
+    let Some(spec) = &svc.spec else { return false };
+    spec.type_.as_deref() == Some("LoadBalancer")
+        && spec
+            .load_balancer_class
+            .as_deref()
+            .is_none_or(|c| c == annotations::LOAD_BALANCER_CLASS)
+}
+
+pub fn service_key(svc: &Service) -> ServiceKey {
+    ServiceKey::new(
+        svc.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        svc.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Reads what allocation needs from a Service.
+pub fn translate(svc: &Service) -> Translation {
+    if !is_ours(svc) {
+        return Translation::NotOurs;
+    }
+    let key = service_key(svc);
+    match request(svc, key.clone()) {
+        Ok(r) => Translation::Request(Box::new(r)),
+        Err(reason) => Translation::Invalid { key, reason },
+    }
+}
+
+fn request(svc: &Service, key: ServiceKey) -> Result<ServiceRequest, String> {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let notes = svc.metadata.annotations.clone().unwrap_or_default();
+
+    let mut requested: Vec<IpAddr> = Vec::new();
+    let annotated = lookup(&notes, &annotations::LOAD_BALANCER_IPS_ALIASES);
+    if let (Some((name, _)), Some(field)) = (
+        annotated,
+        spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()),
+    ) {
+        return Err(format!(
+            "both annotation {name} and spec.loadBalancerIP ({field}) are set; keep only the annotation"
+        ));
+    }
+    let (source, list) = match (annotated, spec.load_balancer_ip.as_deref()) {
+        (Some((name, value)), _) => (format!("annotation {name}"), value.to_string()),
+        (None, Some(ip)) => ("spec.loadBalancerIP".to_string(), ip.to_string()),
+        (None, None) => (String::new(), String::new()),
+    };
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let ip: IpAddr = item
+            .parse()
+            .map_err(|_| format!("{source}: {item:?} is not an IP address"))?;
+        if let Some(other) = requested.iter().find(|r| Family::of(**r) == Family::of(ip)) {
+            return Err(format!(
+                "{source} names two {} addresses ({other}, {ip}); give at most one per family",
+                Family::of(ip)
+            ));
+        }
+        requested.push(ip);
+    }
+
+    let family_policy = match spec.ip_family_policy.as_deref() {
+        None | Some("SingleStack") => FamilyPolicy::SingleStack,
+        Some("PreferDualStack") => FamilyPolicy::PreferDualStack,
+        Some("RequireDualStack") => FamilyPolicy::RequireDualStack,
+        Some(other) => {
+            return Err(format!(
+                "spec.ipFamilyPolicy {other:?} is not SingleStack, PreferDualStack or RequireDualStack"
+            ));
+        }
+    };
+    let mut families = Vec::new();
+    for (i, f) in spec.ip_families.iter().flatten().enumerate() {
+        families.push(
+            Family::from_kubernetes(f)
+                .ok_or_else(|| format!("spec.ipFamilies[{i}] {f:?} is not IPv4 or IPv6"))?,
+        );
+    }
+    if families.is_empty() {
+        // Kubernetes fills ipFamilies; manifests written by hand may not. Follow the
+        // requested IPs, else IPv4 first.
+        families = requested.iter().map(|ip| Family::of(*ip)).collect();
+        families.sort();
+    }
+
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| PortKey {
+            port: p.port,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+        })
+        .collect();
+    let traffic = match spec.external_traffic_policy.as_deref() {
+        Some("Local") => Traffic::Local {
+            selector: spec.selector.clone().unwrap_or_default(),
+        },
+        _ => Traffic::Cluster,
+    };
+    let current = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ing| ing.ip.as_deref()?.parse().ok())
+        .collect();
+
+    Ok(ServiceRequest {
+        key,
+        labels: svc.metadata.labels.clone().unwrap_or_default(),
+        ports,
+        sharing_key: lookup(&notes, &annotations::ALLOW_SHARED_IP_ALIASES)
+            .map(|(_, v)| v.to_string())
+            .filter(|v| !v.is_empty()),
+        requested,
+        pool: lookup(&notes, &annotations::ADDRESS_POOL_ALIASES)
+            .map(|(_, v)| v.to_string())
+            .filter(|v| !v.is_empty()),
+        family_policy,
+        families,
+        traffic,
+        current,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+
+    fn lb(annotations: &[(&str, &str)], spec: ServiceSpec) -> Service {
+        let mut svc = Service::default();
+        svc.metadata.name = Some("web".into());
+        svc.metadata.namespace = Some("shop".into());
+        svc.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        svc.spec = Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ..spec
+        });
+        svc
+    }
+
+    fn req(t: Translation) -> ServiceRequest {
+        match t {
+            Translation::Request(r) => *r,
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_types_and_classes_are_not_ours() {
+        let mut svc = lb(&[], ServiceSpec::default());
+        svc.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        assert_eq!(translate(&svc), Translation::NotOurs);
+        let svc = lb(
+            &[],
+            ServiceSpec {
+                load_balancer_class: Some("example.com/other".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(translate(&svc), Translation::NotOurs);
+        let svc = lb(
+            &[],
+            ServiceSpec {
+                load_balancer_class: Some("ferrolb.io/lb".into()),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(translate(&svc), Translation::Request(_)));
+    }
+
+    #[test]
+    fn reads_annotations_in_every_spelling() {
+        let r = req(translate(&lb(
+            &[
+                ("metallb.universe.tf/loadBalancerIPs", "10.0.0.5, fd00::5"),
+                ("metallb.io/address-pool", "blue"),
+                ("ferrolb.io/allow-shared-ip", "k"),
+            ],
+            ServiceSpec {
+                ports: Some(vec![ServicePort {
+                    port: 53,
+                    protocol: Some("UDP".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+        )));
+        assert_eq!(
+            r.requested,
+            vec![
+                "10.0.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        assert_eq!(r.pool.as_deref(), Some("blue"));
+        assert_eq!(r.sharing_key.as_deref(), Some("k"));
+        assert_eq!(r.families, vec![Family::V4, Family::V6]);
+        assert_eq!(r.ports[0].to_string(), "53/UDP");
+    }
+
+    #[test]
+    fn deprecated_load_balancer_ip_is_honoured() {
+        let r = req(translate(&lb(
+            &[],
+            ServiceSpec {
+                load_balancer_ip: Some("fd00::9".into()),
+                ..Default::default()
+            },
+        )));
+        assert_eq!(r.requested, vec!["fd00::9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(r.families, vec![Family::V6]);
+    }
+
+    #[test]
+    fn bad_requests_are_explained() {
+        let cases: Vec<(Vec<(&str, &str)>, ServiceSpec, &str)> = vec![
+            (
+                vec![("ferrolb.io/loadBalancerIPs", "10.0.0.300")],
+                ServiceSpec::default(),
+                "annotation ferrolb.io/loadBalancerIPs: \"10.0.0.300\" is not an IP address",
+            ),
+            (
+                vec![("ferrolb.io/loadBalancerIPs", "10.0.0.1,10.0.0.2")],
+                ServiceSpec::default(),
+                "names two IPv4 addresses",
+            ),
+            (
+                vec![("ferrolb.io/loadBalancerIPs", "10.0.0.1")],
+                ServiceSpec {
+                    load_balancer_ip: Some("10.0.0.2".into()),
+                    ..Default::default()
+                },
+                "keep only the annotation",
+            ),
+            (
+                vec![],
+                ServiceSpec {
+                    ip_families: Some(vec!["IPv5".into()]),
+                    ..Default::default()
+                },
+                "spec.ipFamilies[0] \"IPv5\"",
+            ),
+        ];
+        for (notes, spec, want) in cases {
+            match translate(&lb(&notes, spec)) {
+                Translation::Invalid { key, reason } => {
+                    assert_eq!(key.to_string(), "shop/web");
+                    assert!(reason.contains(want), "{reason}");
+                }
+                other => panic!("expected invalid for {want}, got {other:?}"),
+            }
+        }
+    }
+}
