@@ -1,6 +1,10 @@
 //! `L2Advertisement`: which pools are announced at Layer 2, from which nodes, on which
 //! interfaces, and whether the owner forwards VIP traffic to the Service's NodePort.
 
+// clippy reads the repeated `type_ = ...` inside kube's printcolumn(...) lists as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -12,6 +16,7 @@ use serde::{Deserialize, Serialize};
     group = "ferrolb.io",
     version = "v1beta1",
     kind = "L2Advertisement",
+    doc = "Announces the IPs of some pools at Layer 2 (ARP and NDP) from some nodes.",
     plural = "l2advertisements",
     shortname = "l2adv",
     category = "ferrolb",

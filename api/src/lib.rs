@@ -1,12 +1,13 @@
 //! ferrolb's API: the custom resources, the Service annotations, and the parsing and
 //! validation of pool addresses that the controller and the speaker share.
 //!
-//! Nothing here does I/O.
+//! Nothing here does I/O: manifests are parsed from text the caller has read.
 
 pub mod address;
 pub mod annotations;
 pub mod crds;
 pub mod l2advertisement;
+pub mod manifests;
 pub mod pool;
 pub mod selector;
 pub mod validation;

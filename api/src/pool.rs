@@ -1,5 +1,9 @@
 //! `IPAddressPool`: where external IPs come from and who may have them.
 
+// clippy reads the repeated `type_ = ...` inside kube's printcolumn(...) lists as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::borrow::Cow;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -13,6 +17,7 @@ use serde::{Deserialize, Serialize};
     group = "ferrolb.io",
     version = "v1beta1",
     kind = "IPAddressPool",
+    doc = "A set of addresses ferrolb hands to LoadBalancer Services.",
     plural = "ipaddresspools",
     shortname = "ippool",
     category = "ferrolb",

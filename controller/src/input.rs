@@ -296,7 +296,8 @@ mod tests {
 
     #[test]
     fn bad_requests_are_explained() {
-        let cases: Vec<(Vec<(&str, &str)>, ServiceSpec, &str)> = vec![
+        type Case<'a> = (Vec<(&'a str, &'a str)>, ServiceSpec, &'a str);
+        let cases: Vec<Case> = vec![
             (
                 vec![("ferrolb.io/loadBalancerIPs", "10.0.0.300")],
                 ServiceSpec::default(),

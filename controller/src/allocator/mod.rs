@@ -277,16 +277,26 @@ impl Allocator {
     pub fn usage(&self) -> Vec<PoolUsage> {
         self.pools
             .iter()
-            .map(|p| PoolUsage {
-                name: p.config.name.clone(),
-                assigned: FamilyCounts {
-                    ipv4: p.assigned[0],
-                    ipv6: p.assigned[1],
-                },
-                available: FamilyCounts {
-                    ipv4: p.total[0].saturating_sub(p.assigned[0]),
-                    ipv6: p.total[1].saturating_sub(p.assigned[1]),
-                },
+            .map(|p| {
+                // An unusable pool hands nothing out, whatever it holds.
+                let available = |i: usize| {
+                    if p.config.usable {
+                        p.total[i].saturating_sub(p.assigned[i])
+                    } else {
+                        0
+                    }
+                };
+                PoolUsage {
+                    name: p.config.name.clone(),
+                    assigned: FamilyCounts {
+                        ipv4: p.assigned[0],
+                        ipv6: p.assigned[1],
+                    },
+                    available: FamilyCounts {
+                        ipv4: available(0),
+                        ipv6: available(1),
+                    },
+                }
             })
             .collect()
     }

@@ -353,6 +353,10 @@ fn unusable_pool_keeps_existing_holders_but_hands_out_nothing() {
     let p = run(vec![broken], &[old, svc("default/new")]);
     assert_eq!(ips_of(&p, "default/old"), ["10.0.0.5"]);
     assert!(reason_of(&p, "default/new").contains("pool \"broken\" is not usable"));
+    assert_eq!(
+        (p.pools[0].assigned.ipv4, p.pools[0].available.ipv4),
+        (1, 0)
+    );
 }
 
 #[test]
