@@ -575,11 +575,20 @@ impl Allocator {
         if self.pools.is_empty() {
             return "no IPAddressPool exists".to_string();
         }
+        if let Some(wanted) = &svc.pool
+            && let Some(p) = self.pools.iter().find(|p| p.config.name == *wanted)
+            && p.config.usable
+            && !p.has_family(family)
+        {
+            return format!("pool {wanted:?} has no {family} addresses");
+        }
         let reasons: Vec<String> = self
             .pools
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.has_family(family))
+            // A broken pool may have no parseable range of this family, yet be the one
+            // the user meant.
+            .filter(|(_, p)| p.has_family(family) || !p.config.usable)
             .filter(|(_, p)| svc.pool.as_ref().is_none_or(|want| *want == p.config.name))
             .map(|(i, p)| {
                 let name = &p.config.name;
@@ -706,7 +715,7 @@ pub fn plan(
     for svc in &order {
         allocator.keep_current(svc);
     }
-    order.sort_by_key(|s| (s.requested.is_empty(), s.key.clone()));
+    order.sort_by(|a, b| (a.requested.is_empty(), &a.key).cmp(&(b.requested.is_empty(), &b.key)));
     let services = order
         .into_iter()
         .map(|svc| (svc.key.clone(), allocator.assign(svc)))

@@ -360,6 +360,22 @@ fn unusable_pool_keeps_existing_holders_but_hands_out_nothing() {
 }
 
 #[test]
+fn asking_for_a_broken_pool_says_so() {
+    let broken = PoolConfig {
+        name: "typo".into(),
+        problem: Some("pool \"typo\": spec.addresses[0]: bad".into()),
+        ..Default::default()
+    };
+    let mut s = svc("default/a");
+    s.pool = Some("typo".into());
+    let p = run(vec![broken, pool("ok", &["10.0.0.0/24"])], &[s]);
+    assert_eq!(
+        reason_of(&p, "default/a"),
+        "no IPv4 pool is open to this Service: pool \"typo\" is not usable (pool \"typo\": spec.addresses[0]: bad)"
+    );
+}
+
+#[test]
 fn release_frees_the_ip_for_the_next_service() {
     let mut a = Allocator::new(vec![pool("a", &["10.0.0.1"])], BTreeMap::new());
     assert!(matches!(
