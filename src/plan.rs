@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ferrolb_api::manifests::{Manifests, Origin};
-use ferrolb_controller::allocator::{self, Outcome, ServiceKey, ServiceRequest};
-use ferrolb_controller::input::{self, Translation};
+use ferrolb_controller::allocator::{self, Outcome, ServiceKey};
+use ferrolb_controller::input;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -94,37 +94,11 @@ pub fn run(paths: &[PathBuf], format: Format) -> anyhow::Result<ExitCode> {
 /// document and object). Pure.
 pub fn build(m: &Manifests) -> (Report, Vec<String>) {
     let mut errors = duplicates(m);
-
-    let pools: Vec<_> = m.pools.iter().map(|p| p.object.clone()).collect();
-    let (configs, checked) = input::pool_configs(&pools);
-    for c in &checked {
-        let origin = m
-            .pools
-            .iter()
-            .find(|p| p.object.metadata.name.as_deref() == Some(c.name.as_str()))
-            .map(|p| p.origin.to_string())
-            .unwrap_or_default();
-        errors.extend(
-            c.problems
-                .iter()
-                .map(|p| format!("{origin}: {}", p.message)),
-        );
-    }
-
-    let namespaces: Vec<_> = m.namespaces.iter().map(|n| n.object.clone()).collect();
-    let mut requests: Vec<ServiceRequest> = Vec::new();
-    let mut invalid: BTreeMap<ServiceKey, String> = BTreeMap::new();
-    for svc in &m.services {
-        match input::translate(&svc.object) {
-            Translation::NotOurs => {}
-            Translation::Request(r) => requests.push(*r),
-            Translation::Invalid { key, reason } => {
-                errors.push(format!("{} (Service \"{key}\"): {reason}", svc.origin));
-                invalid.insert(key, reason);
-            }
-        }
-    }
-    let plan = allocator::plan(configs, input::namespace_labels(&namespaces), &requests);
+    let prepared = input::prepare(m);
+    errors.extend(prepared.problems);
+    let checked = prepared.checked;
+    let invalid = prepared.invalid;
+    let plan = allocator::plan(prepared.pools, prepared.namespaces, &prepared.requests);
 
     let mut services: BTreeMap<ServiceKey, ServiceLine> = plan
         .services

@@ -4,12 +4,74 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrolb_api::annotations::{self, lookup};
+use ferrolb_api::manifests::Manifests;
 use ferrolb_api::selector::Labels;
 use ferrolb_api::validation::{CheckedPool, check_pools};
 use ferrolb_api::{Family, IPAddressPool};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 
 use crate::allocator::{FamilyPolicy, PoolConfig, PortKey, ServiceKey, ServiceRequest, Traffic};
+
+/// Everything allocation needs from a set of manifests, with the problems found, each
+/// naming the file, document and object.
+pub struct Prepared<'a> {
+    pub pools: Vec<PoolConfig>,
+    /// Sorted by pool name, like `pools`.
+    pub checked: Vec<CheckedPool>,
+    pub namespaces: BTreeMap<String, Labels>,
+    pub requests: Vec<ServiceRequest>,
+    /// Services that are ferrolb's but cannot be served, with the reason.
+    pub invalid: BTreeMap<ServiceKey, String>,
+    /// The Service objects behind `requests`.
+    pub services: BTreeMap<ServiceKey, &'a Service>,
+    pub problems: Vec<String>,
+}
+
+/// Reads pools, namespaces and Services out of manifests for [`crate::allocator::plan`].
+pub fn prepare(m: &Manifests) -> Prepared<'_> {
+    let mut problems = Vec::new();
+    let pool_objects: Vec<IPAddressPool> = m.pools.iter().map(|p| p.object.clone()).collect();
+    let (pools, checked) = pool_configs(&pool_objects);
+    for c in &checked {
+        let origin = m
+            .pools
+            .iter()
+            .find(|p| p.object.metadata.name.as_deref() == Some(c.name.as_str()))
+            .map(|p| p.origin.to_string())
+            .unwrap_or_default();
+        problems.extend(
+            c.problems
+                .iter()
+                .map(|p| format!("{origin}: {}", p.message)),
+        );
+    }
+    let namespace_objects: Vec<Namespace> = m.namespaces.iter().map(|n| n.object.clone()).collect();
+    let mut requests = Vec::new();
+    let mut invalid = BTreeMap::new();
+    let mut services = BTreeMap::new();
+    for located in &m.services {
+        match translate(&located.object) {
+            Translation::NotOurs => {}
+            Translation::Request(r) => {
+                services.insert(r.key.clone(), &located.object);
+                requests.push(*r);
+            }
+            Translation::Invalid { key, reason } => {
+                problems.push(format!("{} (Service \"{key}\"): {reason}", located.origin));
+                invalid.insert(key, reason);
+            }
+        }
+    }
+    Prepared {
+        pools,
+        checked,
+        namespaces: namespace_labels(&namespace_objects),
+        requests,
+        invalid,
+        services,
+        problems,
+    }
+}
 
 /// Allocator pools from IPAddressPools, with the result of checking them (whose
 /// problems become status conditions and log lines).
