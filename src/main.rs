@@ -37,6 +37,53 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions as YAML (what the Helm chart installs).
     Crds,
+    /// Announce this node's external IPs (ARP, NDP, NodePort forwarding).
+    ///
+    /// With --manifests, runs with no cluster: pools, L2Advertisements, Services, Nodes
+    /// and EndpointSlices come from YAML files in DIR, re-read when they change. Needs
+    /// CAP_NET_RAW and CAP_NET_ADMIN. SIGTERM withdraws everything and exits 0.
+    Speaker(SpeakerArgs),
+}
+
+#[derive(clap::Args)]
+struct SpeakerArgs {
+    /// Directory (or file) of manifests to run from, with no cluster.
+    #[arg(long, value_name = "DIR")]
+    manifests: std::path::PathBuf,
+    /// This node's name, as in its Node object.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// RFC 5227 probes before first announcing an IP on a link (0: do not probe).
+    #[arg(long, default_value_t = 2)]
+    probe_count: u32,
+    /// Milliseconds between probes.
+    #[arg(long, default_value_t = 30)]
+    probe_interval_ms: u64,
+    /// Milliseconds to wait for an answer after the last probe.
+    #[arg(long, default_value_t = 100)]
+    probe_wait_ms: u64,
+    /// Gratuitous ARPs / unsolicited NAs sent when taking an IP (the first at once).
+    #[arg(long, default_value_t = 5)]
+    announce_count: u32,
+    /// Milliseconds between those announcements.
+    #[arg(long, default_value_t = 500)]
+    announce_interval_ms: u64,
+    /// Re-announce every owned IP this often (seconds), for fabrics that age out ARP
+    /// entries. 0: never.
+    #[arg(long, default_value_t = 0)]
+    refresh_secs: u64,
+    /// Milliseconds between checks of the manifest directory.
+    #[arg(long, default_value_t = 200)]
+    poll_interval_ms: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -44,6 +91,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan { files, output } => plan::run(&files, output),
         Command::Crds => print_crds(),
+        Command::Speaker(args) => speaker(args),
     };
     match result {
         Ok(code) => code,
@@ -52,6 +100,40 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn speaker(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
+    use std::time::Duration;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let settings = ferrolb_speaker::responder::Settings {
+        probe_count: args.probe_count,
+        probe_interval: Duration::from_millis(args.probe_interval_ms),
+        probe_wait: Duration::from_millis(args.probe_wait_ms),
+        announce_count: args.announce_count.max(1),
+        announce_interval: Duration::from_millis(args.announce_interval_ms),
+        refresh: (args.refresh_secs > 0).then(|| Duration::from_secs(args.refresh_secs)),
+        ..Default::default()
+    };
+    let options = ferrolb_speaker::standalone::Options {
+        manifests: args.manifests,
+        node_name: args.node_name,
+        settings,
+        poll_interval: Duration::from_millis(args.poll_interval_ms),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(ferrolb_speaker::standalone::run(options))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_crds() -> anyhow::Result<ExitCode> {

@@ -36,7 +36,7 @@ fn service(i: usize, family: Family) -> ServiceRequest {
     ServiceRequest {
         key: ServiceKey::new(format!("ns{}", i % 100), format!("svc{i:07}")),
         ports: vec![PortKey {
-            port: if i % 2 == 0 { 80 } else { 443 },
+            port: if i.is_multiple_of(2) { 80 } else { 443 },
             protocol: "TCP".into(),
         }],
         sharing_key: Some(format!("pair{}", i / 2)),

@@ -1,1 +1,21 @@
-//! Placeholder until the speaker lands; see issue "speaker data plane".
+//! ferrolb's speaker: decides which node announces each external IP and makes that
+//! node answer for it on the wire.
+//!
+//! * [`arp`], [`ndp`]: typed views over ARP and Neighbor Discovery frames (pure).
+//! * [`election`]: which node owns an IP (pure).
+//! * [`announcements`]: from declared objects to what this node announces (pure).
+//! * [`interfaces`]: which links exist and which of them announce an IP (rtnetlink).
+//! * [`forwarding`]: VIP:port to NodePort DNAT in ferrolb's own nftables table.
+//! * [`responder`]: per-interface tasks answering ARP/NS and announcing takeovers, over
+//!   [`packet_socket`]s.
+//! * [`standalone`]: the speaker driven by a directory of manifests.
+
+pub mod announcements;
+pub mod arp;
+pub mod election;
+pub mod forwarding;
+pub mod interfaces;
+pub mod ndp;
+pub mod packet_socket;
+pub mod responder;
+pub mod standalone;

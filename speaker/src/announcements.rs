@@ -1,0 +1,260 @@
+//! What one node announces: from the declared objects to the IPs this node owns, the
+//! interfaces chosen for them and the NodePort forwarding rules. Pure.
+//!
+//! Steps, the same on every node so that all agree without talking:
+//! 1. Allocation: the controller's allocator over pools and Services (a Service's
+//!    `status.loadBalancer.ingress` is kept when valid, so a cluster's answer is reused).
+//! 2. The L2Advertisements that announce each IP's pool (by name, by pool selector, or
+//!    every pool when the advertisement names none). An IP no advertisement covers is not
+//!    announced.
+//! 3. The eligible nodes: matching the advertisement's `nodeSelectors`, not labelled
+//!    `node.kubernetes.io/exclude-from-external-load-balancers`, not NotReady, and, for an
+//!    IP of an `externalTrafficPolicy: Local` Service, holding a ready endpoint of it.
+//! 4. The owner: [`election::owner`] among the eligible nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ferrolb_api::manifests::Manifests;
+use ferrolb_api::selector::{self, Labels};
+use ferrolb_api::{Family, Forwarding, L2Advertisement};
+use ferrolb_controller::allocator::{self, ServiceKey};
+use ferrolb_controller::input;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::election;
+use crate::forwarding::{ForwardRule, Protocol};
+
+/// The label Kubernetes uses to keep a node out of load balancing.
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// One IP this node announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    pub ip: IpAddr,
+    /// Interfaces named by the advertisements; empty means the default rule
+    /// (see [`crate::interfaces::select`]).
+    pub interfaces: Vec<String>,
+    /// The L2Advertisements that announce it, for messages.
+    pub advertisements: Vec<String>,
+    pub services: Vec<ServiceKey>,
+}
+
+/// Everything the speaker of `node` must do, and what it should tell the user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePlan {
+    pub announcements: Vec<Announcement>,
+    pub forwards: Vec<ForwardRule>,
+    /// Owner of every announced IP in the cluster (None: no eligible node), for logs.
+    pub owners: BTreeMap<IpAddr, Option<String>>,
+    /// Problems with the input, each naming the object (and file, for manifests).
+    pub problems: Vec<String>,
+}
+
+/// What `node` announces, given every declared object.
+pub fn plan_node(m: &Manifests, node: &str) -> NodePlan {
+    let mut out = NodePlan::default();
+
+    let prepared = input::prepare(m);
+    out.problems = prepared.problems;
+    let services = prepared.services;
+    let allocation = allocator::plan(prepared.pools, prepared.namespaces, &prepared.requests);
+
+    // IP -> (pool, Services holding it).
+    let mut by_ip: BTreeMap<IpAddr, (String, Vec<ServiceKey>)> = BTreeMap::new();
+    for (key, outcome) in &allocation.services {
+        for a in outcome.assignments() {
+            by_ip
+                .entry(a.ip)
+                .or_insert_with(|| (a.pool.clone(), vec![]))
+                .1
+                .push(key.clone());
+        }
+    }
+
+    let Some(me) = m
+        .nodes
+        .iter()
+        .find(|n| n.object.metadata.name.as_deref() == Some(node))
+    else {
+        out.problems.push(format!(
+            "node {node:?} is not among the Node objects read; this speaker announces nothing"
+        ));
+        return out;
+    };
+    let nodes: Vec<&Node> = m.nodes.iter().map(|n| &n.object).collect();
+    let pool_labels: BTreeMap<&str, Labels> = m
+        .pools
+        .iter()
+        .map(|p| {
+            (
+                p.object.metadata.name.as_deref().unwrap_or_default(),
+                p.object.metadata.labels.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let slices: Vec<&EndpointSlice> = m.endpoint_slices.iter().map(|s| &s.object).collect();
+
+    for (ip, (pool, keys)) in by_ip {
+        let advs: Vec<&L2Advertisement> = m
+            .l2_advertisements
+            .iter()
+            .map(|a| &a.object)
+            .filter(|a| announces_pool(a, &pool, pool_labels.get(pool.as_str())))
+            .collect();
+        if advs.is_empty() {
+            let names: Vec<String> = keys.iter().map(ToString::to_string).collect();
+            out.problems.push(format!(
+                "{ip} ({}) is in pool {pool:?}, which no L2Advertisement announces",
+                names.join(", ")
+            ));
+            continue;
+        }
+        let local: Vec<&Service> = keys
+            .iter()
+            .map(|k| services[k])
+            .filter(|s| {
+                s.spec
+                    .as_ref()
+                    .and_then(|s| s.external_traffic_policy.as_deref())
+                    == Some("Local")
+            })
+            .collect();
+        let eligible: Vec<&str> = nodes
+            .iter()
+            .filter(|n| node_eligible(n, &advs))
+            .filter(|n| {
+                let name = n.metadata.name.as_deref().unwrap_or_default();
+                local.iter().all(|s| has_ready_endpoint(&slices, s, name))
+            })
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        let owner = election::owner(ip, eligible.iter().copied());
+        out.owners.insert(ip, owner.map(str::to_string));
+        if owner != Some(node) {
+            continue;
+        }
+        let mut interfaces: BTreeSet<String> = BTreeSet::new();
+        let default_rule = advs.iter().any(|a| a.spec.interfaces.is_empty());
+        if !default_rule {
+            interfaces.extend(advs.iter().flat_map(|a| a.spec.interfaces.iter().cloned()));
+        }
+        if advs
+            .iter()
+            .any(|a| a.spec.forwarding == Forwarding::NodePort)
+        {
+            match internal_ip(&me.object, Family::of(ip)) {
+                Some(node_ip) => {
+                    for key in &keys {
+                        out.forwards.extend(forward_rules(ip, node_ip, services[key]));
+                    }
+                }
+                None => out.problems.push(format!(
+                    "{}: node {node:?} has no {} InternalIP in status.addresses, so {ip} cannot be forwarded to its NodePorts",
+                    me.origin,
+                    Family::of(ip)
+                )),
+            }
+        }
+        out.announcements.push(Announcement {
+            ip,
+            interfaces: interfaces.into_iter().collect(),
+            advertisements: advs
+                .iter()
+                .filter_map(|a| a.metadata.name.clone())
+                .collect(),
+            services: keys,
+        });
+    }
+    out.forwards.sort();
+    out.forwards.dedup();
+    out
+}
+
+fn announces_pool(adv: &L2Advertisement, pool: &str, labels: Option<&Labels>) -> bool {
+    let spec = &adv.spec;
+    if spec.ip_address_pools.is_empty() && spec.ip_address_pool_selectors.is_empty() {
+        return true;
+    }
+    spec.ip_address_pools.iter().any(|p| p == pool)
+        || labels.is_some_and(|l| selector::any_matches(&spec.ip_address_pool_selectors, l))
+}
+
+fn node_eligible(node: &Node, advs: &[&L2Advertisement]) -> bool {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    if labels.contains_key(EXCLUDE_LABEL) {
+        return false;
+    }
+    let not_ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status != "True");
+    if not_ready {
+        return false;
+    }
+    advs.iter().any(|a| {
+        a.spec.node_selectors.is_empty() || selector::any_matches(&a.spec.node_selectors, &labels)
+    })
+}
+
+/// Whether an EndpointSlice of the Service lists a ready endpoint on `node`.
+fn has_ready_endpoint(slices: &[&EndpointSlice], svc: &Service, node: &str) -> bool {
+    let name = svc.metadata.name.as_deref();
+    let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
+    slices
+        .iter()
+        .filter(|s| s.metadata.namespace.as_deref().unwrap_or("default") == namespace)
+        .filter(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .map(String::as_str)
+                == name
+        })
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .any(|e| {
+            e.node_name.as_deref() == Some(node)
+                && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+        })
+}
+
+fn internal_ip(node: &Node, family: Family) -> Option<IpAddr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .find(|ip| Family::of(*ip) == family)
+}
+
+fn forward_rules(vip: IpAddr, node_ip: IpAddr, svc: &Service) -> Vec<ForwardRule> {
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    ports
+        .iter()
+        .filter_map(|p| {
+            let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                _ => return None,
+            };
+            Some(ForwardRule {
+                vip,
+                port: u16::try_from(p.port).ok()?,
+                protocol,
+                node_ip,
+                node_port: u16::try_from(p.node_port?).ok()?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,126 @@
+//! Which node announces an IP: a pure function of the IP and the eligible nodes.
+//!
+//! Rendezvous (highest-random-weight) hashing: every node gets a score for the IP, the
+//! highest score wins. Every speaker computes the same owner from the same inputs with no
+//! coordination, and when a node leaves only the IPs it owned move (each to its own
+//! runner-up); when it returns it takes back exactly those IPs. IPs spread over nodes
+//! like independent fair dice.
+//!
+//! The score is FNV-1a over the IP's bytes and the node name, finished with the
+//! splitmix64 mixer: fixed here, so that speakers built by different compilers or
+//! versions agree (std's hashers promise no such thing).
+
+use std::net::IpAddr;
+
+/// The node that announces `ip` among `eligible` (any order, duplicates ignored), or
+/// `None` when no node is eligible. Ties (a 2^-64 chance) go to the smaller name.
+pub fn owner<'a>(ip: IpAddr, eligible: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    eligible
+        .into_iter()
+        .map(|node| (score(ip, node), node))
+        .max_by(|(sa, na), (sb, nb)| sa.cmp(sb).then_with(|| nb.cmp(na)))
+        .map(|(_, node)| node)
+}
+
+/// The weight of `node` for `ip`.
+pub fn score(ip: IpAddr, node: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let mut h = OFFSET;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(PRIME);
+        }
+    };
+    match ip {
+        IpAddr::V4(v4) => eat(&v4.octets()),
+        IpAddr::V6(v6) => eat(&v6.octets()),
+    }
+    eat(&[0xff]); // separates the IP from the name
+    eat(node.as_bytes());
+    splitmix64(h)
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::from(0xc000_0200 + i))
+    }
+
+    #[test]
+    fn no_eligible_node_no_owner() {
+        assert_eq!(owner(ip(1), []), None);
+    }
+
+    /// Values computed outside Rust (a few lines of Python implementing FNV-1a and
+    /// splitmix64). A change here means speakers of two versions would disagree on
+    /// owners during a rolling upgrade.
+    #[test]
+    fn scores_are_pinned() {
+        let v4: IpAddr = "192.0.2.200".parse().unwrap();
+        let v6: IpAddr = "2001:db8::200".parse().unwrap();
+        assert_eq!(score(v4, "node-a"), 0xf546_26be_5d36_916a);
+        assert_eq!(score(v4, "node-b"), 0x14b5_4569_f9ba_8306);
+        assert_eq!(score(v6, "node-c"), 0x49fa_b9b7_87c1_60b6);
+        assert_eq!(owner(v4, ["node-a", "node-b", "node-c"]), Some("node-a"));
+        assert_eq!(owner(v6, ["node-c", "node-b", "node-a"]), Some("node-a"));
+    }
+
+    #[test]
+    fn order_and_duplicates_do_not_matter() {
+        for i in 0..200 {
+            let a = owner(ip(i), ["n1", "n2", "n3", "n2"]);
+            let b = owner(ip(i), ["n3", "n1", "n2"]);
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn ips_spread_over_nodes() {
+        let nodes: Vec<String> = (0..5).map(|i| format!("worker-{i}")).collect();
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for i in 0..10_000 {
+            *count
+                .entry(owner(ip(i), nodes.iter().map(String::as_str)).unwrap())
+                .or_default() += 1;
+        }
+        // 2,000 expected each; 5 standard deviations is about ±200.
+        for (node, n) in count {
+            assert!((1_800..=2_200).contains(&n), "{node} owns {n} of 10000");
+        }
+    }
+
+    proptest! {
+        /// Only the leaver's IPs move when a node leaves, and they all come back when it
+        /// returns.
+        #[test]
+        fn a_leaving_node_moves_only_its_own_ips(n in 2usize..8, leaver in 0usize..8, ips in prop::collection::vec(any::<u32>(), 1..200)) {
+            let leaver = leaver % n;
+            let all: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
+            let rest: Vec<&str> = all.iter().enumerate().filter(|(i, _)| *i != leaver).map(|(_, s)| s.as_str()).collect();
+            for raw in ips {
+                let addr = IpAddr::V4(raw.into());
+                let before = owner(addr, all.iter().map(String::as_str)).unwrap();
+                let after = owner(addr, rest.iter().copied()).unwrap();
+                if before != all[leaver] {
+                    prop_assert_eq!(before, after);
+                } else {
+                    prop_assert_ne!(after, before);
+                }
+                prop_assert_eq!(owner(addr, all.iter().map(String::as_str)).unwrap(), before);
+            }
+        }
+    }
+}

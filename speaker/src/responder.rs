@@ -1,0 +1,456 @@
+//! Answers ARP and Neighbor Solicitations for owned IPs, one task per interface.
+//!
+//! For each IP given to a link the task runs a small state machine:
+//! `Probing` (RFC 5227 probes / duplicate-address NS; an answer from another MAC means the
+//! IP is in use outside ferrolb, so it goes to `Conflict` and is not announced) →
+//! `Announcing` (gratuitous ARP / unsolicited NA at once, then repeated) → `Steady`
+//! (answering, with an optional periodic refresh). An IP taken away from the link stops
+//! being answered at once: the next frame asking for it finds no entry.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, info, warn};
+
+use crate::arp::{self, Operation};
+use crate::ndp::{self, NdpKind};
+use crate::packet_socket::{ETH_P_ARP, ETH_P_IPV6, PacketSocket, arp_filter, ndp_filter};
+
+/// Timing of probes and announcements.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Probes sent before an IP is first announced on a link (0 disables probing).
+    pub probe_count: u32,
+    pub probe_interval: Duration,
+    /// How long to listen for an answer after the last probe.
+    pub probe_wait: Duration,
+    /// Gratuitous ARPs / unsolicited NAs sent on taking an IP (the first at once).
+    pub announce_count: u32,
+    pub announce_interval: Duration,
+    /// Periodic re-announcement for fabrics that age out entries; None: off.
+    pub refresh: Option<Duration>,
+    /// After a conflict, probe again this much later.
+    pub conflict_retry: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            probe_count: 2,
+            probe_interval: Duration::from_millis(30),
+            probe_wait: Duration::from_millis(100),
+            announce_count: 5,
+            announce_interval: Duration::from_millis(500),
+            refresh: None,
+            conflict_retry: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one interface must answer for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkSpec {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub ips: BTreeSet<IpAddr>,
+}
+
+/// Counts a person may want to see (logged on change, metrics later).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub arp_replies: AtomicU64,
+    pub neighbor_advertisements: AtomicU64,
+    pub announcements: AtomicU64,
+    /// Another host answered for an IP we probed or own.
+    pub conflicts: AtomicU64,
+    pub malformed_frames: AtomicU64,
+}
+
+/// The per-link tasks.
+pub struct Responder {
+    settings: Settings,
+    counters: Arc<Counters>,
+    links: BTreeMap<u32, (watch::Sender<LinkSpec>, JoinHandle<()>)>,
+}
+
+impl Responder {
+    pub fn new(settings: Settings) -> Responder {
+        Responder {
+            settings,
+            counters: Arc::default(),
+            links: BTreeMap::new(),
+        }
+    }
+
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// Makes the tasks match `desired`: a task per link with IPs, none for others.
+    pub fn update(&mut self, desired: Vec<LinkSpec>) {
+        let wanted: BTreeMap<u32, LinkSpec> = desired
+            .into_iter()
+            .filter(|l| !l.ips.is_empty())
+            .map(|l| (l.index, l))
+            .collect();
+        self.links.retain(|index, (tx, task)| {
+            let keep =
+                wanted.get(index).is_some_and(|w| w.mac == tx.borrow().mac) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (index, spec) in wanted {
+            match self.links.get(&index) {
+                Some((tx, _)) => {
+                    tx.send_if_modified(|current| {
+                        let changed = *current != spec;
+                        *current = spec.clone();
+                        changed
+                    });
+                }
+                None => {
+                    let (tx, rx) = watch::channel(spec);
+                    let task =
+                        tokio::spawn(run_link(rx, self.settings.clone(), self.counters.clone()));
+                    self.links.insert(index, (tx, task));
+                }
+            }
+        }
+    }
+
+    /// Stops answering everywhere.
+    pub async fn shutdown(&mut self) {
+        for (_, (_, task)) in std::mem::take(&mut self.links) {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Probing { sent: u32, next: Instant },
+    Announcing { left: u32, next: Instant },
+    Steady { refresh_at: Option<Instant> },
+    Conflict { retry_at: Instant },
+}
+
+impl State {
+    fn answers(&self) -> bool {
+        matches!(self, State::Announcing { .. } | State::Steady { .. })
+    }
+
+    fn due(&self) -> Option<Instant> {
+        match *self {
+            State::Probing { next, .. } | State::Announcing { next, .. } => Some(next),
+            State::Steady { refresh_at } => refresh_at,
+            State::Conflict { retry_at } => Some(retry_at),
+        }
+    }
+}
+
+struct LinkTask {
+    spec: LinkSpec,
+    settings: Settings,
+    counters: Arc<Counters>,
+    arp: PacketSocket,
+    ndp: PacketSocket,
+    states: BTreeMap<IpAddr, State>,
+    joined: BTreeSet<[u8; 6]>,
+}
+
+async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, counters: Arc<Counters>) {
+    let spec = rx.borrow_and_update().clone();
+    let open = |ethertype, filter: &[socket2::SockFilter]| {
+        PacketSocket::open(spec.index, ethertype, filter)
+    };
+    let (arp, ndp) = match (
+        open(ETH_P_ARP, &arp_filter()),
+        open(ETH_P_IPV6, &ndp_filter()),
+    ) {
+        (Ok(a), Ok(n)) => (a, n),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(interface = %spec.name, error = %e, "cannot open packet sockets (the speaker needs CAP_NET_RAW); not answering on this interface");
+            return;
+        }
+    };
+    let mut task = LinkTask {
+        spec: LinkSpec::default(),
+        settings,
+        counters,
+        arp,
+        ndp,
+        states: BTreeMap::new(),
+        joined: BTreeSet::new(),
+    };
+    task.apply(spec).await;
+    let mut arp_buf = vec![0u8; 2048];
+    let mut ndp_buf = vec![0u8; 2048];
+    loop {
+        let due = task.states.values().filter_map(State::due).min();
+        let far = Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let spec = rx.borrow_and_update().clone();
+                task.apply(spec).await;
+            }
+            n = task.arp.recv(&mut arp_buf) => match n {
+                Ok(n) => task.on_arp(&arp_buf[..n]).await,
+                Err(e) => debug!(interface = %task.spec.name, error = %e, "ARP receive failed"),
+            },
+            n = task.ndp.recv(&mut ndp_buf) => match n {
+                Ok(n) => task.on_ndp(&ndp_buf[..n]).await,
+                Err(e) => debug!(interface = %task.spec.name, error = %e, "NDP receive failed"),
+            },
+            _ = sleep_until(due.unwrap_or(far)) => task.tick().await,
+        }
+    }
+}
+
+impl LinkTask {
+    async fn apply(&mut self, spec: LinkSpec) {
+        let now = Instant::now();
+        self.states.retain(|ip, _| {
+            let keep = spec.ips.contains(ip);
+            if !keep {
+                info!(ip = %ip, interface = %spec.name, "stopped answering");
+            }
+            keep
+        });
+        for ip in &spec.ips {
+            if self.states.contains_key(ip) {
+                continue;
+            }
+            let state = if self.settings.probe_count == 0 {
+                State::Announcing {
+                    left: self.settings.announce_count,
+                    next: now,
+                }
+            } else {
+                State::Probing { sent: 0, next: now }
+            };
+            self.states.insert(*ip, state);
+            if let IpAddr::V6(v6) = ip {
+                let group = ndp::multicast_mac(ndp::solicited_node_multicast(*v6));
+                if self.joined.insert(group)
+                    && let Err(e) = self.ndp.join_multicast(spec.index, group)
+                {
+                    warn!(interface = %spec.name, ip = %ip, error = %e, "cannot join the solicited-node multicast group");
+                }
+            }
+        }
+        self.spec = spec;
+        self.tick().await;
+    }
+
+    /// Does what is due: probes, announcements, retries.
+    async fn tick(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(IpAddr, State)> = self
+            .states
+            .iter()
+            .filter(|(_, s)| s.due().is_some_and(|d| d <= now))
+            .map(|(ip, s)| (*ip, *s))
+            .collect();
+        for (ip, state) in due {
+            let next = match state {
+                State::Conflict { .. } => State::Probing { sent: 0, next: now },
+                State::Probing { sent, .. } if sent < self.settings.probe_count => {
+                    self.send_probe(ip).await;
+                    let wait = if sent + 1 < self.settings.probe_count {
+                        self.settings.probe_interval
+                    } else {
+                        self.settings.probe_wait
+                    };
+                    State::Probing {
+                        sent: sent + 1,
+                        next: now + wait,
+                    }
+                }
+                State::Probing { .. } => {
+                    info!(ip = %ip, interface = %self.spec.name, "announcing");
+                    self.announce(ip).await;
+                    self.after_announce(self.settings.announce_count.saturating_sub(1), now)
+                }
+                State::Announcing { left, .. } => {
+                    self.announce(ip).await;
+                    self.after_announce(left.saturating_sub(1), now)
+                }
+                State::Steady { .. } => {
+                    self.announce(ip).await;
+                    self.after_announce(0, now)
+                }
+            };
+            self.states.insert(ip, next);
+        }
+    }
+
+    fn after_announce(&self, left: u32, now: Instant) -> State {
+        if left > 0 {
+            State::Announcing {
+                left,
+                next: now + self.settings.announce_interval,
+            }
+        } else {
+            State::Steady {
+                refresh_at: self.settings.refresh.map(|r| now + r),
+            }
+        }
+    }
+
+    async fn send_probe(&self, ip: IpAddr) {
+        let frame = match ip {
+            IpAddr::V4(v4) => arp::probe(self.spec.mac, v4),
+            IpAddr::V6(v6) => ndp::solicitation(v6, self.spec.mac, Ipv6Addr::UNSPECIFIED),
+        };
+        self.send(&frame, "probe").await;
+    }
+
+    async fn announce(&self, ip: IpAddr) {
+        let frame = match ip {
+            IpAddr::V4(v4) => arp::gratuitous(self.spec.mac, v4),
+            IpAddr::V6(v6) => ndp::unsolicited_advertisement(v6, self.spec.mac, v6),
+        };
+        if self.send(&frame, "announcement").await {
+            self.counters.announcements.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn send(&self, frame: &[u8], what: &str) -> bool {
+        let socket = if u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_ARP {
+            &self.arp
+        } else {
+            &self.ndp
+        };
+        match socket.send(frame).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(interface = %self.spec.name, error = %e, "cannot send {what}");
+                false
+            }
+        }
+    }
+
+    /// Another MAC speaks for `ip`: before we announce, that is a conflict (RFC 5227);
+    /// after, two hosts claim it, which the user must hear of.
+    fn claimed_by_other(&mut self, ip: IpAddr, mac: [u8; 6]) {
+        let Some(state) = self.states.get(&ip).copied() else {
+            return;
+        };
+        self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+        let other = mac_string(mac);
+        if let State::Probing { .. } = state {
+            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other,
+                "IP is already in use by another host (it answered our probe); not announcing it, will probe again in {:?}",
+                self.settings.conflict_retry);
+            self.states.insert(
+                ip,
+                State::Conflict {
+                    retry_at: Instant::now() + self.settings.conflict_retry,
+                },
+            );
+        } else if state.answers() {
+            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other,
+                "another host claims an IP this node announces");
+        }
+    }
+
+    async fn on_arp(&mut self, frame: &[u8]) {
+        let packet = match arp::parse(frame) {
+            Ok(p) => p,
+            Err(e) => {
+                self.counters
+                    .malformed_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(interface = %self.spec.name, error = %e, "dropped a malformed ARP frame");
+                return;
+            }
+        };
+        if packet.eth_source == self.spec.mac || packet.sender_mac == self.spec.mac {
+            return;
+        }
+        let sender = IpAddr::V4(packet.sender_ip);
+        if packet.sender_ip != Ipv4Addr::UNSPECIFIED && self.states.contains_key(&sender) {
+            self.claimed_by_other(sender, packet.sender_mac);
+            return;
+        }
+        let target = IpAddr::V4(packet.target_ip);
+        match self.states.get(&target) {
+            // Another host probing for an address we are probing: both back off.
+            Some(State::Probing { .. }) if packet.is_probe() => {
+                self.claimed_by_other(target, packet.sender_mac)
+            }
+            Some(s) if s.answers() && packet.operation == Operation::Request => {
+                let reply = arp::reply(&packet, self.spec.mac, packet.target_ip);
+                if self.send(&reply, "ARP reply").await {
+                    self.counters.arp_replies.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_ndp(&mut self, frame: &[u8]) {
+        let packet = match ndp::parse(frame) {
+            Ok(p) => p,
+            Err(e) => {
+                self.counters
+                    .malformed_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(interface = %self.spec.name, error = %e, "dropped a malformed NDP frame");
+                return;
+            }
+        };
+        if packet.eth_source == self.spec.mac {
+            return;
+        }
+        let target = IpAddr::V6(packet.target);
+        let Some(state) = self.states.get(&target).copied() else {
+            return;
+        };
+        match packet.kind {
+            NdpKind::Advertisement { target_lladdr, .. } => {
+                let mac = target_lladdr.unwrap_or(packet.eth_source);
+                if mac != self.spec.mac {
+                    self.claimed_by_other(target, mac);
+                }
+            }
+            NdpKind::Solicitation { .. }
+                if matches!(state, State::Probing { .. }) && packet.source.is_unspecified() =>
+            {
+                self.claimed_by_other(target, packet.eth_source);
+            }
+            NdpKind::Solicitation { .. } if state.answers() => {
+                // Sourced from the target, as Linux does for its own addresses: some
+                // resolvers (ndisc6 among them) ignore a global target's answer from a
+                // link-local source.
+                let na = ndp::advertisement_for(&packet, self.spec.mac, packet.target);
+                if self.send(&na, "neighbor advertisement").await {
+                    self.counters
+                        .neighbor_advertisements
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            NdpKind::Solicitation { .. } => {}
+        }
+    }
+}
+
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -1,0 +1,271 @@
+//! The speaker with no cluster: objects come from a directory of YAML manifests, which
+//! is re-read when it changes. Every node runs the same allocator and election on the
+//! same files, so all agree on who announces what.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use ferrolb_api::manifests::Manifests;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::announcements::{NodePlan, plan_node};
+use crate::forwarding::{ForwardRule, Forwarder};
+use crate::interfaces::{self, Link};
+use crate::responder::{LinkSpec, Responder, Settings};
+
+pub struct Options {
+    pub manifests: PathBuf,
+    pub node_name: String,
+    pub settings: Settings,
+    /// How often the directory is checked for changes.
+    pub poll_interval: Duration,
+}
+
+/// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut links = interfaces::watch()
+        .await
+        .context("watching network interfaces (rtnetlink)")?;
+    let forwarder = Forwarder::new();
+    // A predecessor killed with rules in place leaves them behind: start from nothing.
+    let mut forwarding_ok = match forwarder.reset() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "nftables unavailable: NodePort forwarding is disabled until it works");
+            false
+        }
+    };
+    let mut dir = ManifestDir::new(opts.manifests.clone());
+    let mut responder = Responder::new(opts.settings.clone());
+    let mut state = Reported::default();
+    info!(node = %opts.node_name, manifests = %opts.manifests.display(), "speaker started (standalone)");
+
+    let mut manifests = dir.read();
+    loop {
+        let plan = plan_node(&manifests, &opts.node_name);
+        let current_links = links.borrow_and_update().clone();
+        let specs = link_specs(&plan, &current_links, &mut state);
+        state.report(&plan);
+        responder.update(specs);
+        if plan.forwards != state.forwards || !forwarding_ok {
+            match forwarder.apply(&plan.forwards) {
+                Ok(_) => {
+                    if plan.forwards != state.forwards {
+                        info!(rules = plan.forwards.len(), "forwarding rules applied");
+                    }
+                    forwarding_ok = true;
+                    state.forwards = plan.forwards.clone();
+                }
+                Err(e) if !plan.forwards.is_empty() || forwarding_ok => {
+                    error!(error = %e, "cannot apply NodePort forwarding rules");
+                    forwarding_ok = false;
+                }
+                Err(_) => {}
+            }
+        }
+        // Wait for something to change.
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => return withdraw(responder, &forwarder, &state).await,
+                _ = interrupt.recv() => return withdraw(responder, &forwarder, &state).await,
+                changed = links.changed() => {
+                    changed.context("the interface watcher stopped")?;
+                    break;
+                }
+                _ = tokio::time::sleep(opts.poll_interval) => {
+                    if dir.changed() {
+                        manifests = dir.read();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn withdraw(
+    mut responder: Responder,
+    forwarder: &Forwarder,
+    state: &Reported,
+) -> anyhow::Result<()> {
+    responder.shutdown().await;
+    if let Err(e) = forwarder.remove() {
+        error!(error = %e, "cannot remove the nftables table inet ferrolb");
+    }
+    info!(
+        ips = state.owned.len(),
+        "withdrew every announcement and forwarding rule; exiting"
+    );
+    Ok(())
+}
+
+/// What was last logged, so that each change is logged once.
+#[derive(Default)]
+struct Reported {
+    problems: BTreeSet<String>,
+    owned: BTreeMap<IpAddr, Vec<String>>,
+    forwards: Vec<ForwardRule>,
+}
+
+impl Reported {
+    fn report(&mut self, plan: &NodePlan) {
+        let problems: BTreeSet<String> = plan.problems.iter().cloned().collect();
+        for p in problems.difference(&self.problems) {
+            warn!("{p}");
+        }
+        self.problems = problems;
+    }
+
+    fn problem(&mut self, text: String) {
+        if self.problems.insert(text.clone()) {
+            warn!("{text}");
+        }
+    }
+}
+
+/// Which link answers for which IP, from the plan and the links that exist now.
+fn link_specs(plan: &NodePlan, links: &[Link], state: &mut Reported) -> Vec<LinkSpec> {
+    let mut specs: BTreeMap<u32, LinkSpec> = BTreeMap::new();
+    let mut owned: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    for a in &plan.announcements {
+        let selection = interfaces::select(links, a.ip, &a.interfaces);
+        for p in selection.problems {
+            state.problem(format!(
+                "{} (L2Advertisement {}): {p}",
+                a.ip,
+                a.advertisements.join(", ")
+            ));
+        }
+        for index in selection.links {
+            let Some(link) = links.iter().find(|l| l.index == index) else {
+                continue;
+            };
+            let Some(mac) = link.mac else { continue };
+            let spec = specs.entry(index).or_insert_with(|| LinkSpec {
+                index,
+                name: link.name.clone(),
+                mac,
+                ips: BTreeSet::new(),
+            });
+            spec.ips.insert(a.ip);
+            owned.entry(a.ip).or_default().push(link.name.clone());
+        }
+    }
+    for (ip, names) in &owned {
+        if state.owned.get(ip) != Some(names) {
+            let services: Vec<String> = plan
+                .announcements
+                .iter()
+                .filter(|a| a.ip == *ip)
+                .flat_map(|a| a.services.iter().map(ToString::to_string))
+                .collect();
+            info!(ip = %ip, interfaces = %names.join(","), services = %services.join(","), "this node owns the IP");
+        }
+    }
+    for ip in state.owned.keys().filter(|ip| !owned.contains_key(ip)) {
+        let to = plan
+            .owners
+            .get(ip)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| "no node".into());
+        info!(ip = %ip, new_owner = %to, "this node no longer owns the IP");
+    }
+    state.owned = owned;
+    specs.into_values().collect()
+}
+
+/// A directory of manifests, remembered file by file so that a file that becomes
+/// unreadable (half-written, a YAML typo) keeps its last good content: an edit in
+/// progress never withdraws what was working.
+struct ManifestDir {
+    path: PathBuf,
+    last_good: BTreeMap<PathBuf, String>,
+    seen: BTreeMap<PathBuf, String>,
+}
+
+impl ManifestDir {
+    fn new(path: PathBuf) -> ManifestDir {
+        ManifestDir {
+            path,
+            last_good: BTreeMap::new(),
+            seen: BTreeMap::new(),
+        }
+    }
+
+    fn scan(&self) -> BTreeMap<PathBuf, String> {
+        let mut files = BTreeMap::new();
+        collect(&self.path, &mut files);
+        files
+    }
+
+    fn changed(&self) -> bool {
+        self.scan() != self.seen
+    }
+
+    fn read(&mut self) -> Manifests {
+        let files = self.scan();
+        if files.is_empty() {
+            warn!(dir = %self.path.display(), "no manifests found (.yaml, .yml or .json files)");
+        }
+        let mut manifests = Manifests::default();
+        self.last_good.retain(|path, _| files.contains_key(path));
+        for (path, text) in &files {
+            let name = path.display().to_string();
+            let mut trial = Manifests::default();
+            let errors = trial.add_text(&name, text);
+            let unparsable = errors.iter().any(|e| e.origin.document == 0);
+            for e in &errors {
+                error!("{e}");
+            }
+            if unparsable && let Some(old) = self.last_good.get(path) {
+                warn!(file = %name, "keeping this file's last readable content");
+                manifests.add_text(&name, old);
+                continue;
+            }
+            if !unparsable {
+                self.last_good.insert(path.clone(), text.clone());
+            }
+            manifests.add_text(&name, text);
+        }
+        for w in &manifests.warnings {
+            warn!("{w}");
+        }
+        self.seen = files;
+        manifests
+    }
+}
+
+fn collect(path: &Path, into: &mut BTreeMap<PathBuf, String>) {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file())
+            && let Ok(text) = std::fs::read_to_string(path)
+        {
+            into.insert(path.to_path_buf(), text);
+        }
+        return;
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            collect(&p, into);
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            match std::fs::read_to_string(&p) {
+                Ok(text) => {
+                    into.insert(p, text);
+                }
+                Err(e) => error!(file = %p.display(), error = %e, "cannot read manifest"),
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The `ferrolb` package's library half: what the binary and the end-to-end tests share.
+
+pub mod lab;
