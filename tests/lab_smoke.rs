@@ -11,7 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferrolb::lab::{Host, Lab, parse_mac, poll_until};
+use ferrolb::lab::{Host, Lab, poll_until};
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -46,41 +46,6 @@ fn ping(from: &Host, to: impl Into<IpAddr>) -> bool {
         .unwrap()
         .status
         .success()
-}
-
-/// The MACs that answered one `arping` from `from` for `ip`.
-fn arping(from: &Host, ip: impl Into<IpAddr>) -> Vec<[u8; 6]> {
-    let ip = ip.into().to_string();
-    let out = from
-        .command("arping", ["-c", "1", "-w", "1", "-i", from.ifname(), &ip])
-        .output()
-        .unwrap();
-    // "42 bytes from 02:00:00:01:00:0a (192.0.2.10): index=0 time=12.503 usec"
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let rest = l.split_once(" bytes from ")?.1;
-            let (mac, rest) = rest.split_once(' ')?;
-            rest.starts_with(&format!("({ip})"))
-                .then(|| parse_mac(mac))?
-        })
-        .collect()
-}
-
-/// The MAC `ndisc6` learns for `ip` from `from`, if any host answers.
-fn ndisc6(from: &Host, ip: impl Into<IpAddr>) -> Option<[u8; 6]> {
-    let ip = ip.into().to_string();
-    let out = from
-        .command(
-            "ndisc6",
-            ["-1", "-q", "-r", "1", "-w", "1000", &ip, from.ifname()],
-        )
-        .output()
-        .unwrap();
-    // -q prints only the target link-layer address, e.g. "02:00:00:01:00:0A".
-    out.status
-        .success()
-        .then(|| parse_mac(&String::from_utf8_lossy(&out.stdout)))?
 }
 
 #[test]
@@ -151,20 +116,21 @@ fn hosts_have_distinct_fixed_macs_and_addresses() {
 fn arping_from_the_client_gets_one_reply_from_the_nodes_mac() {
     let lab = lab(2);
     for node in lab.nodes() {
-        assert_eq!(arping(lab.client(), node.ipv4()), vec![node.mac()]);
+        assert_eq!(lab.client().arping(node.ipv4()), vec![node.mac()]);
     }
     // An address nobody holds gets no reply.
-    assert_eq!(arping(lab.client(), [192, 0, 2, 77]), Vec::<[u8; 6]>::new());
+    assert_eq!(lab.client().arping([192, 0, 2, 77]), Vec::<[u8; 6]>::new());
 }
 
 #[test]
 fn ndisc6_from_the_client_resolves_the_nodes_mac() {
     let lab = lab(2);
     for node in lab.nodes() {
-        assert_eq!(ndisc6(lab.client(), node.ipv6()), Some(node.mac()));
+        assert_eq!(lab.client().ndisc6(node.ipv6()), Some(node.mac()));
     }
     assert_eq!(
-        ndisc6(lab.client(), "2001:db8::77".parse::<IpAddr>().unwrap()),
+        lab.client()
+            .ndisc6("2001:db8::77".parse::<IpAddr>().unwrap()),
         None
     );
 }
@@ -178,7 +144,7 @@ fn pulling_a_nodes_cable_cuts_it_off_until_it_is_plugged_back() {
     lost.set_link(false).unwrap();
     assert!(!ping(lab.client(), lost.ipv4()));
     assert!(!ping(lab.client(), lost.ipv6()));
-    assert!(arping(lab.client(), lost.ipv4()).is_empty());
+    assert!(lab.client().arping(lost.ipv4()).is_empty());
     assert!(
         ping(lab.client(), kept.ipv4()),
         "other nodes are unaffected"
@@ -303,15 +269,15 @@ fn two_labs_coexist_and_tear_down_independently() {
     assert_eq!(first.node(0).ipv4(), second.node(0).ipv4());
     assert_ne!(first.node(0).mac(), second.node(0).mac());
     assert_eq!(
-        arping(first.client(), first.node(0).ipv4()),
+        first.client().arping(first.node(0).ipv4()),
         vec![first.node(0).mac()]
     );
     assert_eq!(
-        arping(second.client(), second.node(0).ipv4()),
+        second.client().arping(second.node(0).ipv4()),
         vec![second.node(0).mac()]
     );
     assert_eq!(
-        ndisc6(second.client(), second.node(1).ipv6()),
+        second.client().ndisc6(second.node(1).ipv6()),
         Some(second.node(1).mac())
     );
 

@@ -6,6 +6,7 @@
 pub mod address;
 pub mod annotations;
 pub mod crds;
+pub mod hash;
 pub mod l2advertisement;
 pub mod manifests;
 pub mod pool;

@@ -6,11 +6,12 @@
 //! runner-up); when it returns it takes back exactly those IPs. IPs spread over nodes
 //! like independent fair dice.
 //!
-//! The score is FNV-1a over the IP's bytes and the node name, finished with the
-//! splitmix64 mixer: fixed here, so that speakers built by different compilers or
-//! versions agree (std's hashers promise no such thing).
+//! The score is [`stable_hash64`] of the IP's bytes and the node name, so that speakers
+//! built by different compilers or versions agree.
 
 use std::net::IpAddr;
+
+use ferrolb_api::hash::stable_hash64;
 
 /// The node that announces `ip` among `eligible` (any order, duplicates ignored), or
 /// `None` when no node is eligible. Ties (a 2^-64 chance) go to the smaller name.
@@ -24,29 +25,11 @@ pub fn owner<'a>(ip: IpAddr, eligible: impl IntoIterator<Item = &'a str>) -> Opt
 
 /// The weight of `node` for `ip`.
 pub fn score(ip: IpAddr, node: &str) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0100_0000_01b3;
-    let mut h = OFFSET;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(PRIME);
-        }
+    let ip = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
     };
-    match ip {
-        IpAddr::V4(v4) => eat(&v4.octets()),
-        IpAddr::V6(v6) => eat(&v6.octets()),
-    }
-    eat(&[0xff]); // separates the IP from the name
-    eat(node.as_bytes());
-    splitmix64(h)
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    stable_hash64(&[&ip, node.as_bytes()])
 }
 
 #[cfg(test)]

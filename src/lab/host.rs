@@ -165,6 +165,62 @@ impl Host {
             .with_context(|| format!("{}: parsing `ip -j neigh show`: {text}", self.name))
     }
 
+    /// The MACs that answered one `arping` (Thomas Habets' arping) from this host for
+    /// `ip`, one entry per reply, within a second.
+    pub fn arping(&self, ip: impl Into<IpAddr>) -> Vec<[u8; 6]> {
+        let ip = ip.into().to_string();
+        let Ok(out) = self
+            .command("arping", ["-c", "1", "-w", "1", "-i", IFNAME, &ip])
+            .output()
+        else {
+            return vec![];
+        };
+        // "60 bytes from 02:00:00:01:00:0a (192.0.2.10): index=0 time=12.503 usec"
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split_once(" bytes from ")?.1;
+                let (mac, rest) = rest.split_once(' ')?;
+                rest.starts_with(&format!("({ip})"))
+                    .then(|| parse_mac(mac))?
+            })
+            .collect()
+    }
+
+    /// The MAC `ndisc6` learns for `ip` from this host, if any host answers within a
+    /// second.
+    pub fn ndisc6(&self, ip: impl Into<IpAddr>) -> Option<[u8; 6]> {
+        let ip = ip.into().to_string();
+        let out = self
+            .command("ndisc6", ["-1", "-q", "-r", "1", "-w", "1000", &ip, IFNAME])
+            .output()
+            .ok()?;
+        // -q prints only the target link-layer address, e.g. "02:00:00:01:00:0A".
+        out.status
+            .success()
+            .then(|| parse_mac(&String::from_utf8_lossy(&out.stdout)))?
+    }
+
+    /// Runs `f` on a thread inside this host's network namespace: sockets it opens
+    /// belong to the host.
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("{}/{}", sys::NETNS_DIR, self.netns);
+        let ns =
+            std::fs::File::open(&path).with_context(|| format!("{}: opening {path}", self.name))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("entering {path}"))?;
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| {
+                    anyhow::anyhow!("{}: the thread in the namespace panicked", self.name)
+                })?
+        })
+    }
+
     /// Forgets every neighbour entry on `eth0`, so the next packet resolves afresh.
     pub fn flush_neighbours(&self) -> Result<()> {
         sys::run(

@@ -16,6 +16,7 @@
 
 mod host;
 mod process;
+mod speakers;
 mod sys;
 
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -50,20 +50,33 @@ impl FreeSpace {
             .is_some_and(|(_, &end)| n <= end)
     }
 
-    /// The lowest free address, skipping `.0`/`.255` when `avoid_buggy` (IPv4).
-    pub(crate) fn lowest(&self, family: Family, avoid_buggy: bool) -> Option<u128> {
-        self.intervals.iter().find_map(|(&start, &end)| {
-            let mut n = start;
-            if avoid_buggy {
-                while is_buggy(family, n) && n < end {
-                    n += 1;
-                }
-                if is_buggy(family, n) {
-                    return None;
-                }
-            }
-            Some(n)
-        })
+    /// The first free address at or after `start`, wrapping around to the lowest;
+    /// skipping `.0`/`.255` when `avoid_buggy` (IPv4).
+    pub(crate) fn first_from(
+        &self,
+        start: u128,
+        family: Family,
+        avoid_buggy: bool,
+    ) -> Option<u128> {
+        let containing = self
+            .intervals
+            .range(..=start)
+            .next_back()
+            .filter(|(_, end)| **end >= start)
+            .map(|(_, end)| (start, *end));
+        let after = self
+            .intervals
+            .range(start.saturating_add(1)..)
+            .map(|(s, e)| (*s, *e));
+        let before = self
+            .intervals
+            .range(..start)
+            .map(|(s, e)| (*s, (*e).min(start.saturating_sub(1))));
+        containing
+            .into_iter()
+            .chain(after)
+            .chain(before)
+            .find_map(|(from, to)| usable_in(from, to, family, avoid_buggy))
     }
 
     /// Marks `n` used; false when it was not free.
@@ -104,6 +117,18 @@ impl FreeSpace {
     }
 }
 
+/// The first address of `[from, to]` that may be handed out.
+fn usable_in(from: u128, to: u128, family: Family, avoid_buggy: bool) -> Option<u128> {
+    let mut n = from;
+    while avoid_buggy && is_buggy(family, n) {
+        if n == to {
+            return None;
+        }
+        n += 1;
+    }
+    (n <= to).then_some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,11 +146,11 @@ mod tests {
         // 10.0.0.255 and 10.0.1.0 are the only free addresses besides 10.0.1.1.
         let base = 0x0a00_0000u128;
         let f = FreeSpace::new(vec![(base + 255, base + 257)]);
-        assert_eq!(f.lowest(Family::V4, true), Some(base + 257));
-        assert_eq!(f.lowest(Family::V4, false), Some(base + 255));
+        assert_eq!(f.first_from(0, Family::V4, true), Some(base + 257));
+        assert_eq!(f.first_from(0, Family::V4, false), Some(base + 255));
         let only_buggy = FreeSpace::new(vec![(base + 255, base + 256)]);
-        assert_eq!(only_buggy.lowest(Family::V4, true), None);
-        assert_eq!(only_buggy.lowest(Family::V6, true), Some(base + 255));
+        assert_eq!(only_buggy.first_from(0, Family::V4, true), None);
+        assert_eq!(only_buggy.first_from(0, Family::V6, true), Some(base + 255));
     }
 
     #[test]
@@ -143,7 +168,7 @@ mod tests {
         /// Against a plain set of addresses: same membership, same lowest, after any
         /// sequence of takes and give-backs.
         #[test]
-        fn behaves_like_a_set(ops in prop::collection::vec((any::<bool>(), 0u128..64), 0..200)) {
+        fn behaves_like_a_set(ops in prop::collection::vec((any::<bool>(), 0u128..64), 0..200), start in 0u128..70) {
             let mut f = FreeSpace::new(vec![(0, 20), (30, 63)]);
             let mut model: BTreeSet<u128> = (0..=20).chain(30..=63).collect();
             for (take, n) in ops {
@@ -153,7 +178,8 @@ mod tests {
                     f.give_back(n);
                     model.insert(n);
                 }
-                prop_assert_eq!(f.lowest(Family::V6, false), model.first().copied());
+                let wrapped = model.range(start..).next().or_else(|| model.first()).copied();
+                prop_assert_eq!(f.first_from(start, Family::V6, false), wrapped);
                 for n in 0..64 {
                     prop_assert_eq!(f.is_free(n), model.contains(&n));
                 }

@@ -12,8 +12,16 @@
 //!    Service is pending with the reason.
 //! 3. Otherwise each wanted family gets an IP from the first eligible pool, ordered by
 //!    `serviceAllocation.priority` (lower first, unset last) then name: an IP already
-//!    shared under the Service's `allow-shared-ip` key if one fits, else the lowest
-//!    free address.
+//!    shared under the Service's `allow-shared-ip` key if one fits, else the first free
+//!    address at or after the Service's own starting point in the pool (a stable hash
+//!    of its namespace and name, or of its sharing key), wrapping around.
+//!
+//! Why not simply the lowest free address: speakers in standalone mode recompute the
+//! allocation from files, with no memory of earlier answers. With lowest-first,
+//! deleting one Service would shift every Service allocated after it to a new IP (and
+//! its old VIP would keep answering, now for someone else). With a per-Service
+//! starting point, deleting or adding a Service moves no other, except one whose own
+//! starting address was taken and which probed past it.
 
 mod free;
 
@@ -22,6 +30,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ferrolb_api::address::{buggy_count, from_u128, is_buggy, to_u128};
+use ferrolb_api::hash::stable_hash128;
 use ferrolb_api::selector::{self, Labels};
 use ferrolb_api::{AddressRange, Family};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -177,8 +186,11 @@ pub struct Plan {
 
 struct PoolState {
     config: PoolConfig,
+    /// The pool's addresses as disjoint sorted spans, indexed by [`slot`].
+    spans: [Vec<(u128, u128)>; 2],
     /// Indexed by [`slot`].
     free: [FreeSpace; 2],
+    /// Addresses that may be handed out (`.0`/`.255` excluded under avoidBuggyIPs).
     total: [u128; 2],
     assigned: [u128; 2],
 }
@@ -193,6 +205,7 @@ fn slot(family: Family) -> usize {
 impl PoolState {
     fn new(config: PoolConfig) -> PoolState {
         let mut free = [FreeSpace::default(), FreeSpace::default()];
+        let mut spans = [Vec::new(), Vec::new()];
         let mut total = [0u128; 2];
         for family in [Family::V4, Family::V6] {
             let ranges: Vec<(u128, u128)> = config
@@ -213,10 +226,12 @@ impl PoolState {
                     (e - s + 1) - buggy
                 })
                 .fold(0u128, u128::saturating_add);
+            spans[slot(family)] = space.intervals().collect();
             free[slot(family)] = space;
         }
         PoolState {
             config,
+            spans,
             free,
             total,
             assigned: [0; 2],
@@ -229,6 +244,37 @@ impl PoolState {
 
     fn has_family(&self, family: Family) -> bool {
         self.config.ranges.iter().any(|r| r.family() == family)
+    }
+
+    /// Where a search for a free address starts: the address at `position` (modulo the
+    /// pool's size) counting through the pool's spans in order.
+    fn start(&self, family: Family, position: u128) -> Option<u128> {
+        let spans = &self.spans[slot(family)];
+        let size = spans
+            .iter()
+            .map(|(s, e)| e - s + 1)
+            .fold(0u128, u128::saturating_add);
+        if size == 0 {
+            return None;
+        }
+        let mut offset = position % size;
+        for (s, e) in spans {
+            let len = e - s + 1;
+            if offset < len {
+                return Some(s + offset);
+            }
+            offset -= len;
+        }
+        None
+    }
+}
+
+/// A Service's position in every pool: from its sharing key when it has one (so Services
+/// meant to share start at the same address), else from its namespace and name.
+fn position(svc: &ServiceRequest) -> u128 {
+    match &svc.sharing_key {
+        Some(key) => stable_hash128(&[b"allow-shared-ip", key.as_bytes()]),
+        None => stable_hash128(&[svc.key.namespace.as_bytes(), svc.key.name.as_bytes()]),
     }
 }
 
@@ -554,9 +600,13 @@ impl Allocator {
                 }
             }
         }
+        let position = position(svc);
         for &i in &candidates {
             let p = &self.pools[i];
-            if let Some(n) = p.free[slot(family)].lowest(family, p.config.avoid_buggy_ips) {
+            if let Some(start) = p.start(family, position)
+                && let Some(n) =
+                    p.free[slot(family)].first_from(start, family, p.config.avoid_buggy_ips)
+            {
                 return Ok((from_u128(family, n), i));
             }
         }

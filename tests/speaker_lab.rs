@@ -1,0 +1,530 @@
+//! The speaker's data plane, end to end: the real `ferrolb speaker` binary on three lab
+//! nodes in standalone mode, observed from the lab's client with arping, ndisc6, TCP,
+//! UDP and raw frames.
+//!
+//! Needs root, iproute2, nftables, arping and ndisc6 (see `.ci/run`).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferrolb::lab::{Host, Lab, LabProcess, poll_until};
+use ferrolb_api::manifests::Manifests;
+use ferrolb_speaker::packet_socket::{ETH_P_ARP, ETH_P_IPV6, PacketSocket, arp_filter, ndp_filter};
+use ferrolb_speaker::{announcements, arp, ndp};
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+const POOL: &str = r#"
+apiVersion: ferrolb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: lab}
+spec:
+  addresses: [192.0.2.200-192.0.2.209, "2001:db8::200-2001:db8::209"]
+---
+apiVersion: ferrolb.io/v1beta1
+kind: L2Advertisement
+metadata: {name: lab}
+spec: {forwarding: nodePort}
+"#;
+
+fn service(name: &str, port: u16, node_port: u16, extra_annotations: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  annotations: {{{extra_annotations}}}\n\
+         spec:\n  type: LoadBalancer\n  ipFamilyPolicy: PreferDualStack\n  ports:\n  \
+         - {{port: {port}, nodePort: {node_port}, protocol: TCP}}\n  - {{port: {port}, nodePort: {node_port}, protocol: UDP}}\n"
+    )
+}
+
+/// A lab with a speaker on every node, all reading one manifest directory.
+struct World {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    speakers: Vec<LabProcess>,
+}
+
+impl World {
+    fn start(services: &str) -> World {
+        if let Err(missing) = Lab::check_prerequisites() {
+            panic!("{missing}");
+        }
+        let lab = Lab::new(3).unwrap_or_else(|e| panic!("{e:#}"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nodes.yaml"), lab.node_manifests()).unwrap();
+        std::fs::write(dir.path().join("pool.yaml"), POOL).unwrap();
+        std::fs::write(dir.path().join("services.yaml"), services).unwrap();
+        let binary = PathBuf::from(env!("CARGO_BIN_EXE_ferrolb"));
+        let speakers = lab
+            .nodes()
+            .iter()
+            .map(|n| {
+                n.spawn_speaker(&binary, dir.path(), &["--log-format", "json"])
+                    .unwrap()
+            })
+            .collect();
+        World { lab, dir, speakers }
+    }
+
+    fn manifests(&self) -> Manifests {
+        let mut m = Manifests::default();
+        for f in ["nodes.yaml", "pool.yaml", "services.yaml"] {
+            let text = std::fs::read_to_string(self.dir.path().join(f)).unwrap();
+            assert!(m.add_text(f, &text).is_empty());
+        }
+        m
+    }
+
+    /// The node the pure election says owns `ip` (the wire must agree with it).
+    fn owner(&self, ip: IpAddr) -> (usize, &Host) {
+        let m = self.manifests();
+        let owners: Vec<usize> = (0..3)
+            .filter(|&i| {
+                announcements::plan_node(&m, self.lab.node(i).name())
+                    .announcements
+                    .iter()
+                    .any(|a| a.ip == ip)
+            })
+            .collect();
+        assert_eq!(owners.len(), 1, "{ip} is owned by nodes {owners:?}");
+        (owners[0], self.lab.node(owners[0]))
+    }
+
+    /// The IPs allocated to a Service, from the same pure code the speakers run.
+    fn ips_of(&self, name: &str) -> Vec<IpAddr> {
+        let m = self.manifests();
+        let mut owned: Vec<IpAddr> = (0..3)
+            .flat_map(|i| announcements::plan_node(&m, self.lab.node(i).name()).announcements)
+            .filter(|a| a.services.iter().any(|s| s.name == name))
+            .map(|a| a.ip)
+            .collect();
+        owned.sort();
+        owned
+    }
+
+    fn wait_answered(&self, ip: IpAddr) {
+        let client = self.lab.client();
+        poll_until(DEADLINE, &format!("an answer for {ip}"), || match ip {
+            IpAddr::V4(_) => (!client.arping(ip).is_empty()).then_some(()),
+            IpAddr::V6(_) => client.ndisc6(ip).map(drop),
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.logs()));
+    }
+
+    fn logs(&self) -> String {
+        self.speakers
+            .iter()
+            .zip(self.lab.nodes())
+            .map(|(s, n)| format!("--- {} ---\n{}", n.name(), s.stderr().unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// Every ARP reply for `ip` that reaches `host` within `window` after one request
+/// (a probe, sender 0.0.0.0) from it: the MAC of each answering host, once per reply.
+fn arp_replies(host: &Host, ip: IpAddr, window: Duration) -> Vec<[u8; 6]> {
+    let IpAddr::V4(v4) = ip else {
+        panic!("{ip} is not IPv4")
+    };
+    let mac = host.mac();
+    let request = arp::probe(mac, v4);
+    frames_answering(host, &[request], window, ETH_P_ARP, move |frame| {
+        arp::parse(frame)
+            .ok()
+            .filter(|p| p.operation == arp::Operation::Reply && p.sender_ip == v4)
+            .map(|p| p.sender_mac)
+    })
+}
+
+/// Sends `frames` from `host` and collects what `pick` recognises in the frames that
+/// arrive within `window`.
+fn frames_answering(
+    host: &Host,
+    frames: &[Vec<u8>],
+    window: Duration,
+    ethertype: u16,
+    pick: impl Fn(&[u8]) -> Option<[u8; 6]> + Send + Sync,
+) -> Vec<[u8; 6]> {
+    let index = link_index(host);
+    host.in_netns(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let filter = if ethertype == ETH_P_ARP {
+                arp_filter()
+            } else {
+                ndp_filter()
+            };
+            let socket = PacketSocket::open(index, ethertype, &filter).unwrap();
+            for f in frames {
+                socket.send(f).await.unwrap();
+            }
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 2048];
+            let end = tokio::time::Instant::now() + window;
+            while let Ok(Ok(n)) = tokio::time::timeout_at(end, socket.recv(&mut buf)).await {
+                if let Some(mac) = pick(&buf[..n]) {
+                    seen.push(mac);
+                }
+            }
+            seen
+        })
+    })
+    .unwrap()
+}
+
+fn link_index(host: &Host) -> u32 {
+    let out = host.run("cat", ["/sys/class/net/eth0/ifindex"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn nft_table(host: &Host) -> String {
+    let out = host
+        .command("nft", ["list", "table", "inet", "ferrolb"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn each_vip_is_answered_once_by_its_owner_and_nothing_else_is() {
+    let services: String = (0..4)
+        .map(|i| service(&format!("svc{i}"), 80, 30080, ""))
+        .collect();
+    let w = World::start(&services);
+    let vips: Vec<IpAddr> = (0..4).flat_map(|i| w.ips_of(&format!("svc{i}"))).collect();
+    assert_eq!(
+        vips.len(),
+        8,
+        "4 Services, each with an IPv4 and an IPv6 VIP: {vips:?}"
+    );
+    for vip in &vips {
+        w.wait_answered(*vip);
+    }
+    let client = w.lab.client();
+    for vip in vips.iter().filter(|v| v.is_ipv4()) {
+        let (_, owner) = w.owner(*vip);
+        assert_eq!(client.arping(*vip), vec![owner.mac()], "arping {vip}");
+        assert_eq!(
+            arp_replies(client, *vip, Duration::from_millis(300)),
+            vec![owner.mac()],
+            "exactly one reply for {vip}, from {}",
+            owner.name()
+        );
+    }
+    for vip in vips.iter().filter(|v| v.is_ipv6()) {
+        let (_, owner) = w.owner(*vip);
+        assert_eq!(client.ndisc6(*vip), Some(owner.mac()), "ndisc6 {vip}");
+    }
+    // In the pool but given to no Service; and outside every pool.
+    let unassigned = |prefix: &str| -> IpAddr {
+        (0..10)
+            .map(|i| format!("{prefix}{}", 200 + i).parse().unwrap())
+            .find(|ip| !vips.contains(ip))
+            .unwrap()
+    };
+    for ip in [unassigned("192.0.2."), "192.0.2.150".parse().unwrap()] {
+        assert_eq!(
+            arp_replies(client, ip, Duration::from_millis(300)),
+            Vec::<[u8; 6]>::new(),
+            "{ip}"
+        );
+    }
+    assert_eq!(client.ndisc6(unassigned("2001:db8::")), None);
+    // The IPs are spread: with 8 VIPs on 3 nodes, more than one node answers.
+    let owners: std::collections::BTreeSet<usize> = vips.iter().map(|v| w.owner(*v).0).collect();
+    assert!(owners.len() > 1, "all VIPs on one node: {owners:?}");
+}
+
+#[test]
+fn the_client_learns_the_owner_from_a_gratuitous_arp() {
+    if let Err(missing) = Lab::check_prerequisites() {
+        panic!("{missing}");
+    }
+    // Start the speakers only after the client accepts unsolicited ARP, so the entry can
+    // only come from the announcement.
+    let w = World::start("");
+    let client = w.lab.client();
+    client
+        .run("sysctl", ["-qw", "net.ipv4.conf.eth0.arp_accept=1"])
+        .unwrap();
+    client.flush_neighbours().unwrap();
+    std::fs::write(
+        w.dir.path().join("services.yaml"),
+        service("web", 80, 30080, ""),
+    )
+    .unwrap();
+    let vip = w.ips_of("web")[0];
+    let (_, owner) = w.owner(vip);
+    let learned = poll_until(DEADLINE, "the client's neighbour entry for the VIP", || {
+        client.neighbour(vip).ok().flatten()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    assert_eq!(learned, owner.mac());
+}
+
+#[test]
+fn node_port_forwarding_carries_tcp_and_udp_through_the_vip() {
+    let w = World::start(&service("web", 80, 30080, ""));
+    for vip in w.ips_of("web") {
+        w.wait_answered(vip);
+        let (_, owner) = w.owner(vip);
+        let node_ip: IpAddr = match vip {
+            IpAddr::V4(_) => owner.ipv4().into(),
+            IpAddr::V6(_) => owner.ipv6().into(),
+        };
+        // A NodePort backend on the owner: TCP greets, UDP echoes.
+        let tcp = owner
+            .in_netns(|| TcpListener::bind(SocketAddr::new(node_ip, 30080)))
+            .unwrap()
+            .unwrap();
+        let udp = owner
+            .in_netns(|| UdpSocket::bind(SocketAddr::new(node_ip, 30080)))
+            .unwrap()
+            .unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = tcp.accept().unwrap();
+            conn.write_all(b"hello through the VIP").unwrap();
+            drop(conn);
+            let mut buf = [0u8; 64];
+            udp.set_read_timeout(Some(DEADLINE)).unwrap();
+            let (n, from) = udp.recv_from(&mut buf).unwrap();
+            udp.send_to(&buf[..n], from).unwrap();
+        });
+        let (greeting, echo) = w
+            .lab
+            .client()
+            .in_netns(move || {
+                let mut conn =
+                    TcpStream::connect_timeout(&SocketAddr::new(vip, 80), DEADLINE).unwrap();
+                conn.set_read_timeout(Some(DEADLINE)).unwrap();
+                let mut greeting = String::new();
+                conn.read_to_string(&mut greeting).unwrap();
+                let any: IpAddr = if vip.is_ipv4() {
+                    [0, 0, 0, 0].into()
+                } else {
+                    [0u16; 8].into()
+                };
+                let udp = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+                udp.set_read_timeout(Some(DEADLINE)).unwrap();
+                udp.send_to(b"ping", SocketAddr::new(vip, 80)).unwrap();
+                let mut buf = [0u8; 64];
+                let (n, from) = udp.recv_from(&mut buf).unwrap();
+                assert_eq!(
+                    from,
+                    SocketAddr::new(vip, 80),
+                    "the echo comes back from the VIP"
+                );
+                (greeting, buf[..n].to_vec())
+            })
+            .unwrap();
+        server.join().unwrap();
+        assert_eq!(greeting, "hello through the VIP", "{vip}");
+        assert_eq!(echo, b"ping", "{vip}");
+        // Only the owner holds rules.
+        for node in w.lab.nodes() {
+            let rules = nft_table(node);
+            let has = rules.contains(&format!("daddr {vip} "));
+            assert_eq!(has, node.name() == owner.name(), "{}: {rules}", node.name());
+        }
+    }
+}
+
+#[test]
+fn removing_a_service_stops_answers_and_rules_within_a_second_and_sigterm_withdraws_all() {
+    let both = format!(
+        "{}{}",
+        service("keep", 80, 30080, ""),
+        service("gone", 443, 30443, "")
+    );
+    let mut w = World::start(&both);
+    let gone = w.ips_of("gone");
+    let keep = w.ips_of("keep");
+    for vip in gone.iter().chain(&keep) {
+        w.wait_answered(*vip);
+    }
+    let (_, gone_owner) = w.owner(gone[0]);
+    let gone_owner = gone_owner.clone();
+    assert!(nft_table(&gone_owner).contains(&format!("daddr {} ", gone[0])));
+
+    std::fs::write(
+        w.dir.path().join("services.yaml"),
+        service("keep", 80, 30080, ""),
+    )
+    .unwrap();
+    poll_until(
+        Duration::from_secs(1),
+        "no answer and no rule for the removed VIP",
+        || {
+            let silent = arp_replies(w.lab.client(), gone[0], Duration::from_millis(50)).is_empty();
+            let ruleless = !nft_table(&gone_owner).contains(&format!("daddr {} ", gone[0]));
+            (silent && ruleless).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    assert_eq!(w.lab.client().ndisc6(gone[1]), None);
+    assert!(
+        !w.lab.client().arping(keep[0]).is_empty(),
+        "the other Service keeps working"
+    );
+
+    for (speaker, node) in w.speakers.iter_mut().zip(w.lab.nodes()) {
+        speaker.terminate().unwrap();
+        let status = speaker
+            .wait_timeout(DEADLINE)
+            .unwrap()
+            .expect("the speaker exits on SIGTERM");
+        assert!(status.success(), "{}: {status:?}", node.name());
+        let tables = node.run("nft", ["list", "tables"]).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&tables.stdout).contains("ferrolb"),
+            "{} keeps a ferrolb table",
+            node.name()
+        );
+        assert!(
+            speaker
+                .stderr()
+                .unwrap()
+                .contains("withdrew every announcement")
+        );
+    }
+    assert!(
+        w.lab.client().arping(keep[0]).is_empty(),
+        "nobody answers after SIGTERM"
+    );
+}
+
+#[test]
+fn an_ip_already_in_use_on_the_segment_is_not_announced_and_the_conflict_is_reported() {
+    if let Err(missing) = Lab::check_prerequisites() {
+        panic!("{missing}");
+    }
+    let annotation = "ferrolb.io/loadBalancerIPs: 192.0.2.205";
+    let w = World::start("");
+    // The client already holds the address, outside ferrolb's control.
+    w.lab
+        .client()
+        .run("ip", ["addr", "add", "192.0.2.205/24", "dev", "eth0"])
+        .unwrap();
+    std::fs::write(
+        w.dir.path().join("services.yaml"),
+        service("taken", 80, 30080, annotation),
+    )
+    .unwrap();
+    let vip: IpAddr = "192.0.2.205".parse().unwrap();
+    let (owner_index, owner) = w.owner(vip);
+    poll_until(DEADLINE, "the conflict in the owner's log", || {
+        let log = w.speakers[owner_index].stderr().unwrap_or_default();
+        log.lines()
+            .any(|l| l.contains("already in use") && l.contains("192.0.2.205"))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    let other = w
+        .lab
+        .nodes()
+        .iter()
+        .find(|n| n.name() != owner.name())
+        .unwrap();
+    assert_eq!(
+        arp_replies(other, vip, Duration::from_millis(300)),
+        vec![w.lab.client().mac()],
+        "only the host that had the address answers"
+    );
+}
+
+#[test]
+fn malformed_frames_get_no_reply_and_do_not_hurt_the_speaker() {
+    let mut w = World::start(&service("web", 80, 30080, ""));
+    let ips = w.ips_of("web");
+    let (v4, v6) = (ips[0], ips[1]);
+    w.wait_answered(v4);
+    w.wait_answered(v6);
+    let client = w.lab.client();
+    let (IpAddr::V4(v4a), IpAddr::V6(v6a)) = (v4, v6) else {
+        unreachable!()
+    };
+    let good_arp = arp::probe(client.mac(), v4a);
+    let mut wrong_hw = good_arp.clone();
+    wrong_hw[15] = 6; // hardware type 6 (IEEE 802)
+    let mut bad_hlen = good_arp.clone();
+    bad_hlen[18] = 7;
+    let truncated = good_arp[..30].to_vec();
+    let mut garbage_arp = vec![0xa5u8; 60];
+    garbage_arp[..6].copy_from_slice(&[0xff; 6]);
+    garbage_arp[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
+    let arp_frames = vec![wrong_hw, bad_hlen, truncated, garbage_arp];
+    let replies = frames_answering(
+        client,
+        &arp_frames,
+        Duration::from_millis(300),
+        ETH_P_ARP,
+        |f| {
+            arp::parse(f)
+                .ok()
+                .filter(|p| p.operation == arp::Operation::Reply)
+                .map(|p| p.sender_mac)
+        },
+    );
+    assert_eq!(
+        replies,
+        Vec::<[u8; 6]>::new(),
+        "no reply to a malformed ARP frame"
+    );
+
+    let good_ns = ndp::solicitation(v6a, client.mac(), client.ipv6());
+    let mut bad_hop = good_ns.clone();
+    bad_hop[14 + 7] = 64; // hop limit, not covered by the checksum
+    let mut bad_option = good_ns.clone();
+    let last = bad_option.len() - 7;
+    bad_option[last] = 0; // option length 0
+    let mut garbage_v6 = vec![0x5au8; 90];
+    garbage_v6[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    garbage_v6[14] = 0x60;
+    garbage_v6[20] = 58;
+    garbage_v6[54] = 135;
+    let replies = frames_answering(
+        client,
+        &[bad_hop, bad_option, garbage_v6],
+        Duration::from_millis(300),
+        ETH_P_IPV6,
+        |f| match ndp::parse(f) {
+            // Answers only: the owner's unsolicited announcements (Solicited = 0) may
+            // still be repeating.
+            Ok(p)
+                if matches!(
+                    p.kind,
+                    ndp::NdpKind::Advertisement {
+                        solicited: true,
+                        ..
+                    }
+                ) =>
+            {
+                Some(p.eth_source)
+            }
+            _ => None,
+        },
+    );
+    assert_eq!(
+        replies,
+        Vec::<[u8; 6]>::new(),
+        "no reply to a malformed Neighbor Solicitation"
+    );
+
+    for (speaker, node) in w.speakers.iter_mut().zip(w.lab.nodes()) {
+        assert!(
+            speaker.try_wait().unwrap().is_none(),
+            "{} died",
+            node.name()
+        );
+    }
+    let (_, owner) = w.owner(v4);
+    assert_eq!(
+        arp_replies(client, v4, Duration::from_millis(300)),
+        vec![owner.mac()],
+        "still answering"
+    );
+    assert_eq!(client.ndisc6(v6), Some(w.owner(v6).1.mac()));
+}
