@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrolb_api::annotations::{self, lookup};
-use ferrolb_api::manifests::Manifests;
+use ferrolb_api::manifests::{Located, Manifests};
 use ferrolb_api::selector::Labels;
 use ferrolb_api::validation::{CheckedPool, check_pools};
 use ferrolb_api::{Family, IPAddressPool};
@@ -22,8 +22,8 @@ pub struct Prepared<'a> {
     pub requests: Vec<ServiceRequest>,
     /// Services that are ferrolb's but cannot be served, with the reason.
     pub invalid: BTreeMap<ServiceKey, String>,
-    /// The Service objects behind `requests`.
-    pub services: BTreeMap<ServiceKey, &'a Service>,
+    /// The Service objects behind `requests`, with where each was read.
+    pub services: BTreeMap<ServiceKey, &'a Located<Service>>,
     pub problems: Vec<String>,
 }
 
@@ -53,7 +53,7 @@ pub fn prepare(m: &Manifests) -> Prepared<'_> {
         match translate(&located.object) {
             Translation::NotOurs => {}
             Translation::Request(r) => {
-                services.insert(r.key.clone(), &located.object);
+                services.insert(r.key.clone(), located);
                 requests.push(*r);
             }
             Translation::Invalid { key, reason } => {

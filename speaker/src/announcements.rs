@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use ferrolb_api::manifests::Manifests;
 use ferrolb_api::selector::{self, Labels};
 use ferrolb_api::{Family, Forwarding, L2Advertisement};
-use ferrolb_controller::allocator::{self, ServiceKey};
+use ferrolb_controller::allocator::{self, Outcome, ServiceKey};
 use ferrolb_controller::input;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -60,6 +60,16 @@ pub fn plan_node(m: &Manifests, node: &str) -> NodePlan {
     out.problems = prepared.problems;
     let services = prepared.services;
     let allocation = allocator::plan(prepared.pools, prepared.namespaces, &prepared.requests);
+    for (key, outcome) in &allocation.services {
+        if let Outcome::Pending { reason } = outcome {
+            out.problems.push(format!(
+                "{} (Service \"{key}\"): no IP, so nothing is announced for it: {reason}",
+                services[key].origin
+            ));
+        }
+    }
+    let services: BTreeMap<ServiceKey, &Service> =
+        services.into_iter().map(|(k, l)| (k, &l.object)).collect();
 
     // IP -> (pool, Services holding it).
     let mut by_ip: BTreeMap<IpAddr, (String, Vec<ServiceKey>)> = BTreeMap::new();
@@ -257,4 +267,225 @@ fn forward_rules(vip: IpAddr, node_ip: IpAddr, svc: &Service) -> Vec<ForwardRule
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODES: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {zone: a}}
+status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2, labels: {zone: b}}
+status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n3, labels: {zone: b}}
+status: {addresses: [{type: InternalIP, address: 10.0.0.3}]}
+"#;
+
+    const POOL: &str = r#"
+apiVersion: ferrolb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: p}
+spec: {addresses: [192.0.2.200-192.0.2.209]}
+"#;
+
+    fn manifests(extra: &str) -> Manifests {
+        let mut m = Manifests::default();
+        let errors = m.add_text("test.yaml", &format!("{NODES}---{POOL}---\n{extra}"));
+        assert!(errors.is_empty(), "{errors:?}");
+        m
+    }
+
+    fn adv(spec: &str) -> String {
+        format!(
+            "apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {{name: adv}}\nspec: {spec}\n"
+        )
+    }
+
+    fn svc(extra_spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+             spec: {{type: LoadBalancer, ports: [{{port: 80, nodePort: 30080}}], selector: {{app: web}}{extra_spec}}}\n"
+        )
+    }
+
+    /// Which node announces, according to each node's own plan.
+    fn announcers(m: &Manifests) -> Vec<String> {
+        ["n1", "n2", "n3"]
+            .into_iter()
+            .filter(|n| !plan_node(m, n).announcements.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn exactly_one_node_announces_and_all_agree_on_it() {
+        let m = manifests(&format!("{}---\n{}", adv("{}"), svc("")));
+        let announcers = announcers(&m);
+        assert_eq!(announcers.len(), 1);
+        for node in ["n1", "n2", "n3"] {
+            let plan = plan_node(&m, node);
+            let owner = plan.owners.values().next().cloned().flatten();
+            assert_eq!(
+                owner.as_deref(),
+                Some(announcers[0].as_str()),
+                "{node} disagrees"
+            );
+        }
+    }
+
+    #[test]
+    fn node_selectors_and_the_exclude_label_and_not_ready_limit_the_candidates() {
+        let m = manifests(&format!(
+            "{}---\n{}",
+            adv("{nodeSelectors: [{matchLabels: {zone: a}}]}"),
+            svc("")
+        ));
+        assert_eq!(announcers(&m), ["n1"]);
+
+        let excluded = NODES.replace(
+            "labels: {zone: a}",
+            "labels: {zone: a, node.kubernetes.io/exclude-from-external-load-balancers: \"\"}",
+        );
+        let mut m = Manifests::default();
+        m.add_text(
+            "t.yaml",
+            &format!(
+                "{excluded}---{POOL}---\n{}---\n{}",
+                adv("{nodeSelectors: [{matchLabels: {zone: a}}]}"),
+                svc("")
+            ),
+        );
+        assert_eq!(
+            announcers(&m),
+            Vec::<String>::new(),
+            "the only matching node is excluded"
+        );
+
+        let not_ready = NODES.replace(
+            "status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}",
+            "status: {addresses: [{type: InternalIP, address: 10.0.0.1}], conditions: [{type: Ready, status: \"False\"}]}",
+        );
+        let mut m = Manifests::default();
+        m.add_text(
+            "t.yaml",
+            &format!(
+                "{not_ready}---{POOL}---\n{}---\n{}",
+                adv("{nodeSelectors: [{matchLabels: {zone: a}}]}"),
+                svc("")
+            ),
+        );
+        assert_eq!(
+            announcers(&m),
+            Vec::<String>::new(),
+            "the only matching node is NotReady"
+        );
+    }
+
+    #[test]
+    fn local_traffic_is_announced_only_where_a_ready_endpoint_runs() {
+        let slice = |node: &str, ready: bool| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-{node}, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: IPv4\nendpoints: [{{addresses: [10.1.0.1], nodeName: {node}, conditions: {{ready: {ready}}}}}]\n"
+            )
+        };
+        let local = ", externalTrafficPolicy: Local";
+        let m = manifests(&format!(
+            "{}---\n{}---\n{}---\n{}",
+            adv("{}"),
+            svc(local),
+            slice("n3", true),
+            slice("n2", false)
+        ));
+        assert_eq!(announcers(&m), ["n3"]);
+        let m = manifests(&format!("{}---\n{}", adv("{}"), svc(local)));
+        assert_eq!(
+            announcers(&m),
+            Vec::<String>::new(),
+            "no endpoint anywhere: nobody"
+        );
+        assert_eq!(plan_node(&m, "n1").owners.values().next(), Some(&None));
+    }
+
+    #[test]
+    fn forwarding_rules_follow_the_owner_and_use_its_internal_ip() {
+        let m = manifests(&format!(
+            "{}---\n{}",
+            adv("{forwarding: nodePort}"),
+            svc("")
+        ));
+        let owner = &announcers(&m)[0];
+        let plan = plan_node(&m, owner);
+        assert_eq!(plan.forwards.len(), 1);
+        let rule = plan.forwards[0];
+        assert_eq!(
+            (rule.port, rule.node_port, rule.protocol),
+            (80, 30080, Protocol::Tcp)
+        );
+        let want_ip = format!("10.0.0.{}", &owner[1..]);
+        assert_eq!(rule.node_ip.to_string(), want_ip);
+        for other in ["n1", "n2", "n3"].iter().filter(|n| *n != owner) {
+            assert!(plan_node(&m, other).forwards.is_empty());
+        }
+        let m = manifests(&format!("{}---\n{}", adv("{}"), svc("")));
+        assert!(plan_node(&m, owner).forwards.is_empty(), "forwarding: none");
+    }
+
+    #[test]
+    fn problems_name_what_the_user_must_fix() {
+        let m = manifests(&svc(""));
+        let plan = plan_node(&m, "n1");
+        assert!(plan.announcements.is_empty());
+        assert!(
+            plan.problems
+                .iter()
+                .any(|p| p.contains("in pool \"p\", which no L2Advertisement announces")),
+            "{:?}",
+            plan.problems
+        );
+
+        let requested = svc("").replace(
+            "namespace: shop}",
+            "namespace: shop, annotations: {ferrolb.io/loadBalancerIPs: 198.51.100.1}}",
+        );
+        let m = manifests(&format!("{}---\n{requested}", adv("{}")));
+        let plan = plan_node(&m, "n1");
+        assert!(
+            plan.problems.iter().any(|p| p
+                .starts_with("test.yaml, document 6 (Service \"shop/web\")")
+                && p.contains("requested 198.51.100.1 is in no pool")),
+            "{:?}",
+            plan.problems
+        );
+
+        let plan = plan_node(&m, "n9");
+        assert!(
+            plan.problems
+                .iter()
+                .any(|p| p.contains("node \"n9\" is not among the Node objects"))
+        );
+    }
+
+    #[test]
+    fn named_interfaces_are_passed_on() {
+        let m = manifests(&format!(
+            "{}---\n{}",
+            adv("{interfaces: [eth1, eth0]}"),
+            svc("")
+        ));
+        let owner = &announcers(&m)[0];
+        assert_eq!(
+            plan_node(&m, owner).announcements[0].interfaces,
+            ["eth0", "eth1"]
+        );
+    }
 }
