@@ -349,10 +349,10 @@ impl LinkTask {
         let Some(state) = self.states.get(&ip).copied() else {
             return;
         };
-        self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+        let conflicts = self.counters.conflicts.fetch_add(1, Ordering::Relaxed) + 1;
         let other = mac_string(mac);
         if let State::Probing { .. } = state {
-            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other,
+            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts,
                 "IP is already in use by another host (it answered our probe); not announcing it, will probe again in {:?}",
                 self.settings.conflict_retry);
             self.states.insert(
@@ -362,7 +362,7 @@ impl LinkTask {
                 },
             );
         } else if state.answers() {
-            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other,
+            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts,
                 "another host claims an IP this node announces");
         }
     }
