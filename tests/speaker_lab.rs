@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ferrolb::lab::{Host, Lab, LabProcess, poll_until};
 use ferrolb_api::manifests::Manifests;
+use ferrolb_speaker::election::ClusterView;
 use ferrolb_speaker::packet_socket::{ETH_P_ARP, ETH_P_IPV6, PacketSocket, arp_filter, ndp_filter};
 use ferrolb_speaker::{announcements, arp, ndp};
 
@@ -80,7 +81,7 @@ impl World {
         let m = self.manifests();
         let owners: Vec<usize> = (0..3)
             .filter(|&i| {
-                announcements::plan_node(&m, self.lab.node(i).name())
+                announcements::plan_node(&m, self.lab.node(i).name(), &ClusterView::everyone())
                     .announcements
                     .iter()
                     .any(|a| a.ip == ip)
@@ -94,7 +95,10 @@ impl World {
     fn ips_of(&self, name: &str) -> Vec<IpAddr> {
         let m = self.manifests();
         let mut owned: Vec<IpAddr> = (0..3)
-            .flat_map(|i| announcements::plan_node(&m, self.lab.node(i).name()).announcements)
+            .flat_map(|i| {
+                announcements::plan_node(&m, self.lab.node(i).name(), &ClusterView::everyone())
+                    .announcements
+            })
             .filter(|a| a.services.iter().any(|s| s.name == name))
             .map(|a| a.ip)
             .collect();

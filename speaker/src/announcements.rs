@@ -23,7 +23,7 @@ use ferrolb_controller::input;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::election;
+use crate::election::{self, ClusterView};
 use crate::forwarding::{ForwardRule, Protocol};
 
 /// The label Kubernetes uses to keep a node out of load balancing.
@@ -52,8 +52,8 @@ pub struct NodePlan {
     pub problems: Vec<String>,
 }
 
-/// What `node` announces, given every declared object.
-pub fn plan_node(m: &Manifests, node: &str) -> NodePlan {
+/// What `node` announces, given every declared object and what membership says.
+pub fn plan_node(m: &Manifests, node: &str, view: &ClusterView) -> NodePlan {
     let mut out = NodePlan::default();
 
     let prepared = input::prepare(m);
@@ -140,7 +140,7 @@ pub fn plan_node(m: &Manifests, node: &str) -> NodePlan {
             })
             .filter_map(|n| n.metadata.name.as_deref())
             .collect();
-        let owner = election::owner(ip, eligible.iter().copied());
+        let owner = election::owner(ip, view.candidates(ip, &eligible));
         out.owners.insert(ip, owner.map(str::to_string));
         if owner != Some(node) {
             continue;
@@ -321,7 +321,11 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
     fn announcers(m: &Manifests) -> Vec<String> {
         ["n1", "n2", "n3"]
             .into_iter()
-            .filter(|n| !plan_node(m, n).announcements.is_empty())
+            .filter(|n| {
+                !plan_node(m, n, &ClusterView::everyone())
+                    .announcements
+                    .is_empty()
+            })
             .map(String::from)
             .collect()
     }
@@ -332,7 +336,7 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
         let announcers = announcers(&m);
         assert_eq!(announcers.len(), 1);
         for node in ["n1", "n2", "n3"] {
-            let plan = plan_node(&m, node);
+            let plan = plan_node(&m, node, &ClusterView::everyone());
             let owner = plan.owners.values().next().cloned().flatten();
             assert_eq!(
                 owner.as_deref(),
@@ -413,7 +417,13 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
             Vec::<String>::new(),
             "no endpoint anywhere: nobody"
         );
-        assert_eq!(plan_node(&m, "n1").owners.values().next(), Some(&None));
+        assert_eq!(
+            plan_node(&m, "n1", &ClusterView::everyone())
+                .owners
+                .values()
+                .next(),
+            Some(&None)
+        );
     }
 
     #[test]
@@ -424,7 +434,7 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
             svc("")
         ));
         let owner = &announcers(&m)[0];
-        let plan = plan_node(&m, owner);
+        let plan = plan_node(&m, owner, &ClusterView::everyone());
         assert_eq!(plan.forwards.len(), 1);
         let rule = plan.forwards[0];
         assert_eq!(
@@ -434,16 +444,25 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
         let want_ip = format!("10.0.0.{}", &owner[1..]);
         assert_eq!(rule.node_ip.to_string(), want_ip);
         for other in ["n1", "n2", "n3"].iter().filter(|n| *n != owner) {
-            assert!(plan_node(&m, other).forwards.is_empty());
+            assert!(
+                plan_node(&m, other, &ClusterView::everyone())
+                    .forwards
+                    .is_empty()
+            );
         }
         let m = manifests(&format!("{}---\n{}", adv("{}"), svc("")));
-        assert!(plan_node(&m, owner).forwards.is_empty(), "forwarding: none");
+        assert!(
+            plan_node(&m, owner, &ClusterView::everyone())
+                .forwards
+                .is_empty(),
+            "forwarding: none"
+        );
     }
 
     #[test]
     fn problems_name_what_the_user_must_fix() {
         let m = manifests(&svc(""));
-        let plan = plan_node(&m, "n1");
+        let plan = plan_node(&m, "n1", &ClusterView::everyone());
         assert!(plan.announcements.is_empty());
         assert!(
             plan.problems
@@ -458,7 +477,7 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
             "namespace: shop, annotations: {ferrolb.io/loadBalancerIPs: 198.51.100.1}}",
         );
         let m = manifests(&format!("{}---\n{requested}", adv("{}")));
-        let plan = plan_node(&m, "n1");
+        let plan = plan_node(&m, "n1", &ClusterView::everyone());
         assert!(
             plan.problems.iter().any(|p| p
                 .starts_with("test.yaml, document 6 (Service \"shop/web\")")
@@ -467,7 +486,7 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
             plan.problems
         );
 
-        let plan = plan_node(&m, "n9");
+        let plan = plan_node(&m, "n9", &ClusterView::everyone());
         assert!(
             plan.problems
                 .iter()
@@ -484,7 +503,7 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
         ));
         let owner = &announcers(&m)[0];
         assert_eq!(
-            plan_node(&m, owner).announcements[0].interfaces,
+            plan_node(&m, owner, &ClusterView::everyone()).announcements[0].interfaces,
             ["eth0", "eth1"]
         );
     }

@@ -9,9 +9,65 @@
 //! The score is [`stable_hash64`] of the IP's bytes and the node name, so that speakers
 //! built by different compilers or versions agree.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ipnetwork::IpNetwork;
+
 use ferrolb_api::hash::stable_hash64;
+
+/// What membership says about the nodes, as far as election needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    /// `None` when there is no membership: every declared node counts as alive and
+    /// settled.
+    pub members: Option<BTreeMap<String, MemberView>>,
+}
+
+/// One live node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberView {
+    /// Subnets of the node's usable links, as it gossips them.
+    pub subnets: Vec<IpNetwork>,
+    /// Alive for longer than the rejoin hold-down.
+    pub settled: bool,
+}
+
+impl ClusterView {
+    /// No membership: every node counts.
+    pub fn everyone() -> ClusterView {
+        ClusterView { members: None }
+    }
+
+    /// The nodes of `eligible` that may own `ip`, narrowed step by step, each step only
+    /// when it leaves someone:
+    /// 1. alive (always applied: a dead node never owns anything);
+    /// 2. with a link on a subnet holding the IP, when any alive node has one, so that
+    ///    a node cut off from the IP's segment is never elected (multi-subnet clusters,
+    ///    or a node whose announcing link went down);
+    /// 3. settled, when any is: a node that has just (re)joined takes IPs back only after
+    ///    the hold-down, so a flapping node never drags IPs back and forth.
+    pub fn candidates<'a>(&self, ip: IpAddr, eligible: &[&'a str]) -> Vec<&'a str> {
+        let Some(members) = &self.members else {
+            return eligible.to_vec();
+        };
+        let alive: Vec<&'a str> = eligible
+            .iter()
+            .copied()
+            .filter(|n| members.contains_key(*n))
+            .collect();
+        let narrow = |from: Vec<&'a str>, keep: &dyn Fn(&MemberView) -> bool| {
+            let kept: Vec<&'a str> = from
+                .iter()
+                .copied()
+                .filter(|n| keep(&members[*n]))
+                .collect();
+            if kept.is_empty() { from } else { kept }
+        };
+        let on_segment = narrow(alive, &|m| m.subnets.iter().any(|s| s.contains(ip)));
+        narrow(on_segment, &|m| m.settled)
+    }
+}
 
 /// The node that announces `ip` among `eligible` (any order, duplicates ignored), or
 /// `None` when no node is eligible. Ties (a 2^-64 chance) go to the smaller name.
@@ -40,6 +96,70 @@ mod tests {
 
     fn ip(i: u32) -> IpAddr {
         IpAddr::V4(std::net::Ipv4Addr::from(0xc000_0200 + i))
+    }
+
+    fn view(members: &[(&str, &[&str], bool)]) -> ClusterView {
+        ClusterView {
+            members: Some(
+                members
+                    .iter()
+                    .map(|(name, subnets, settled)| {
+                        let subnets = subnets.iter().map(|s| s.parse().unwrap()).collect();
+                        (
+                            name.to_string(),
+                            MemberView {
+                                subnets,
+                                settled: *settled,
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn only_alive_nodes_are_candidates_and_nobody_when_none_is() {
+        let v = view(&[("a", &[], true), ("c", &[], true)]);
+        assert_eq!(v.candidates(ip(1), &["a", "b", "c"]), ["a", "c"]);
+        assert_eq!(v.candidates(ip(1), &["b"]), Vec::<&str>::new());
+        assert_eq!(
+            ClusterView::everyone().candidates(ip(1), &["a", "b"]),
+            ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn nodes_on_the_ips_segment_win_when_any_exists() {
+        let v = view(&[
+            ("a", &["192.0.2.0/24"], true),
+            ("b", &["198.51.100.0/24"], true),
+            ("c", &[], true),
+        ]);
+        assert_eq!(v.candidates(ip(1), &["a", "b", "c"]), ["a"]);
+        let elsewhere: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(
+            v.candidates(elsewhere, &["a", "b", "c"]),
+            ["a", "b", "c"],
+            "nobody has it: no narrowing"
+        );
+    }
+
+    #[test]
+    fn a_node_that_just_rejoined_waits_unless_nobody_else_can_serve() {
+        let v = view(&[("a", &[], true), ("b", &[], false)]);
+        assert_eq!(v.candidates(ip(1), &["a", "b"]), ["a"]);
+        assert_eq!(
+            v.candidates(ip(1), &["b"]),
+            ["b"],
+            "the only one: no waiting"
+        );
+        let all_new = view(&[("a", &[], false), ("b", &[], false)]);
+        assert_eq!(
+            all_new.candidates(ip(1), &["a", "b"]),
+            ["a", "b"],
+            "a cold start announces at once"
+        );
     }
 
     #[test]

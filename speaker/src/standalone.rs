@@ -13,6 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::announcements::{NodePlan, plan_node};
+use crate::election::ClusterView;
 use crate::forwarding::{ForwardRule, Forwarder};
 use crate::interfaces::{self, Link};
 use crate::responder::{LinkSpec, Responder, Settings};
@@ -49,7 +50,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut manifests = dir.read();
     loop {
-        let plan = plan_node(&manifests, &opts.node_name);
+        let plan = plan_node(&manifests, &opts.node_name, &ClusterView::everyone());
         let current_links = links.borrow_and_update().clone();
         let specs = link_specs(&plan, &current_links, &mut state);
         state.report(&plan);
