@@ -136,6 +136,22 @@ pub fn select(links: &[Link], ip: IpAddr, wanted: &[String]) -> Selection {
     selection
 }
 
+/// The subnets this node can announce on: the on-link subnets of links that can answer
+/// (themselves or through their master). Gossiped to peers, so that election passes
+/// over a node cut off from an IP's segment.
+pub fn reachable_subnets(links: &[Link]) -> Vec<IpNetwork> {
+    let mut subnets: Vec<IpNetwork> = links
+        .iter()
+        .filter(|l| announcer(links, l).is_ok_and(|a| unusable(a).is_none()))
+        .flat_map(|l| l.addresses.iter())
+        .filter(|net| on_link_subnet(net, net.ip()))
+        .filter_map(|net| IpNetwork::new(net.network(), net.prefix()).ok())
+        .collect();
+    subnets.sort();
+    subnets.dedup();
+    subnets
+}
+
 /// Whether `net` is an on-link subnet of the link that contains `ip`. Host routes and
 /// IPv6 link-local prefixes say nothing about which segment `ip` lives on (kube-proxy
 /// in IPVS mode, for one, puts every VIP as a /32 on a dummy link).
@@ -427,6 +443,40 @@ mod tests {
             loopback: true,
             ..link(1, "lo", &["127.0.0.1/8", "::1/128"])
         }
+    }
+
+    #[test]
+    fn reachable_subnets_are_those_of_links_that_can_answer() {
+        let down = Link {
+            up: false,
+            ..link(3, "eth1", &["198.51.100.5/24"])
+        };
+        let port = Link {
+            master: Some(5),
+            ..link(4, "port0", &["203.0.113.9/24"])
+        };
+        let bridge = link(5, "br0", &[]);
+        let links = vec![
+            lo(),
+            link(
+                2,
+                "eth0",
+                &[
+                    "192.0.2.10/24",
+                    "2001:db8::10/64",
+                    "fe80::1/64",
+                    "192.0.2.99/32",
+                ],
+            ),
+            down,
+            port,
+            bridge,
+        ];
+        let got: Vec<String> = reachable_subnets(&links)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, ["192.0.2.0/24", "203.0.113.0/24", "2001:db8::/64"]);
     }
 
     fn wanted(names: &[&str]) -> Vec<String> {

@@ -60,6 +60,9 @@ pub struct LinkSpec {
     pub name: String,
     pub mac: [u8; 6],
     pub ips: BTreeSet<IpAddr>,
+    /// IPs taken over from another ferrolb node: announced at once, without the RFC 5227
+    /// probe (the address was ours a moment ago, and every millisecond is outage).
+    pub takeovers: BTreeSet<IpAddr>,
 }
 
 /// Counts a person may want to see (logged on change, metrics later).
@@ -233,7 +236,7 @@ impl LinkTask {
             if self.states.contains_key(ip) {
                 continue;
             }
-            let state = if self.settings.probe_count == 0 {
+            let state = if self.settings.probe_count == 0 || spec.takeovers.contains(ip) {
                 State::Announcing {
                     left: self.settings.announce_count,
                     next: now,

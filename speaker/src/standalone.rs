@@ -52,7 +52,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     loop {
         let plan = plan_node(&manifests, &opts.node_name, &ClusterView::everyone());
         let current_links = links.borrow_and_update().clone();
-        let specs = link_specs(&plan, &current_links, &mut state);
+        let specs = link_specs(&plan, &opts.node_name, &current_links, &mut state);
         state.report(&plan);
         responder.update(specs);
         if plan.forwards != state.forwards || !forwarding_ok {
@@ -113,6 +113,8 @@ struct Reported {
     problems: BTreeSet<String>,
     owned: BTreeMap<IpAddr, Vec<String>>,
     forwards: Vec<ForwardRule>,
+    /// Who owned each IP at the last reconcile, to tell a takeover from a first start.
+    owners: BTreeMap<IpAddr, Option<String>>,
 }
 
 impl Reported {
@@ -132,7 +134,7 @@ impl Reported {
 }
 
 /// Which link answers for which IP, from the plan and the links that exist now.
-fn link_specs(plan: &NodePlan, links: &[Link], state: &mut Reported) -> Vec<LinkSpec> {
+fn link_specs(plan: &NodePlan, node: &str, links: &[Link], state: &mut Reported) -> Vec<LinkSpec> {
     let mut specs: BTreeMap<u32, LinkSpec> = BTreeMap::new();
     let mut owned: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     for a in &plan.announcements {
@@ -154,8 +156,13 @@ fn link_specs(plan: &NodePlan, links: &[Link], state: &mut Reported) -> Vec<Link
                 name: link.name.clone(),
                 mac,
                 ips: BTreeSet::new(),
+                takeovers: BTreeSet::new(),
             });
             spec.ips.insert(a.ip);
+            let before = state.owners.get(&a.ip).cloned().flatten();
+            if before.is_some_and(|b| b != node) {
+                spec.takeovers.insert(a.ip);
+            }
             owned.entry(a.ip).or_default().push(link.name.clone());
         }
     }
@@ -180,6 +187,7 @@ fn link_specs(plan: &NodePlan, links: &[Link], state: &mut Reported) -> Vec<Link
         info!(ip = %ip, new_owner = %to, "this node no longer owns the IP");
     }
     state.owned = owned;
+    state.owners = plan.owners.clone();
     specs.into_values().collect()
 }
 
