@@ -15,6 +15,7 @@
 //! also when a test panics; [`Lab::new`] first removes what crashed runs left behind.
 
 mod host;
+mod outage;
 mod process;
 mod speakers;
 mod sys;
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub use host::Host;
+pub use outage::*;
 pub use process::LabProcess;
 
 /// Every lab namespace name starts with this, followed by `PID-COUNTER-`.
