@@ -37,6 +37,12 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions as YAML (what the Helm chart installs).
     Crds,
+    /// Failover shown in a network-namespace lab: three nodes, a client, the owner killed.
+    ///
+    /// As root. Builds the lab, runs the real speaker on every node, shows which node owns
+    /// the VIP, kills it and prints how long the client's traffic was cut. Tears
+    /// everything down on exit or Ctrl-C.
+    Lab(ferrolb::lab_command::LabArgs),
     /// Announce this node's external IPs (ARP, NDP, NodePort forwarding).
     ///
     /// With --manifests, runs with no cluster: pools, L2Advertisements, Services, Nodes
@@ -78,6 +84,32 @@ struct SpeakerArgs {
     /// Milliseconds between checks of the manifest directory.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
+    /// UDP port of speaker membership (on each node's InternalIP).
+    #[arg(long, default_value_t = ferrolb_speaker::membership::DEFAULT_PORT)]
+    memberlist_port: u16,
+    /// File whose contents authenticate and encrypt membership traffic; every speaker
+    /// must read the same bytes. Messages from speakers without it are dropped.
+    #[arg(long, value_name = "FILE")]
+    memberlist_secret_file: Option<std::path::PathBuf>,
+    /// Run without membership: every declared node counts as alive (single node, tests).
+    #[arg(long)]
+    no_membership: bool,
+    /// Membership probe period (ms). Shorter: faster failover, more packets and more
+    /// false suspicions under load or loss.
+    #[arg(long, default_value_t = 50)]
+    member_probe_period_ms: u64,
+    /// How long a probe waits for its answer (ms).
+    #[arg(long, default_value_t = 20)]
+    member_probe_rtt_ms: u64,
+    /// How long a suspected speaker has to refute before it is declared down (ms).
+    #[arg(long, default_value_t = 100)]
+    member_suspect_ms: u64,
+    /// A (re)started node takes IPs back from settled nodes only after this long (ms).
+    #[arg(long, default_value_t = 3000)]
+    rejoin_hold_ms: u64,
+    /// At start, announce nothing until every declared peer is heard from, or this long (ms).
+    #[arg(long, default_value_t = 1000)]
+    join_grace_ms: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -92,6 +124,7 @@ fn main() -> ExitCode {
         Command::Plan { files, output } => plan::run(&files, output),
         Command::Crds => print_crds(),
         Command::Speaker(args) => speaker(args),
+        Command::Lab(args) => ferrolb::lab_command::run(args),
     };
     match result {
         Ok(code) => code,
@@ -123,11 +156,31 @@ fn speaker(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
         refresh: (args.refresh_secs > 0).then(|| Duration::from_secs(args.refresh_secs)),
         ..Default::default()
     };
+    let secret = match &args.memberlist_secret_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("--memberlist-secret-file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let cluster = (!args.no_membership).then(|| ferrolb_speaker::cluster::ClusterOptions {
+        port: args.memberlist_port,
+        secret,
+        settings: ferrolb_speaker::membership::Settings {
+            probe_period: Duration::from_millis(args.member_probe_period_ms),
+            probe_rtt: Duration::from_millis(args.member_probe_rtt_ms),
+            suspect_to_down: Duration::from_millis(args.member_suspect_ms),
+            ..Default::default()
+        },
+        hold: Duration::from_millis(args.rejoin_hold_ms),
+        join_grace: Duration::from_millis(args.join_grace_ms),
+    });
     let options = ferrolb_speaker::standalone::Options {
         manifests: args.manifests,
         node_name: args.node_name,
         settings,
         poll_interval: Duration::from_millis(args.poll_interval_ms),
+        cluster,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

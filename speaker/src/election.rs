@@ -31,6 +31,9 @@ pub struct MemberView {
     pub subnets: Vec<IpNetwork>,
     /// Alive for longer than the rejoin hold-down.
     pub settled: bool,
+    /// Whether the node's metadata has arrived; a node not heard from yet is not passed
+    /// over for what it has not said (its gossip is milliseconds behind its liveness).
+    pub known: bool,
 }
 
 impl ClusterView {
@@ -64,8 +67,10 @@ impl ClusterView {
                 .collect();
             if kept.is_empty() { from } else { kept }
         };
-        let on_segment = narrow(alive, &|m| m.subnets.iter().any(|s| s.contains(ip)));
-        narrow(on_segment, &|m| m.settled)
+        let on_segment = narrow(alive, &|m| {
+            !m.known || m.subnets.iter().any(|s| s.contains(ip))
+        });
+        narrow(on_segment, &|m| !m.known || m.settled)
     }
 }
 
@@ -110,6 +115,7 @@ mod tests {
                             MemberView {
                                 subnets,
                                 settled: *settled,
+                                known: true,
                             },
                         )
                     })
@@ -160,6 +166,13 @@ mod tests {
             ["a", "b"],
             "a cold start announces at once"
         );
+    }
+
+    #[test]
+    fn a_node_whose_metadata_has_not_arrived_is_not_passed_over() {
+        let mut v = view(&[("a", &["192.0.2.0/24"], true), ("b", &[], false)]);
+        v.members.as_mut().unwrap().get_mut("b").unwrap().known = false;
+        assert_eq!(v.candidates(ip(1), &["a", "b"]), ["a", "b"]);
     }
 
     #[test]

@@ -8,13 +8,17 @@
 //! * [`forwarding`]: VIP:port to NodePort DNAT in ferrolb's own nftables table.
 //! * [`responder`]: per-interface tasks answering ARP/NS and announcing takeovers, over
 //!   [`packet_socket`]s.
+//! * [`membership`]: which speakers are alive (SWIM over UDP, foca); [`cluster`] turns
+//!   it into the view election needs.
 //! * [`standalone`]: the speaker driven by a directory of manifests.
 
 pub mod announcements;
 pub mod arp;
+pub mod cluster;
 pub mod election;
 pub mod forwarding;
 pub mod interfaces;
+pub mod membership;
 pub mod ndp;
 pub mod packet_socket;
 pub mod responder;

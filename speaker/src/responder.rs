@@ -389,12 +389,12 @@ impl LinkTask {
             self.claimed_by_other(sender, packet.sender_mac);
             return;
         }
+        // Another host *probing* for an address we probe is not a conflict here (RFC 5227
+        // would have both back off): between ferrolb speakers it means a moment of
+        // disagreement on the owner, and backing off would leave nobody answering. Only
+        // a host that answers for the address, or announces it, holds it.
         let target = IpAddr::V4(packet.target_ip);
         match self.states.get(&target) {
-            // Another host probing for an address we are probing: both back off.
-            Some(State::Probing { .. }) if packet.is_probe() => {
-                self.claimed_by_other(target, packet.sender_mac)
-            }
             Some(s) if s.answers() && packet.operation == Operation::Request => {
                 let reply = arp::reply(&packet, self.spec.mac, packet.target_ip);
                 if self.send(&reply, "ARP reply").await {
@@ -429,11 +429,6 @@ impl LinkTask {
                 if mac != self.spec.mac {
                     self.claimed_by_other(target, mac);
                 }
-            }
-            NdpKind::Solicitation { .. }
-                if matches!(state, State::Probing { .. }) && packet.source.is_unspecified() =>
-            {
-                self.claimed_by_other(target, packet.eth_source);
             }
             NdpKind::Solicitation { .. } if state.answers() => {
                 // Sourced from the target, as Linux does for its own addresses: some

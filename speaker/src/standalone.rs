@@ -13,6 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::announcements::{NodePlan, plan_node};
+use crate::cluster::{Cluster, ClusterOptions};
 use crate::election::ClusterView;
 use crate::forwarding::{ForwardRule, Forwarder};
 use crate::interfaces::{self, Link};
@@ -24,6 +25,8 @@ pub struct Options {
     pub settings: Settings,
     /// How often the directory is checked for changes.
     pub poll_interval: Duration,
+    /// Speaker membership; `None`: every declared node counts as alive.
+    pub cluster: Option<ClusterOptions>,
 }
 
 /// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
@@ -49,8 +52,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     info!(node = %opts.node_name, manifests = %opts.manifests.display(), "speaker started (standalone)");
 
     let mut manifests = dir.read();
+    let mut cluster = join(&manifests, &opts, &links.borrow()).await;
     loop {
-        let plan = plan_node(&manifests, &opts.node_name, &ClusterView::everyone());
+        let view = match (&mut cluster, &opts.cluster) {
+            (Some(c), _) => c.view(),
+            // Configured but not started: owning anything now could mean two owners.
+            (None, Some(_)) => ClusterView {
+                members: Some(BTreeMap::new()),
+            },
+            (None, None) => ClusterView::everyone(),
+        };
+        let plan = plan_node(&manifests, &opts.node_name, &view);
         let current_links = links.borrow_and_update().clone();
         let specs = link_specs(&plan, &opts.node_name, &current_links, &mut state);
         state.report(&plan);
@@ -72,17 +84,40 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         }
         // Wait for something to change.
+        let wake = cluster.as_ref().and_then(Cluster::wake_at);
         loop {
             tokio::select! {
-                _ = terminate.recv() => return withdraw(responder, &forwarder, &state).await,
-                _ = interrupt.recv() => return withdraw(responder, &forwarder, &state).await,
+                _ = terminate.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
+                _ = interrupt.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
                 changed = links.changed() => {
                     changed.context("the interface watcher stopped")?;
+                    if let Some(c) = &mut cluster {
+                        c.set_subnets(interfaces::reachable_subnets(&links.borrow()));
+                    }
                     break;
                 }
+                changed = async {
+                    match &mut cluster {
+                        Some(c) => c.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    changed?;
+                    break;
+                }
+                _ = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => break,
                 _ = tokio::time::sleep(opts.poll_interval) => {
                     if dir.changed() {
                         manifests = dir.read();
+                        match &mut cluster {
+                            Some(c) => c.set_peers_from(&manifests),
+                            None => cluster = join(&manifests, &opts, &links.borrow()).await,
+                        }
                         break;
                     }
                 }
@@ -91,11 +126,30 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 }
 
+/// Starts membership when it is configured and this node's Node object says where to
+/// bind; otherwise says why and runs without it (retried when the manifests change).
+async fn join(manifests: &Manifests, opts: &Options, links: &[Link]) -> Option<Cluster> {
+    let settings = opts.cluster.clone()?;
+    let subnets = interfaces::reachable_subnets(links);
+    match Cluster::join(manifests, &opts.node_name, subnets, settings).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            error!("{e:#}; announcing nothing until membership can start");
+            None
+        }
+    }
+}
+
 async fn withdraw(
     mut responder: Responder,
     forwarder: &Forwarder,
     state: &Reported,
+    cluster: Option<Cluster>,
 ) -> anyhow::Result<()> {
+    // Peers learn we are gone first, so the new owners announce while we withdraw.
+    if let Some(mut c) = cluster {
+        c.leave().await;
+    }
     responder.shutdown().await;
     if let Err(e) = forwarder.remove() {
         error!(error = %e, "cannot remove the nftables table inet ferrolb");

@@ -1,0 +1,269 @@
+//! Membership as election needs it: which declared nodes are alive, which subnets each
+//! can reach, and which have settled.
+//!
+//! Two rules keep every node's view the same, so that no IP has two owners:
+//! * **Joining**: a speaker announces nothing until it has heard from every declared
+//!   peer, or for `join_grace` at most. Otherwise a restarted node, alone in its own
+//!   view for a moment, would claim every IP.
+//! * **Settling**: a node declares itself settled in its own gossiped metadata once it
+//!   has been up for `hold` — or at once when nobody alive started more than
+//!   `join_grace` before it (a cold start: every node starting together). A node that is not settled is elected only when no settled
+//!   node can serve, so a node that comes back takes its IPs back once, after the
+//!   hold-down, and a crash-looping node never drags IPs back and forth. Because the
+//!   node declares it itself, all nodes see the same flag (a local "first seen" clock
+//!   would differ between the returning node and the others).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use ferrolb_api::Family;
+use ferrolb_api::manifests::Manifests;
+use ipnetwork::IpNetwork;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::election::{ClusterView, MemberView};
+use crate::membership::{self, Config, Members, Membership, NodeMeta};
+
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub port: u16,
+    pub secret: Option<Vec<u8>>,
+    pub settings: membership::Settings,
+    /// How long a (re)started node waits before taking IPs back from settled nodes.
+    pub hold: Duration,
+    /// How long a starting node waits for peers it has not heard from.
+    pub join_grace: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            port: membership::DEFAULT_PORT,
+            secret: None,
+            settings: membership::Settings::default(),
+            hold: Duration::from_secs(3),
+            join_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+pub struct Cluster {
+    membership: Option<Membership>,
+    members: watch::Receiver<Members>,
+    node: String,
+    started: Instant,
+    opts: ClusterOptions,
+    meta: NodeMeta,
+    peers: Vec<(String, SocketAddr)>,
+    joined: bool,
+}
+
+impl Cluster {
+    /// Joins the speakers of the Nodes in `m`, at this node's InternalIP.
+    pub async fn join(
+        m: &Manifests,
+        node: &str,
+        subnets: Vec<IpNetwork>,
+        opts: ClusterOptions,
+    ) -> anyhow::Result<Cluster> {
+        let all = node_addresses(m, opts.port);
+        let (_, bind) = all
+            .iter()
+            .find(|(n, _)| n == node)
+            .cloned()
+            .with_context(|| format!("node {node:?} has no Node object with an InternalIP in the manifests; membership needs it to bind"))?;
+        let family = Family::of(bind.ip());
+        let peers: Vec<(String, SocketAddr)> = all
+            .into_iter()
+            .filter(|(_, a)| Family::of(a.ip()) == family)
+            .collect();
+        let started_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let meta = NodeMeta {
+            subnets,
+            settled: false,
+            started_at_ms,
+            reported: true,
+        };
+        let (membership, members) = Membership::start(Config {
+            node_name: node.to_string(),
+            bind,
+            peers: peers.clone(),
+            secret: opts.secret.clone(),
+            settings: opts.settings.clone(),
+            meta: meta.clone(),
+        })
+        .await
+        .with_context(|| format!("starting membership on {bind}"))?;
+        info!(bind = %bind, peers = peers.len().saturating_sub(1), "membership started");
+        Ok(Cluster {
+            membership: Some(membership),
+            members,
+            node: node.to_string(),
+            started: Instant::now(),
+            opts,
+            meta,
+            peers,
+            joined: false,
+        })
+    }
+
+    /// Who may own IPs now. While joining: nobody (announce nothing yet).
+    pub fn view(&mut self) -> ClusterView {
+        let now = Instant::now();
+        let members = self.members.borrow_and_update().clone();
+        if !self.joined {
+            let heard_all = self
+                .peers
+                .iter()
+                .all(|(n, _)| *n == self.node || members.alive.get(n).is_some_and(|m| m.reported));
+            if !heard_all && now < self.started + self.opts.join_grace {
+                return ClusterView {
+                    members: Some(BTreeMap::new()),
+                };
+            }
+            self.joined = true;
+            // A cold start: nobody alive started more than the join grace before us, so
+            // every node is starting together. All settle at once; otherwise the first to
+            // reach the hold-down would briefly be the only settled node and take every
+            // IP. A node rejoining a running cluster waits out the hold-down instead.
+            let grace_ms = self.opts.join_grace.as_millis() as u64;
+            let cold_start = !members.alive.iter().any(|(n, m)| {
+                *n != self.node
+                    && m.reported
+                    && m.started_at_ms + grace_ms < self.meta.started_at_ms
+            });
+            if cold_start {
+                self.meta.settled = true;
+                self.publish_meta();
+            }
+            info!(
+                alive = members.alive.len(),
+                declared = self.peers.len(),
+                cold_start,
+                "joined the cluster"
+            );
+        }
+        if !self.meta.settled && now >= self.started + self.opts.hold {
+            self.meta.settled = true;
+            self.publish_meta();
+        }
+        let mut alive: BTreeMap<String, MemberView> = members
+            .alive
+            .into_iter()
+            .map(|(name, meta)| {
+                (
+                    name,
+                    MemberView {
+                        subnets: meta.subnets,
+                        settled: meta.settled,
+                        known: meta.reported,
+                    },
+                )
+            })
+            .collect();
+        // Our own entry is what we know now, not what the last gossip said.
+        alive.insert(
+            self.node.clone(),
+            MemberView {
+                subnets: self.meta.subnets.clone(),
+                settled: self.meta.settled,
+                known: true,
+            },
+        );
+        ClusterView {
+            members: Some(alive),
+        }
+    }
+
+    /// When the view changes without a message: the end of the join grace or the hold.
+    pub fn wake_at(&self) -> Option<Instant> {
+        if !self.joined {
+            Some(self.started + self.opts.join_grace)
+        } else if !self.meta.settled {
+            Some(self.started + self.opts.hold)
+        } else {
+            None
+        }
+    }
+
+    /// Resolves when membership changes.
+    pub async fn changed(&mut self) -> anyhow::Result<()> {
+        self.members.changed().await.context("membership stopped")
+    }
+
+    /// Our links changed: tell the others which subnets we can still reach.
+    pub fn set_subnets(&mut self, subnets: Vec<IpNetwork>) {
+        if subnets != self.meta.subnets {
+            self.meta.subnets = subnets;
+            self.publish_meta();
+        }
+    }
+
+    /// The Node objects changed.
+    pub fn set_peers_from(&mut self, m: &Manifests) {
+        let Some(family) = self
+            .peers
+            .iter()
+            .find(|(n, _)| *n == self.node)
+            .map(|(_, a)| Family::of(a.ip()))
+        else {
+            return;
+        };
+        let peers: Vec<(String, SocketAddr)> = node_addresses(m, self.opts.port)
+            .into_iter()
+            .filter(|(_, a)| Family::of(a.ip()) == family)
+            .collect();
+        if peers != self.peers {
+            self.peers = peers.clone();
+            if let Some(m) = &self.membership {
+                m.set_peers(peers);
+            }
+        }
+    }
+
+    /// Tells the others we are leaving, so they take over at once.
+    pub async fn leave(&mut self) {
+        if let Some(m) = self.membership.take() {
+            m.leave().await;
+        }
+    }
+
+    fn publish_meta(&self) {
+        if let Some(m) = &self.membership
+            && let Err(e) = m.set_meta(self.meta.clone())
+        {
+            tracing::warn!(error = %e, "cannot gossip this node's metadata");
+        }
+    }
+}
+
+/// Every Node's first InternalIP (IPv4 preferred) with the membership port.
+fn node_addresses(m: &Manifests, port: u16) -> Vec<(String, SocketAddr)> {
+    let mut out: Vec<(String, SocketAddr)> = m
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let name = n.object.metadata.name.clone()?;
+            let mut ips: Vec<IpAddr> = n
+                .object
+                .status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect();
+            ips.sort_by_key(|ip| Family::of(*ip));
+            Some((name, SocketAddr::new(*ips.first()?, port)))
+        })
+        .collect();
+    out.sort();
+    out
+}
