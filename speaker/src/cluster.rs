@@ -56,11 +56,19 @@ pub struct Cluster {
     members: watch::Receiver<Members>,
     node: String,
     started: Instant,
+    /// Since when this node has been up and connected; `hold` counts from here.
+    hold_from: Instant,
+    /// Rejected datagrams seen so far, and when the count last grew.
+    rejected: (u64, Option<Instant>),
     opts: ClusterOptions,
     meta: NodeMeta,
     peers: Vec<(String, SocketAddr)>,
     joined: bool,
+    warned_cut_off: bool,
 }
+
+/// How long rejected datagrams count as a sign of a cluster we are not part of.
+const REJECT_MEMORY: Duration = Duration::from_secs(3);
 
 impl Cluster {
     /// Joins the speakers of the Nodes in `m`, at this node's InternalIP.
@@ -106,10 +114,13 @@ impl Cluster {
             members,
             node: node.to_string(),
             started: Instant::now(),
+            hold_from: Instant::now(),
+            rejected: (0, None),
             opts,
             meta,
             peers,
             joined: false,
+            warned_cut_off: false,
         })
     }
 
@@ -149,7 +160,12 @@ impl Cluster {
                 "joined the cluster"
             );
         }
-        if !self.meta.settled && now >= self.started + self.opts.hold {
+        if self.cut_off(now, &members) {
+            return ClusterView {
+                members: Some(BTreeMap::new()),
+            };
+        }
+        if !self.meta.settled && now >= self.hold_from + self.opts.hold {
             self.meta.settled = true;
             self.publish_meta();
         }
@@ -186,9 +202,10 @@ impl Cluster {
         if !self.joined {
             Some(self.started + self.opts.join_grace)
         } else if !self.meta.settled {
-            Some(self.started + self.opts.hold)
+            Some(self.hold_from + self.opts.hold)
         } else {
-            None
+            // Re-check isolation while rejected datagrams keep coming.
+            self.rejected.1.map(|at| at + REJECT_MEMORY)
         }
     }
 
@@ -197,12 +214,42 @@ impl Cluster {
         self.members.changed().await.context("membership stopped")
     }
 
-    /// Our links changed: tell the others which subnets we can still reach.
+    /// Our links changed: tell the others which subnets we can still reach. Losing one
+    /// restarts our hold-down, so a flapping link never drags IPs back and forth.
     pub fn set_subnets(&mut self, subnets: Vec<IpNetwork>) {
         if subnets != self.meta.subnets {
+            if self.meta.subnets.iter().any(|s| !subnets.contains(s)) {
+                self.meta.settled = false;
+                self.hold_from = Instant::now();
+            }
             self.meta.subnets = subnets;
             self.publish_meta();
         }
+    }
+
+    /// Alone, while datagrams we cannot authenticate keep arriving: a cluster is there
+    /// that we are not part of (wrong or missing --memberlist-secret-file). Claiming its
+    /// IPs would make two owners, so this node announces nothing until it is admitted.
+    fn cut_off(&mut self, now: Instant, members: &Members) -> bool {
+        let Some(m) = &self.membership else {
+            return false;
+        };
+        let rejected = m.stats().rejected;
+        if rejected > self.rejected.0 {
+            self.rejected = (rejected, Some(now));
+        }
+        let alone = members.alive.keys().all(|n| *n == self.node);
+        let recent = self.rejected.1.is_some_and(|at| now < at + REJECT_MEMORY);
+        let cut_off = alone && recent && self.peers.len() > 1;
+        if cut_off && !self.warned_cut_off {
+            tracing::error!(
+                "peers are sending membership messages this node cannot authenticate, and none \
+                 has admitted it: check that every speaker reads the same --memberlist-secret-file; \
+                 announcing nothing meanwhile"
+            );
+        }
+        self.warned_cut_off = cut_off;
+        cut_off
     }
 
     /// The Node objects changed.

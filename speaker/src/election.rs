@@ -70,7 +70,9 @@ impl ClusterView {
         let on_segment = narrow(alive, &|m| {
             !m.known || m.subnets.iter().any(|s| s.contains(ip))
         });
-        narrow(on_segment, &|m| !m.known || m.settled)
+        // Unknown metadata counts as not settled: a node must not take IPs back on the
+        // strength of gossip that has not arrived.
+        narrow(on_segment, &|m| m.known && m.settled)
     }
 }
 
@@ -170,9 +172,23 @@ mod tests {
 
     #[test]
     fn a_node_whose_metadata_has_not_arrived_is_not_passed_over() {
-        let mut v = view(&[("a", &["192.0.2.0/24"], true), ("b", &[], false)]);
+        let mut v = view(&[("a", &["192.0.2.0/24"], false), ("b", &[], false)]);
         v.members.as_mut().unwrap().get_mut("b").unwrap().known = false;
-        assert_eq!(v.candidates(ip(1), &["a", "b"]), ["a", "b"]);
+        assert_eq!(
+            v.candidates(ip(1), &["a", "b"]),
+            ["a", "b"],
+            "unknown subnets exclude nobody"
+        );
+        let mut v = view(&[
+            ("a", &["192.0.2.0/24"], true),
+            ("b", &["192.0.2.0/24"], true),
+        ]);
+        v.members.as_mut().unwrap().get_mut("b").unwrap().known = false;
+        assert_eq!(
+            v.candidates(ip(1), &["a", "b"]),
+            ["a"],
+            "unknown is not settled"
+        );
     }
 
     #[test]
