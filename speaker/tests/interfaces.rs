@@ -2,91 +2,19 @@
 //! namespace of its own, reads them back over rtnetlink, and checks what `select`
 //! makes of them and how fast `watch` notices changes.
 
-use std::future::Future;
+mod support;
+
 use std::net::IpAddr;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, bail};
 use ferrolb_speaker::interfaces::{self, Link};
 use ipnetwork::IpNetwork;
+use support::{Netns, run, unique};
 use tokio::sync::watch;
 
 /// Generous: a change normally shows up in about a millisecond; CI machines are slow.
 const DEADLINE: Duration = Duration::from_secs(5);
-
-/// A network namespace removed on drop, even when the test panics.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> anyhow::Result<Self> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "flbif-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name])?;
-        Ok(Self { name })
-    }
-
-    /// `ip -n NS ARGS…`, failing with ip's stderr.
-    fn ip(&self, args: &str) -> anyhow::Result<()> {
-        let mut full = vec!["-n", &self.name];
-        full.extend(args.split_whitespace());
-        run("ip", &full)
-    }
-
-    /// Runs `body` on a thread that has entered this namespace, in a current-thread
-    /// runtime there: netlink sockets belong to the namespace of the thread that opens
-    /// them, and this runtime never moves tasks to other threads.
-    fn run<F, Fut, T>(&self, body: F) -> anyhow::Result<T>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = anyhow::Result<T>>,
-        T: Send + 'static,
-    {
-        let path = format!("/var/run/netns/{}", self.name);
-        let thread = std::thread::spawn(move || -> anyhow::Result<T> {
-            let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("entering {path}"))?;
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(body())
-        });
-        match thread.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(error) = run("ip", &["netns", "del", &self.name]) {
-            eprintln!("cleanup: {error:#}");
-        }
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    ensure!(
-        output.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(())
-}
 
 /// `ip` for use inside [`Netns::run`], where the thread is already in the namespace.
 fn ip_here(args: &str) -> anyhow::Result<()> {
@@ -181,7 +109,7 @@ async fn changed_within(
 #[test]
 fn snapshot_reports_flags_masters_and_addresses_and_select_follows_the_rules() -> anyhow::Result<()>
 {
-    let ns = Netns::new()?;
+    let ns = Netns::new(unique("flbif"))?;
     // lo up; eth0 (veth, fixed MAC) with the documentation prefixes; a bridge with a
     // port; a NOARP link; a link left down.
     for cmd in [
@@ -281,7 +209,7 @@ fn snapshot_reports_flags_masters_and_addresses_and_select_follows_the_rules() -
 
 #[test]
 fn watch_notices_carrier_loss_admin_down_removal_addition_and_enslavement() -> anyhow::Result<()> {
-    let ns = Netns::new()?;
+    let ns = Netns::new(unique("flbif"))?;
     for cmd in [
         "link add eth0 type veth peer name eth0p",
         "addr add 192.0.2.10/24 dev eth0",
@@ -378,8 +306,8 @@ fn watch_notices_carrier_loss_admin_down_removal_addition_and_enslavement() -> a
 fn watch_reflects_its_own_namespace_only() -> anyhow::Result<()> {
     // Two namespaces, two watchers: each sees its own links. This is what lets the lab
     // run one speaker per node namespace on one kernel.
-    let a = Netns::new()?;
-    let b = Netns::new()?;
+    let a = Netns::new(unique("flbif"))?;
+    let b = Netns::new(unique("flbif"))?;
     a.ip("link add only-a type veth peer name only-ap")?;
     b.ip("link add only-b type veth peer name only-bp")?;
     let seen_a = a.run(|| async { Ok(interfaces::watch().await?.borrow().clone()) })?;

@@ -7,14 +7,15 @@
 //! Needs root and `ip` (iproute2). The tests in this file run one at a time: they
 //! measure detection times, which other tests' load would blur.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, bail};
 use ferrolb_speaker::membership::{Config, Members, Membership, NodeMeta, Settings, Stats};
+use support::{Netns, unique};
 use tokio::sync::{oneshot, watch};
 
 /// Generous: joins and detections take tens to hundreds of milliseconds; CI is slow.
@@ -27,46 +28,6 @@ const PORT: u16 = 7946;
 /// One test at a time (see the module comment).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    ensure!(
-        output.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(())
-}
-
-/// A network namespace removed on drop, with the links inside it.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(name: String) -> anyhow::Result<Self> {
-        run("ip", &["netns", "add", &name])?;
-        Ok(Self { name })
-    }
-
-    fn ip(&self, args: &str) -> anyhow::Result<()> {
-        let mut full = vec!["-n", &self.name];
-        full.extend(args.split_whitespace());
-        run("ip", &full)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(error) = run("ip", &["netns", "del", &self.name]) {
-            eprintln!("cleanup: {error:#}");
-        }
-    }
-}
-
 /// A bridge namespace and three node namespaces, node `i` at 10.77.0.(i+1) on `eth0`,
 /// plugged into the bridge by `v{i}`.
 struct Lab {
@@ -77,12 +38,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> anyhow::Result<Self> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!(
-            "flbmem-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let prefix = unique("flbmem");
         let bridge = Netns::new(format!("{prefix}-br"))?;
         bridge.ip("link add br0 type bridge")?;
         bridge.ip("link set br0 up")?;
