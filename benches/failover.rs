@@ -5,24 +5,30 @@
 //!
 //! Each configuration gets a fresh 3-node lab and [`KILLS`] rounds. A round finds the
 //! current owner (the node answering ARP for the VIP from the client), then, while the
-//! client opens a TCP connection every 10 ms ([`measure_tcp_outage`]), the owner dies:
-//! its switch port goes down (its answers and its membership traffic stop at one
-//! instant, as when a node loses power) and its daemon is SIGKILLed. The outage runs from
-//! the client's last connection before the death to its first one through the new owner.
-//! Then the node comes back as from a reboot (link up, daemon restarted) and the round
-//! ends when the cluster has settled again: the interim owner has handed the VIP back
-//! (ferrolb: after the rejoin hold-down; keepalived: by preemption) and one node answers.
+//! client opens a TCP connection every 10 ms ([`measure_tcp_outage`]; a connect to a
+//! dead address waits out its 50 ms timeout, so outages come in steps of about 50 ms),
+//! the owner dies: its switch port goes down (its answers and its membership traffic stop
+//! at one instant, as when a node loses power) and its daemon is SIGKILLed. Kills are
+//! spread over the failure detector's cycle ([`Flavour::phase_delay`]). The outage runs
+//! from the client's last connection before the death to its first one through the new
+//! owner.
+//! Then the node comes back as from a reboot (link up, daemon restarted), and the next
+//! round starts once the cluster has settled again: the first owner alone answers for
+//! the VIP and carries the client's traffic (ferrolb: after the rejoin hold-down;
+//! keepalived: by preemption), so every round kills the same node with all three up.
 //!
 //! * ferrolb: `ferrolb speaker` in standalone mode on every node (membership on UDP 7946),
 //!   the VIP forwarded to a TCP backend on the owner's InternalIP:30080 (NodePort).
-//! * keepalived: one `vrrp_instance` per node on eth0 (multicast adverts, keepalived's
-//!   default), priorities 150/100/50, preemption on (keepalived's default: every round
-//!   then fails over along the same path, 150 to 100, like ferrolb's deterministic
-//!   election), GARP settings at keepalived's defaults (5 at once on becoming master, 5
-//!   more 5 s later). The VIP is a local address of the master; a TCP backend listens on
-//!   0.0.0.0:80 on every node.
+//! * keepalived: one `vrrp_instance` per node on eth0, `state BACKUP` on all (2.2.7 starts
+//!   a `state MASTER` one in BACKUP too, so this changes nothing), multicast adverts
+//!   (keepalived's default), priorities 150/100/50, preemption on (keepalived's default:
+//!   every round then fails over along the same path, 150 to 100, like ferrolb's
+//!   deterministic election), GARP settings at keepalived's defaults
+//!   (`vrrp_garp_master_repeat` 5 at once on becoming master, `vrrp_garp_master_delay` 5 s
+//!   until 5 more). The VIP is a local address of the master; a TCP backend listens on
+//!   0.0.0.0:80 on every node. Sub-second adverts need VRRP version 3.
 //!
-//! Membership traffic: IPv4 datagrams each node sends to UDP 7946 (ferrolb) or with IP
+//! Membership traffic: the datagrams each node sends to UDP 7946 (ferrolb) or with IP
 //! protocol 112 (VRRP), counted by an nftables output counter in every node namespace
 //! over a quiet window before the kills.
 //!
@@ -37,8 +43,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ferrolb::lab::{
-    Host, Lab, LabProcess, Outage, PROBE_INTERVAL, TcpBackend, format_duration, format_mac,
-    measure_tcp_outage, poll_until,
+    Host, Lab, LabProcess, Outage, PROBE_INTERVAL, TcpBackend, TrafficLost, format_duration,
+    format_mac, measure_tcp_outage,
 };
 
 /// Kills per configuration (the issue asks for at least 10).
@@ -59,12 +65,15 @@ const GIVE_UP: Duration = Duration::from_secs(10);
 const START_DEADLINE: Duration = Duration::from_secs(20);
 /// How long a returning node may take until the cluster has settled again.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(20);
+/// Pause between attempts to find the owner (each `arping` itself waits up to 1 s for an
+/// answer).
+const RETRY_PAUSE: Duration = Duration::from_millis(5);
 /// How long the connection that confirms the owner may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Membership traffic is counted over at least this long, and at least
 /// [`TRAFFIC_ADVERTS`] advert intervals.
-const TRAFFIC_WINDOW: Duration = Duration::from_secs(3);
-const TRAFFIC_ADVERTS: u32 = 5;
+const TRAFFIC_WINDOW: Duration = Duration::from_secs(2);
+const TRAFFIC_ADVERTS: u32 = 4;
 /// The nftables table (in each node namespace) holding the traffic counters.
 const COUNTER_TABLE: &str = "ferrolb_bench";
 /// Log lines shown per node when a configuration fails.
@@ -88,14 +97,6 @@ impl Flavour {
         }
     }
 
-    /// The log line a node writes when it hands the VIP over to another.
-    fn released_marker(self) -> &'static str {
-        match self {
-            Flavour::Ferrolb => "this node no longer owns the IP",
-            Flavour::Keepalived { .. } => "Entering BACKUP STATE",
-        }
-    }
-
     /// The nftables counter of this flavour's membership traffic.
     fn counter(self) -> &'static str {
         match self {
@@ -104,14 +105,35 @@ impl Flavour {
         }
     }
 
+    /// How often the failure detector looks: ferrolb's membership probe period (its
+    /// default), keepalived's advert interval.
+    fn detection_period(self) -> Duration {
+        match self {
+            Flavour::Ferrolb => ferrolb_speaker::membership::Settings::default().probe_period,
+            Flavour::Keepalived { advert } => {
+                Duration::from_secs_f64(advert.parse().unwrap_or(1.0))
+            }
+        }
+    }
+
     fn traffic_window(self) -> Duration {
         match self {
             Flavour::Ferrolb => TRAFFIC_WINDOW,
-            Flavour::Keepalived { advert } => {
-                let advert = Duration::from_secs_f64(advert.parse().unwrap_or(1.0));
-                TRAFFIC_WINDOW.max(advert * TRAFFIC_ADVERTS)
+            Flavour::Keepalived { .. } => {
+                TRAFFIC_WINDOW.max(self.detection_period() * TRAFFIC_ADVERTS)
             }
         }
+    }
+
+    /// How long to wait before kill `round`, spreading the kills evenly over the
+    /// detector's cycle (golden-ratio steps): rounds start in step with the daemons'
+    /// timers (each begins once the cluster settled), and the outage depends on when,
+    /// within its cycle, the owner dies (keepalived at 1 s: from 3 × 1 s + skew after
+    /// its last advert, so anywhere between about 2.6 s and 3.6 s).
+    fn phase_delay(self, round: usize) -> Duration {
+        const GOLDEN: f64 = 0.618_033_988_749_895;
+        self.detection_period()
+            .mul_f64((round as f64 * GOLDEN).fract())
     }
 }
 
@@ -262,6 +284,7 @@ fn run_configuration(flavour: Flavour, binary: &Path) -> Row {
         error: None,
     };
     eprintln!("failover: {}: building the lab", row.label);
+    let started = Instant::now();
     let lab = match Lab::new(NODES) {
         Ok(lab) => lab,
         Err(e) => {
@@ -283,6 +306,11 @@ fn run_configuration(flavour: Flavour, binary: &Path) -> Row {
     if let Err(e) = lab.close() {
         eprintln!("failover: {}: tearing down the lab: {e:#}", row.label);
     }
+    eprintln!(
+        "failover: {}: done in {:.0} s",
+        row.label,
+        started.elapsed().as_secs_f64()
+    );
     row
 }
 
@@ -380,27 +408,34 @@ impl<'a> Scenario<'a> {
 
     /// Measures traffic, then kills the owner [`KILLS`] times, recording into `row`.
     fn measure(&mut self, row: &mut Row) -> Result<()> {
-        let first = self
-            .owner(START_DEADLINE)
+        let home = self
+            .owner(START_DEADLINE, None)
             .context("waiting for a first owner")?;
         eprintln!(
             "failover: {}: {} owns {VIP}; counting membership traffic for {}",
             row.label,
-            self.lab.node(first).name(),
+            self.lab.node(home).name(),
             format_duration(self.flavour.traffic_window())
         );
         row.sent_per_second = self.sent_per_second()?;
         let target = SocketAddr::new(VIP.into(), PORT);
         for round in 1..=KILLS {
             self.check_daemons()?;
-            let owner = self.owner(SETTLE_DEADLINE)?;
-            let released_before: Vec<usize> = (0..NODES).map(|i| self.released_count(i)).collect();
+            // All nodes up again: the owner is the one that held the VIP at the start
+            // (ferrolb: the election is a function of the IP and the settled nodes;
+            // keepalived: the highest priority preempts). Waiting for it to be back is
+            // waiting for the cluster to settle (ferrolb: the rejoin hold-down).
+            let owner = self
+                .owner(SETTLE_DEADLINE, Some(home))
+                .with_context(|| format!("settling before kill {round}"))?;
             let node = self.lab.node(owner);
             let daemon = &self.daemons[owner];
             let measured = measure_tcp_outage(
                 self.lab.client(),
                 target,
                 || {
+                    // Traffic flows meanwhile; the outage counts from the death.
+                    std::thread::sleep(self.flavour.phase_delay(round));
                     node.set_link(false)?;
                     daemon.kill_hard()
                 },
@@ -408,7 +443,7 @@ impl<'a> Scenario<'a> {
             );
             let outage = match measured {
                 Ok(outage) => Some(outage),
-                Err(e) if e.downcast_ref::<ferrolb::lab::TrafficLost>().is_some() => {
+                Err(e) if e.downcast_ref::<TrafficLost>().is_some() => {
                     eprintln!("failover: {}: kill {round}: {e}", row.label);
                     row.lost += 1;
                     None
@@ -427,14 +462,6 @@ impl<'a> Scenario<'a> {
                 row.outages.push(outage.duration);
             }
             self.restore(owner)?;
-            // With the VIP back, the node that held it meanwhile has handed it over.
-            if let Some(interim) = interim.filter(|&i| i != owner) {
-                poll_until(
-                    SETTLE_DEADLINE,
-                    &format!("{} to hand {VIP} back", self.lab.node(interim).name()),
-                    || (self.released_count(interim) > released_before[interim]).then_some(()),
-                )?;
-            }
         }
         Ok(())
     }
@@ -474,35 +501,44 @@ impl<'a> Scenario<'a> {
         Ok(())
     }
 
-    /// The node holding the VIP, once one node answers ARP for it from the client and
-    /// the client, resolving afresh, connects through that node.
+    /// The node holding the VIP (`expected`, when given), once it alone answers ARP for
+    /// it from the client and the client, resolving afresh, connects through it.
     ///
-    /// The client's neighbour table is flushed first: while ownership moves back, both
-    /// nodes may answer for a moment (our own `arping` included), and a client left
+    /// The client's neighbour table is flushed first: while ownership moves back, two
+    /// nodes may answer for a moment (to our own `arping` too), and a client left
     /// pointing at the interim node would not notice the owner's death at all.
-    fn owner(&mut self, deadline: Duration) -> Result<usize> {
+    fn owner(&mut self, deadline: Duration, expected: Option<usize>) -> Result<usize> {
         let client = self.lab.client();
         let target = SocketAddr::new(VIP.into(), PORT);
         let start = Instant::now();
+        let mut last = None;
         loop {
             self.check_daemons()?;
             if let [mac] = client.arping(VIP).as_slice() {
                 let answering = self.node_with_mac(*mac)?;
-                client.flush_neighbours()?;
-                let connected = client
-                    .in_netns(|| TcpStream::connect_timeout(&target, CONNECT_TIMEOUT))?
-                    .is_ok();
-                if connected && self.client_sends_to()? == Some(answering) {
-                    return Ok(answering);
+                last = Some(answering);
+                if expected.is_none_or(|e| e == answering) {
+                    client.flush_neighbours()?;
+                    let connected = client
+                        .in_netns(|| TcpStream::connect_timeout(&target, CONNECT_TIMEOUT))?
+                        .is_ok();
+                    if connected && self.client_sends_to()? == Some(answering) {
+                        return Ok(answering);
+                    }
                 }
             }
             if start.elapsed() >= deadline {
+                let wanted = expected.map_or("a single node".to_string(), |e| {
+                    self.lab.node(e).name().to_string()
+                });
+                let seen = last.map_or("none".to_string(), |n| self.lab.node(n).name().to_string());
                 bail!(
-                    "no single node answered ARP for {VIP} and carried the client's traffic \
-                     within {}",
+                    "{wanted} did not answer ARP for {VIP} and carry the client's traffic \
+                     within {} (last answer: {seen})",
                     format_duration(deadline)
                 );
             }
+            std::thread::sleep(RETRY_PAUSE);
         }
     }
 
@@ -520,11 +556,6 @@ impl<'a> Scenario<'a> {
             .iter()
             .position(|n| n.mac() == mac)
             .ok_or_else(|| anyhow!("{} is not the MAC of any lab node", format_mac(&mac)))
-    }
-
-    /// How often node `i`'s current daemon has logged handing the VIP over.
-    fn released_count(&self, i: usize) -> usize {
-        self.log(i).matches(self.flavour.released_marker()).count()
     }
 
     fn log(&self, i: usize) -> String {

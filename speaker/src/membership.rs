@@ -248,6 +248,7 @@ impl Membership {
             name: config.node_name.clone(),
             addr: config.bind,
             bump: epoch,
+            epoch,
         };
         let metas = Arc::new(Mutex::new(HashMap::new()));
         let handler = MetaHandler {
@@ -345,6 +346,9 @@ struct NodeId {
     name: String,
     addr: SocketAddr,
     bump: u64,
+    /// The process's start (what its metadata is versioned by); unchanged by renewals.
+    /// Metadata of an older process is not this member's.
+    epoch: u64,
 }
 
 impl foca::Identity for NodeId {
@@ -355,6 +359,7 @@ impl foca::Identity for NodeId {
             name: self.name.clone(),
             addr: self.addr,
             bump: self.bump.wrapping_add(1),
+            epoch: self.epoch,
         })
     }
 
@@ -630,6 +635,7 @@ impl Driver {
                 addr: *addr,
                 // Announcements are accepted by name, whatever the bump.
                 bump: 0,
+                epoch: 0,
             })
             .collect();
         for peer in missing {
@@ -754,9 +760,14 @@ impl Driver {
             .foca
             .iter_members()
             .map(|m| {
-                let name = &m.id().name;
-                let meta = metas.get(name).map(|(_, _, meta)| meta.clone());
-                (name.clone(), meta.unwrap_or_default())
+                let id = m.id();
+                // A restarted node's old metadata (settled, say) must not stand for the
+                // new process: until its own arrives, the member is "not reported".
+                let meta = metas
+                    .get(&id.name)
+                    .filter(|(epoch, _, _)| *epoch == id.epoch)
+                    .map(|(_, _, meta)| meta.clone());
+                (id.name.clone(), meta.unwrap_or_default())
             })
             .collect();
         drop(metas);
