@@ -82,7 +82,11 @@ const LOG_TAIL: usize = 10;
 /// What holds the VIP.
 #[derive(Debug, Clone, Copy)]
 enum Flavour {
-    Ferrolb,
+    /// ferrolb at default settings, or tuned: membership probe period, probe RTT and
+    /// suspicion time in milliseconds.
+    Ferrolb {
+        tuned: Option<(u64, u64, u64)>,
+    },
     /// keepalived with this advert interval, as written in its configuration.
     Keepalived {
         advert: &'static str,
@@ -92,7 +96,10 @@ enum Flavour {
 impl Flavour {
     fn label(self) -> String {
         match self {
-            Flavour::Ferrolb => "ferrolb (default)".to_string(),
+            Flavour::Ferrolb { tuned: None } => "ferrolb (default)".to_string(),
+            Flavour::Ferrolb {
+                tuned: Some((period, rtt, suspect)),
+            } => format!("ferrolb tuned ({period}/{rtt}/{suspect} ms)"),
             Flavour::Keepalived { advert } => format!("keepalived advert {advert}s"),
         }
     }
@@ -100,7 +107,7 @@ impl Flavour {
     /// The nftables counter of this flavour's membership traffic.
     fn counter(self) -> &'static str {
         match self {
-            Flavour::Ferrolb => "membership",
+            Flavour::Ferrolb { .. } => "membership",
             Flavour::Keepalived { .. } => "vrrp",
         }
     }
@@ -109,7 +116,12 @@ impl Flavour {
     /// default), keepalived's advert interval.
     fn detection_period(self) -> Duration {
         match self {
-            Flavour::Ferrolb => ferrolb_speaker::membership::Settings::default().probe_period,
+            Flavour::Ferrolb { tuned: None } => {
+                ferrolb_speaker::membership::Settings::default().probe_period
+            }
+            Flavour::Ferrolb {
+                tuned: Some((period, _, _)),
+            } => Duration::from_millis(period),
             Flavour::Keepalived { advert } => {
                 Duration::from_secs_f64(advert.parse().unwrap_or(1.0))
             }
@@ -118,7 +130,7 @@ impl Flavour {
 
     fn traffic_window(self) -> Duration {
         match self {
-            Flavour::Ferrolb => TRAFFIC_WINDOW,
+            Flavour::Ferrolb { .. } => TRAFFIC_WINDOW,
             Flavour::Keepalived { .. } => {
                 TRAFFIC_WINDOW.max(self.detection_period() * TRAFFIC_ADVERTS)
             }
@@ -137,8 +149,11 @@ impl Flavour {
     }
 }
 
-const CONFIGURATIONS: [Flavour; 4] = [
-    Flavour::Ferrolb,
+const CONFIGURATIONS: [Flavour; 5] = [
+    Flavour::Ferrolb { tuned: None },
+    Flavour::Ferrolb {
+        tuned: Some((25, 10, 50)),
+    },
     Flavour::Keepalived { advert: "1" },
     Flavour::Keepalived { advert: "0.1" },
     Flavour::Keepalived { advert: "0.05" },
@@ -338,14 +353,14 @@ impl<'a> Scenario<'a> {
             .nodes()
             .iter()
             .map(|node| match flavour {
-                Flavour::Ferrolb => node.serve_tcp(SocketAddr::new(node.ipv4().into(), NODE_PORT)),
+                Flavour::Ferrolb { .. } => node.serve_tcp(SocketAddr::new(node.ipv4().into(), NODE_PORT)),
                 Flavour::Keepalived { .. } => {
                     node.serve_tcp(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT))
                 }
             })
             .collect::<Result<Vec<_>>>()?;
         match flavour {
-            Flavour::Ferrolb => {
+            Flavour::Ferrolb { .. } => {
                 write(&config_dir.join("nodes.yaml"), &lab.node_manifests())?;
                 write(&config_dir.join("service.yaml"), &ferrolb_manifests())?;
             }
@@ -375,7 +390,21 @@ impl<'a> Scenario<'a> {
     fn spawn(&self, i: usize) -> Result<LabProcess> {
         let node = self.lab.node(i);
         match self.flavour {
-            Flavour::Ferrolb => node.spawn_speaker(self.binary, &self.config_dir, &[]),
+            Flavour::Ferrolb { tuned: None } => node.spawn_speaker(self.binary, &self.config_dir, &[]),
+            Flavour::Ferrolb {
+                tuned: Some((period, rtt, suspect)),
+            } => {
+                let args = [
+                    "--member-probe-period-ms".to_string(),
+                    period.to_string(),
+                    "--member-probe-rtt-ms".to_string(),
+                    rtt.to_string(),
+                    "--member-suspect-ms".to_string(),
+                    suspect.to_string(),
+                ];
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                node.spawn_speaker(self.binary, &self.config_dir, &args)
+            }
             Flavour::Keepalived { .. } => {
                 let file = |ext: &str| {
                     self.config_dir
