@@ -84,13 +84,9 @@ const LOG_TAIL: usize = 10;
 enum Flavour {
     /// ferrolb at default settings, or tuned: membership probe period, probe RTT and
     /// suspicion time in milliseconds.
-    Ferrolb {
-        tuned: Option<(u64, u64, u64)>,
-    },
+    Ferrolb { tuned: Option<(u64, u64, u64)> },
     /// keepalived with this advert interval, as written in its configuration.
-    Keepalived {
-        advert: &'static str,
-    },
+    Keepalived { advert: &'static str },
 }
 
 impl Flavour {
@@ -353,7 +349,9 @@ impl<'a> Scenario<'a> {
             .nodes()
             .iter()
             .map(|node| match flavour {
-                Flavour::Ferrolb { .. } => node.serve_tcp(SocketAddr::new(node.ipv4().into(), NODE_PORT)),
+                Flavour::Ferrolb { .. } => {
+                    node.serve_tcp(SocketAddr::new(node.ipv4().into(), NODE_PORT))
+                }
                 Flavour::Keepalived { .. } => {
                     node.serve_tcp(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT))
                 }
@@ -390,7 +388,9 @@ impl<'a> Scenario<'a> {
     fn spawn(&self, i: usize) -> Result<LabProcess> {
         let node = self.lab.node(i);
         match self.flavour {
-            Flavour::Ferrolb { tuned: None } => node.spawn_speaker(self.binary, &self.config_dir, &[]),
+            Flavour::Ferrolb { tuned: None } => {
+                node.spawn_speaker(self.binary, &self.config_dir, &[])
+            }
             Flavour::Ferrolb {
                 tuned: Some((period, rtt, suspect)),
             } => {
