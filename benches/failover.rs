@@ -581,9 +581,7 @@ impl<'a> Scenario<'a> {
 
     fn node_with_mac(&self, mac: [u8; 6]) -> Result<usize> {
         self.lab
-            .nodes()
-            .iter()
-            .position(|n| n.mac() == mac)
+            .node_with_mac(mac)
             .ok_or_else(|| anyhow!("{} is not the MAC of any lab node", format_mac(&mac)))
     }
 

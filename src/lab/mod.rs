@@ -286,6 +286,12 @@ impl Lab {
     }
 
     /// The client host.
+    /// The index of the node with this MAC (what an ARP reply or a neighbour entry
+    /// names), if it is one of this lab's nodes.
+    pub fn node_with_mac(&self, mac: [u8; 6]) -> Option<usize> {
+        self.nodes().iter().position(|n| n.mac() == mac)
+    }
+
     pub fn client(&self) -> &Host {
         &self.client
     }

@@ -80,7 +80,7 @@ impl World {
     pub fn answering(&self, ip: IpAddr) -> Vec<usize> {
         arp_replies(self.lab.client(), ip, Duration::from_millis(100))
             .iter()
-            .filter_map(|mac| self.lab.nodes().iter().position(|n| n.mac() == *mac))
+            .filter_map(|mac| self.lab.node_with_mac(*mac))
             .collect()
     }
 
