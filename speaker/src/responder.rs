@@ -65,21 +65,12 @@ pub struct LinkSpec {
     pub takeovers: BTreeSet<IpAddr>,
 }
 
-/// Counts a person may want to see (logged on change, metrics later).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub arp_replies: AtomicU64,
-    pub neighbor_advertisements: AtomicU64,
-    pub announcements: AtomicU64,
-    /// Another host answered for an IP we probed or own.
-    pub conflicts: AtomicU64,
-    pub malformed_frames: AtomicU64,
-}
-
 /// The per-link tasks.
 pub struct Responder {
     settings: Settings,
-    counters: Arc<Counters>,
+    /// How often another host answered for an IP we probed or own, across links
+    /// (reported in the conflict warnings).
+    conflicts: Arc<AtomicU64>,
     links: BTreeMap<u32, (watch::Sender<LinkSpec>, JoinHandle<()>)>,
 }
 
@@ -87,13 +78,9 @@ impl Responder {
     pub fn new(settings: Settings) -> Responder {
         Responder {
             settings,
-            counters: Arc::default(),
+            conflicts: Arc::default(),
             links: BTreeMap::new(),
         }
-    }
-
-    pub fn counters(&self) -> Arc<Counters> {
-        self.counters.clone()
     }
 
     /// Makes the tasks match `desired`: a task per link with IPs, none for others.
@@ -123,7 +110,7 @@ impl Responder {
                 None => {
                     let (tx, rx) = watch::channel(spec);
                     let task =
-                        tokio::spawn(run_link(rx, self.settings.clone(), self.counters.clone()));
+                        tokio::spawn(run_link(rx, self.settings.clone(), self.conflicts.clone()));
                     self.links.insert(index, (tx, task));
                 }
             }
@@ -164,14 +151,18 @@ impl State {
 struct LinkTask {
     spec: LinkSpec,
     settings: Settings,
-    counters: Arc<Counters>,
+    conflicts: Arc<AtomicU64>,
     arp: PacketSocket,
     ndp: PacketSocket,
     states: BTreeMap<IpAddr, State>,
     joined: BTreeSet<[u8; 6]>,
 }
 
-async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, counters: Arc<Counters>) {
+async fn run_link(
+    mut rx: watch::Receiver<LinkSpec>,
+    settings: Settings,
+    conflicts: Arc<AtomicU64>,
+) {
     let spec = rx.borrow_and_update().clone();
     let open = |ethertype, filter: &[socket2::SockFilter]| {
         PacketSocket::open(spec.index, ethertype, filter)
@@ -189,7 +180,7 @@ async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, counter
     let mut task = LinkTask {
         spec: LinkSpec::default(),
         settings,
-        counters,
+        conflicts,
         arp,
         ndp,
         states: BTreeMap::new(),
@@ -326,23 +317,17 @@ impl LinkTask {
             IpAddr::V4(v4) => arp::gratuitous(self.spec.mac, v4),
             IpAddr::V6(v6) => ndp::unsolicited_advertisement(v6, self.spec.mac, v6),
         };
-        if self.send(&frame, "announcement").await {
-            self.counters.announcements.fetch_add(1, Ordering::Relaxed);
-        }
+        self.send(&frame, "announcement").await;
     }
 
-    async fn send(&self, frame: &[u8], what: &str) -> bool {
+    async fn send(&self, frame: &[u8], what: &str) {
         let socket = if u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_ARP {
             &self.arp
         } else {
             &self.ndp
         };
-        match socket.send(frame).await {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(interface = %self.spec.name, error = %e, "cannot send {what}");
-                false
-            }
+        if let Err(e) = socket.send(frame).await {
+            warn!(interface = %self.spec.name, error = %e, "cannot send {what}");
         }
     }
 
@@ -352,7 +337,7 @@ impl LinkTask {
         let Some(state) = self.states.get(&ip).copied() else {
             return;
         };
-        let conflicts = self.counters.conflicts.fetch_add(1, Ordering::Relaxed) + 1;
+        let conflicts = self.conflicts.fetch_add(1, Ordering::Relaxed) + 1;
         let other = mac_string(mac);
         if let State::Probing { .. } = state {
             warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts,
@@ -374,9 +359,6 @@ impl LinkTask {
         let packet = match arp::parse(frame) {
             Ok(p) => p,
             Err(e) => {
-                self.counters
-                    .malformed_frames
-                    .fetch_add(1, Ordering::Relaxed);
                 debug!(interface = %self.spec.name, error = %e, "dropped a malformed ARP frame");
                 return;
             }
@@ -397,9 +379,7 @@ impl LinkTask {
         match self.states.get(&target) {
             Some(s) if s.answers() && packet.operation == Operation::Request => {
                 let reply = arp::reply(&packet, self.spec.mac, packet.target_ip);
-                if self.send(&reply, "ARP reply").await {
-                    self.counters.arp_replies.fetch_add(1, Ordering::Relaxed);
-                }
+                self.send(&reply, "ARP reply").await;
             }
             _ => {}
         }
@@ -409,9 +389,6 @@ impl LinkTask {
         let packet = match ndp::parse(frame) {
             Ok(p) => p,
             Err(e) => {
-                self.counters
-                    .malformed_frames
-                    .fetch_add(1, Ordering::Relaxed);
                 debug!(interface = %self.spec.name, error = %e, "dropped a malformed NDP frame");
                 return;
             }
@@ -435,11 +412,7 @@ impl LinkTask {
                 // resolvers (ndisc6 among them) ignore a global target's answer from a
                 // link-local source.
                 let na = ndp::advertisement_for(&packet, self.spec.mac, packet.target);
-                if self.send(&na, "neighbor advertisement").await {
-                    self.counters
-                        .neighbor_advertisements
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+                self.send(&na, "neighbor advertisement").await;
             }
             NdpKind::Solicitation { .. } => {}
         }
