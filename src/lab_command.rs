@@ -428,7 +428,12 @@ fn service_ips(files: &[(&str, String)]) -> Result<(Ipv4Addr, Option<Ipv6Addr>)>
         }
     }
     let prepared = input::prepare(&m);
-    let plan = allocator::plan(prepared.pools, prepared.namespaces, &prepared.requests);
+    let plan = allocator::plan(
+        prepared.pools,
+        prepared.namespaces,
+        &prepared.requests,
+        allocator::Start::Hashed,
+    );
     let key = ServiceKey::new(NAMESPACE, SERVICE);
     let ips: Vec<IpAddr> = plan
         .services

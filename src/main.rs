@@ -26,6 +26,7 @@ enum Command {
     /// Reads IPAddressPools, Services (with or without status) and Namespaces from YAML
     /// files or directories, runs the allocator and prints, per Service, its IPs and
     /// pool or why it stays pending, then each pool's assigned and available counts.
+    /// New Services get the lowest free address, as the in-cluster controller gives.
     /// Exits 1 when any input is invalid (the rest is still planned and printed).
     Plan {
         /// A YAML file or a directory of them (repeatable; `-` reads standard input).
@@ -34,6 +35,10 @@ enum Command {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = plan::Format::Table)]
         output: plan::Format,
+        /// Predict standalone speakers (`ferrolb speaker --manifests`) instead of the
+        /// controller: each new Service starts at a point of the pool hashed from its name.
+        #[arg(long)]
+        standalone: bool,
     },
     /// Print the CustomResourceDefinitions as YAML (what the Helm chart installs).
     Crds,
@@ -121,7 +126,18 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Plan { files, output } => plan::run(&files, output),
+        Command::Plan {
+            files,
+            output,
+            standalone,
+        } => {
+            let start = if standalone {
+                ferrolb_controller::allocator::Start::Hashed
+            } else {
+                ferrolb_controller::allocator::Start::Lowest
+            };
+            plan::run(&files, output, start)
+        }
         Command::Crds => print_crds(),
         Command::Speaker(args) => speaker(args),
         Command::Lab(args) => ferrolb::lab_command::run(args),

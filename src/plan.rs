@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ferrolb_api::manifests::{Manifests, Origin};
-use ferrolb_controller::allocator::{self, Outcome, ServiceKey};
+use ferrolb_controller::allocator::{self, Outcome, ServiceKey, Start};
 use ferrolb_controller::input;
 use serde::Serialize;
 
@@ -34,6 +34,9 @@ pub struct ServiceLine {
     pub ips: Vec<IpLine>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending: Option<String>,
+    /// Why some of `ips` are no longer valid, though the Service keeps them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stranded: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }
@@ -63,7 +66,9 @@ pub struct PoolLine {
     pub available_ipv6: String,
 }
 
-pub fn run(paths: &[PathBuf], format: Format) -> anyhow::Result<ExitCode> {
+/// `start`: [`Start::Lowest`] predicts the in-cluster controller, [`Start::Hashed`]
+/// standalone speakers.
+pub fn run(paths: &[PathBuf], format: Format, start: Start) -> anyhow::Result<ExitCode> {
     let (manifests, read_errors) = crate::files::read(paths)?;
     for w in &manifests.warnings {
         eprintln!("warning: {w}");
@@ -78,7 +83,7 @@ pub fn run(paths: &[PathBuf], format: Format) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(1));
     }
-    let (report, errors) = build(&manifests);
+    let (report, errors) = build(&manifests, start);
     print!("{}", render(&report, format)?);
     for e in &errors {
         eprintln!("error: {e}");
@@ -92,13 +97,18 @@ pub fn run(paths: &[PathBuf], format: Format) -> anyhow::Result<ExitCode> {
 
 /// The plan for some manifests, and the input problems found (each naming file,
 /// document and object). Pure.
-pub fn build(m: &Manifests) -> (Report, Vec<String>) {
+pub fn build(m: &Manifests, start: Start) -> (Report, Vec<String>) {
     let mut errors = duplicates(m);
     let prepared = input::prepare(m);
     errors.extend(prepared.problems);
     let checked = prepared.checked;
     let invalid = prepared.invalid;
-    let plan = allocator::plan(prepared.pools, prepared.namespaces, &prepared.requests);
+    let plan = allocator::plan(
+        prepared.pools,
+        prepared.namespaces,
+        &prepared.requests,
+        start,
+    );
 
     let mut services: BTreeMap<ServiceKey, ServiceLine> = plan
         .services
@@ -112,6 +122,7 @@ pub fn build(m: &Manifests) -> (Report, Vec<String>) {
                 service: key.to_string(),
                 ips: vec![],
                 pending: Some(reason),
+                stranded: None,
                 notes: vec![],
             },
         );
@@ -145,25 +156,27 @@ pub fn build(m: &Manifests) -> (Report, Vec<String>) {
 }
 
 fn service_line(key: &ServiceKey, outcome: &Outcome) -> ServiceLine {
-    match outcome {
-        Outcome::Assigned { assignments, notes } => ServiceLine {
-            service: key.to_string(),
-            ips: assignments
-                .iter()
-                .map(|a| IpLine {
-                    ip: a.ip.to_string(),
-                    pool: a.pool.clone(),
-                })
-                .collect(),
-            pending: None,
-            notes: notes.clone(),
+    let (stranded, notes) = match outcome {
+        Outcome::Assigned { notes, .. } => (None, notes.clone()),
+        Outcome::Stranded { reason, notes, .. } => (Some(reason.clone()), notes.clone()),
+        Outcome::Pending { .. } => (None, vec![]),
+    };
+    ServiceLine {
+        service: key.to_string(),
+        ips: outcome
+            .assignments()
+            .iter()
+            .map(|a| IpLine {
+                ip: a.ip.to_string(),
+                pool: a.pool.clone(),
+            })
+            .collect(),
+        pending: match outcome {
+            Outcome::Pending { reason } => Some(reason.clone()),
+            _ => None,
         },
-        Outcome::Pending { reason } => ServiceLine {
-            service: key.to_string(),
-            ips: vec![],
-            pending: Some(reason.clone()),
-            notes: vec![],
-        },
+        stranded,
+        notes,
     }
 }
 
@@ -235,15 +248,21 @@ fn table(report: &Report) -> String {
                 parts.join(",")
             }
         };
-        let status = match (&s.pending, s.notes.is_empty()) {
+        let status = match (&s.pending, &s.stranded) {
             (Some(reason), _) => format!("pending: {reason}"),
-            (None, true) => "assigned".to_string(),
-            (None, false) => format!("assigned ({})", s.notes.join("; ")),
+            (None, Some(why)) => format!("stranded: {why}"),
+            (None, None) => "assigned".to_string(),
+        };
+        let status = if s.notes.is_empty() || s.pending.is_some() {
+            status
+        } else {
+            format!("{status} ({})", s.notes.join("; "))
         };
         let pool = if s.ips.is_empty() {
             "-".to_string()
         } else {
-            join(&|i| &i.pool)
+            // A stranded IP may lie in no pool.
+            join(&|i| if i.pool.is_empty() { "-" } else { &i.pool })
         };
         rows.push(vec![s.service.clone(), join(&|i| &i.ip), pool, status]);
     }

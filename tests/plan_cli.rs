@@ -163,3 +163,44 @@ fn a_missing_path_is_an_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no/such/dir"));
 }
+
+#[test]
+fn plan_predicts_the_controller_and_standalone_predicts_the_speakers() {
+    let line = |args: &[&str]| {
+        let out = ferrolb(args, None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("shop/web-http "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    // The controller gives the lowest free address; standalone speakers start each
+    // Service at its own hashed point.
+    assert!(
+        line(&["plan", "-f", "docs/examples/plan"]).contains("192.0.2.10,2001:db8::100 "),
+        "{}",
+        line(&["plan", "-f", "docs/examples/plan"])
+    );
+    assert!(
+        line(&["plan", "-f", "docs/examples/plan", "--standalone"])
+            .contains("192.0.2.10,2001:db8::1e4 "),
+        "{}",
+        line(&["plan", "-f", "docs/examples/plan", "--standalone"])
+    );
+}
+
+#[test]
+fn an_ip_whose_pool_was_deleted_is_kept_and_reported() {
+    let manifest = "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: new}\nspec: {addresses: [10.1.0.0/24]}\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer}\n\
+        status: {loadBalancer: {ingress: [{ip: 10.0.0.7}]}}\n";
+    let out = ferrolb(&["plan", "-f", "-"], Some(manifest));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout
+            .contains("default/web  10.0.0.7     -     stranded: 10.0.0.7 is in no IPAddressPool;"),
+        "{stdout}"
+    );
+}

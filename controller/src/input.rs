@@ -212,9 +212,13 @@ fn request(svc: &Service, key: ServiceKey) -> Result<ServiceRequest, String> {
         );
     }
     if families.is_empty() {
-        // Kubernetes fills ipFamilies; manifests written by hand may not. Follow the
-        // requested IPs, else IPv4 first.
-        families = requested.iter().map(|ip| Family::of(*ip)).collect();
+        // Kubernetes fills ipFamilies from the cluster's families; manifests written by
+        // hand may not. Read them as a dual-stack cluster would: both families for the
+        // dual-stack policies, else the requested IP's family, else IPv4.
+        families = match family_policy {
+            FamilyPolicy::SingleStack => requested.iter().map(|ip| Family::of(*ip)).collect(),
+            _ => vec![Family::V4, Family::V6],
+        };
         families.sort();
     }
 
@@ -354,6 +358,23 @@ mod tests {
         )));
         assert_eq!(r.requested, vec!["fd00::9".parse::<IpAddr>().unwrap()]);
         assert_eq!(r.families, vec![Family::V6]);
+    }
+
+    #[test]
+    fn ip_families_say_which_families_a_dual_stack_service_gets() {
+        let prefer = |families: Option<Vec<String>>| ServiceSpec {
+            ip_family_policy: Some("PreferDualStack".into()),
+            ip_families: families,
+            ..Default::default()
+        };
+        // What the API server writes on an IPv4-only cluster.
+        let r = req(translate(&lb(&[], prefer(Some(vec!["IPv4".into()])))));
+        assert_eq!(r.families, vec![Family::V4]);
+        // A hand-written manifest, read as a dual-stack cluster would fill it.
+        let r = req(translate(&lb(&[], prefer(None))));
+        assert_eq!(r.families, vec![Family::V4, Family::V6]);
+        let r = req(translate(&lb(&[], ServiceSpec::default())));
+        assert_eq!(r.families, vec![]);
     }
 
     #[test]

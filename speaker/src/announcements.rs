@@ -59,7 +59,13 @@ pub fn plan_node(m: &Manifests, node: &str, view: &ClusterView) -> NodePlan {
     let prepared = input::prepare(m);
     out.problems = prepared.problems;
     let services = prepared.services;
-    let allocation = allocator::plan(prepared.pools, prepared.namespaces, &prepared.requests);
+    // No status to remember in standalone mode: each Service starts at its own point.
+    let allocation = allocator::plan(
+        prepared.pools,
+        prepared.namespaces,
+        &prepared.requests,
+        allocator::Start::Hashed,
+    );
     for (key, outcome) in &allocation.services {
         if let Outcome::Pending { reason } = outcome {
             out.problems.push(format!(

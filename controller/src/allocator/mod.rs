@@ -1,30 +1,35 @@
 //! IP address management: which external IPs each LoadBalancer Service gets.
 //!
 //! Pure: plain data in, plain data out; no kube, no tokio, no I/O. The controller keeps
-//! one [`Allocator`] and calls [`Allocator::assign`] / [`Allocator::release`] as
-//! Services change; `ferrolb plan` and the speaker's standalone mode call [`plan`],
-//! which gives the same answer for the same input on every machine.
+//! one [`Allocator`]: at start (and after a pool or namespace change) it builds a new one
+//! and calls [`Allocator::allocate_all`] on every Service as stored, then
+//! [`Allocator::assign`] / [`Allocator::release`] as single Services change. `ferrolb plan`
+//! and the speaker's standalone mode call [`plan`], which is `allocate_all` on a fresh
+//! allocator: the same input gives the same answer on every machine, in any input order.
 //!
 //! The rules, in order of precedence:
-//! 1. A Service keeps the IPs it already has while they stay valid (in a pool open to
-//!    it, shareable with their other holders, of a family it asks for).
+//! 1. A Service keeps the IPs it already has (in its status) unless its own request
+//!    rules them out (another requested IP or pool, a family it no longer lists) or
+//!    they can no longer be shared with their other holders. An IP that a pool edit left
+//!    outside every pool open to the Service is kept too, but reported as
+//!    [`Outcome::Stranded`]: moving a working Service is the user's call, not ours.
 //! 2. Requested IPs are honoured when valid and free or shareable; otherwise the
 //!    Service is pending with the reason.
-//! 3. Otherwise each wanted family gets an IP from the first eligible pool, ordered by
-//!    `serviceAllocation.priority` (lower first, unset last) then name: an IP already
-//!    shared under the Service's `allow-shared-ip` key if one fits, else the first free
-//!    address at or after the Service's own starting point in the pool (a stable hash
-//!    of its namespace and name, or of its sharing key), wrapping around.
+//! 3. Otherwise each wanted family gets an IP from the first eligible pool (by
+//!    `serviceAllocation.priority`, pools dedicated to the Service before open ones,
+//!    then name): an IP already shared under the Service's `allow-shared-ip` key if one
+//!    fits, else the first free address from the [`Start`] point, wrapping around.
 //!
-//! Why not simply the lowest free address: speakers in standalone mode recompute the
-//! allocation from files, with no memory of earlier answers. With lowest-first,
-//! deleting one Service would shift every Service allocated after it to a new IP (and
-//! its old VIP would keep answering, now for someone else). With a per-Service
-//! starting point, deleting or adding a Service moves no other, except one whose own
-//! starting address was taken and which probed past it.
+//! Two starting points, because the two callers remember differently: the controller
+//! writes every answer to status, so [`Start::Lowest`] (MetalLB's and Cilium's rule,
+//! what users expect) is stable there. Standalone speakers recompute from files with no
+//! memory; with lowest-first, deleting one Service would shift every later one, so they
+//! use [`Start::Hashed`], a point per Service from which deleting or adding a Service
+//! moves no other.
 
 mod free;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
@@ -135,10 +140,24 @@ pub struct PoolConfig {
     pub service_selectors: Vec<LabelSelector>,
 }
 
+/// Where the search for a new address starts in a pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Start {
+    /// The lowest free address, as MetalLB and Cilium do. For the cluster controller,
+    /// whose answers status remembers.
+    #[default]
+    Lowest,
+    /// A point of the pool hashed from the Service's namespace and name (or its sharing
+    /// key). For standalone speakers, which recompute from files with no memory: removing
+    /// one Service then moves no other.
+    Hashed,
+}
+
 /// One IP given to a Service, and the pool it came from.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Assignment {
     pub ip: IpAddr,
+    /// Empty for a stranded IP that lies in no pool any more.
     pub pool: String,
 }
 
@@ -150,6 +169,15 @@ pub enum Outcome {
         assignments: Vec<Assignment>,
         notes: Vec<String>,
     },
+    /// The Service keeps IPs that a pool change made invalid for it (in no pool, or in
+    /// a pool no longer open to it). They stay occupied, so nobody else gets them, until
+    /// the Service's own request rules them out or it is deleted; `reason` says which IP
+    /// and why, for a warning. `assignments` holds every IP, valid or not.
+    Stranded {
+        assignments: Vec<Assignment>,
+        reason: String,
+        notes: Vec<String>,
+    },
     /// No IP; `reason` is a sentence a person can act on.
     Pending { reason: String },
 }
@@ -157,7 +185,9 @@ pub enum Outcome {
 impl Outcome {
     pub fn assignments(&self) -> &[Assignment] {
         match self {
-            Outcome::Assigned { assignments, .. } => assignments,
+            Outcome::Assigned { assignments, .. } | Outcome::Stranded { assignments, .. } => {
+                assignments
+            }
             Outcome::Pending { .. } => &[],
         }
     }
@@ -184,6 +214,7 @@ pub struct Plan {
     pub pools: Vec<PoolUsage>,
 }
 
+#[derive(Clone)]
 struct PoolState {
     config: PoolConfig,
     /// The pool's addresses as disjoint sorted spans, indexed by [`slot`].
@@ -287,24 +318,39 @@ struct Holder {
 }
 
 /// The allocator's state: pools, and who holds which IP.
+#[derive(Clone)]
 pub struct Allocator {
     /// Sorted by name.
     pools: Vec<PoolState>,
     namespaces: BTreeMap<String, Labels>,
+    start: Start,
     holders: HashMap<IpAddr, BTreeMap<ServiceKey, Holder>>,
     by_service: HashMap<ServiceKey, Vec<Assignment>>,
     /// IPs held under each sharing key, ordered so that joining one is deterministic.
     by_sharing_key: HashMap<String, BTreeSet<IpAddr>>,
 }
 
+/// Whether a Service may go on holding an IP, as far as pools are concerned.
+enum Standing {
+    /// In a pool open to it (or in an unusable pool, which keeps its holders).
+    Valid(usize),
+    /// Kept, but no longer valid: the pool, if any, and why.
+    Stranded(Option<usize>, String),
+}
+
 impl Allocator {
     /// `namespaces` maps namespace names to their labels; a namespace missing from it
     /// has only the `kubernetes.io/metadata.name` label Kubernetes gives every one.
-    pub fn new(mut pools: Vec<PoolConfig>, namespaces: BTreeMap<String, Labels>) -> Allocator {
+    pub fn new(
+        mut pools: Vec<PoolConfig>,
+        namespaces: BTreeMap<String, Labels>,
+        start: Start,
+    ) -> Allocator {
         pools.sort_by(|a, b| a.name.cmp(&b.name));
         Allocator {
             pools: pools.into_iter().map(PoolState::new).collect(),
             namespaces,
+            start,
             holders: HashMap::new(),
             by_service: HashMap::new(),
             by_sharing_key: HashMap::new(),
@@ -347,6 +393,146 @@ impl Allocator {
             .collect()
     }
 
+    /// Decides every Service at once, as [`plan`] does: [`Allocator::adopt`] first, then
+    /// [`Allocator::assign`] for each, those requesting IPs first, then by
+    /// namespace/name. The controller calls this on a new allocator once its watches have
+    /// synced, then `assign`/`release` as Services change.
+    ///
+    /// A Service that held IPs but ends pending (RequireDualStack short of a family)
+    /// blocked them while others were decided, so the whole set is decided again as if
+    /// its status were empty: the answer is then also what a second run on it gives.
+    pub fn allocate_all(&mut self, services: &[ServiceRequest]) -> BTreeMap<ServiceKey, Outcome> {
+        let initial = self.clone();
+        let mut services: Cow<[ServiceRequest]> = Cow::Borrowed(services);
+        loop {
+            let mut order = sorted(&services);
+            self.adopt_sorted(&order);
+            let adopted: BTreeSet<ServiceKey> = order
+                .iter()
+                .filter(|svc| !self.assignments(&svc.key).is_empty())
+                .map(|svc| svc.key.clone())
+                .collect();
+            order.sort_by(|a, b| {
+                (a.requested.is_empty(), &a.key).cmp(&(b.requested.is_empty(), &b.key))
+            });
+            let outcomes: BTreeMap<ServiceKey, Outcome> = order
+                .into_iter()
+                .map(|svc| (svc.key.clone(), self.assign(svc)))
+                .collect();
+            let blocked: BTreeSet<&ServiceKey> = adopted
+                .iter()
+                .filter(|key| matches!(outcomes[*key], Outcome::Pending { .. }))
+                .collect();
+            if blocked.is_empty() {
+                return outcomes;
+            }
+            // Each round empties the status of at least one Service, so this ends.
+            services = Cow::Owned(
+                services
+                    .iter()
+                    .map(|svc| {
+                        let mut svc = svc.clone();
+                        if blocked.contains(&svc.key) {
+                            svc.current.clear();
+                        }
+                        svc
+                    })
+                    .collect(),
+            );
+            *self = initial.clone();
+        }
+    }
+
+    /// Takes the IPs the Services already hold (`current`, from status) without deciding
+    /// anything new, so that no new pick can take them: what the controller must do
+    /// before it allocates anything. Keeps an IP unless the Service's own request rules it
+    /// out or it cannot be shared with its other holders; IPs a pool change made invalid
+    /// are kept too (see [`Outcome::Stranded`]). Services that already hold IPs here are
+    /// left as they are.
+    ///
+    /// When several Services claim one IP they may not all share, the largest group that
+    /// may share it keeps it (ties: the group of the first Service by namespace/name), so
+    /// that editing one sharer moves only that one. Give every Service in one call for an
+    /// answer independent of order. Returns what each Service now holds.
+    pub fn adopt(&mut self, services: &[ServiceRequest]) -> BTreeMap<ServiceKey, Vec<Assignment>> {
+        let order = sorted(services);
+        self.adopt_sorted(&order);
+        order
+            .iter()
+            .map(|svc| (svc.key.clone(), self.assignments(&svc.key).to_vec()))
+            .collect()
+    }
+
+    /// `services` sorted by key, without duplicates.
+    fn adopt_sorted(&mut self, services: &[&ServiceRequest]) {
+        let mut claims: BTreeMap<IpAddr, Vec<&ServiceRequest>> = BTreeMap::new();
+        for svc in services {
+            if self.by_service.contains_key(&svc.key) {
+                continue;
+            }
+            let Ok(families) = wanted_families(svc) else {
+                continue;
+            };
+            for family in families {
+                if let Some(ip) = self.current_claim(svc, family) {
+                    claims.entry(ip).or_default().push(svc);
+                }
+            }
+        }
+        for (ip, claimants) in claims {
+            for svc in self.sharers(ip, claimants) {
+                if self.sharing_refusal(ip, svc).is_none() {
+                    let pool = match self.standing(svc, ip) {
+                        Standing::Valid(pool) => Some(pool),
+                        Standing::Stranded(pool, _) => pool,
+                    };
+                    self.occupy(ip, pool, svc);
+                }
+            }
+        }
+    }
+
+    /// Among the claimants of one IP (sorted by key), those that keep it, in the order to
+    /// admit them: the largest class that may share with the IP's present holders and
+    /// with each other (same key and traffic policy), the Services whose ports clash with
+    /// the fewest others first.
+    fn sharers<'s>(
+        &self,
+        ip: IpAddr,
+        claimants: Vec<&'s ServiceRequest>,
+    ) -> Vec<&'s ServiceRequest> {
+        let mut classes: Vec<Vec<&ServiceRequest>> = Vec::new();
+        for svc in claimants {
+            if self.sharing_refusal(ip, svc).is_some() {
+                continue;
+            }
+            let class = classes.iter_mut().find(|c| {
+                svc.sharing_key.is_some()
+                    && c[0].sharing_key == svc.sharing_key
+                    && c[0].traffic == svc.traffic
+            });
+            match class {
+                Some(c) => c.push(svc),
+                None => classes.push(vec![svc]),
+            }
+        }
+        let mut best: Vec<&ServiceRequest> = Vec::new();
+        for class in classes {
+            if class.len() > best.len() {
+                best = class;
+            }
+        }
+        let clashes = |svc: &ServiceRequest| {
+            best.iter()
+                .filter(|o| o.key != svc.key && o.ports.iter().any(|p| svc.ports.contains(p)))
+                .count()
+        };
+        let mut ranked: Vec<(usize, &ServiceRequest)> =
+            best.iter().map(|svc| (clashes(svc), *svc)).collect();
+        ranked.sort_by(|a, b| (a.0, &a.1.key).cmp(&(b.0, &b.1.key)));
+        ranked.into_iter().map(|(_, svc)| svc).collect()
+    }
+
     /// Frees every IP the Service holds (deleted, or no longer a LoadBalancer).
     pub fn release(&mut self, key: &ServiceKey) {
         for a in self.by_service.remove(key).unwrap_or_default() {
@@ -354,10 +540,13 @@ impl Allocator {
         }
     }
 
-    /// Decides the Service's IPs, keeping valid current ones, and records them.
+    /// Decides the Service's IPs, keeping current ones it may keep, and records them.
     pub fn assign(&mut self, svc: &ServiceRequest) -> Outcome {
         self.release(&svc.key);
-        let families = wanted_families(svc);
+        let families = match wanted_families(svc) {
+            Ok(f) => f,
+            Err(reason) => return Outcome::Pending { reason },
+        };
         if let Some(ip) = svc
             .requested
             .iter()
@@ -373,20 +562,28 @@ impl Allocator {
             };
         }
         let mut problems = Vec::new();
+        let mut stranded = Vec::new();
         for family in &families {
             let requested = svc.requested.iter().find(|ip| Family::of(**ip) == *family);
-            let current = svc.current.iter().find(|ip| Family::of(**ip) == *family);
-            let chosen = if let Some(ip) = requested {
-                self.check_ip(svc, *ip, true)
-                    .map(|pool| (*ip, pool))
-                    .map_err(|e| format!("requested {e}"))
-            } else if let Some(pool) = current.and_then(|ip| self.check_ip(svc, *ip, false).ok()) {
-                Ok((*current.expect("checked above"), pool))
-            } else {
-                self.pick(svc, *family)
+            let current = self.current_claim(svc, *family);
+            let chosen = match (requested, current) {
+                // Asked for and held: kept like any held IP, even if a pool change
+                // stranded it.
+                (Some(r), Some(c)) if *r == c => {
+                    self.keep(svc, c).map_err(|e| format!("requested {e}"))
+                }
+                (Some(r), _) => self
+                    .check_ip(svc, *r)
+                    .map(|pool| (*r, Some(pool), None))
+                    .map_err(|e| format!("requested {e}")),
+                (None, Some(c)) => self.keep(svc, c).or_else(|_| self.pick(svc, *family)),
+                (None, None) => self.pick(svc, *family),
             };
             match chosen {
-                Ok((ip, pool)) => self.occupy(ip, pool, svc),
+                Ok((ip, pool, why)) => {
+                    self.occupy(ip, pool, svc);
+                    stranded.extend(why);
+                }
                 Err(reason) => problems.push(reason),
             }
         }
@@ -394,9 +591,17 @@ impl Allocator {
         if problems.is_empty()
             || (svc.family_policy == FamilyPolicy::PreferDualStack && !got.is_empty())
         {
-            return Outcome::Assigned {
-                assignments: got,
-                notes: problems,
+            return if stranded.is_empty() {
+                Outcome::Assigned {
+                    assignments: got,
+                    notes: problems,
+                }
+            } else {
+                Outcome::Stranded {
+                    assignments: got,
+                    reason: stranded.join("; "),
+                    notes: problems,
+                }
             };
         }
         self.release(&svc.key);
@@ -412,58 +617,71 @@ impl Allocator {
         }
     }
 
-    /// Takes back the Service's current IPs that are still valid, and nothing else.
-    fn keep_current(&mut self, svc: &ServiceRequest) {
-        let families = wanted_families(svc);
-        for ip in &svc.current {
-            let family = Family::of(*ip);
-            let asked_other = svc
-                .requested
-                .iter()
-                .any(|r| Family::of(*r) == family && r != ip);
-            let already = self
-                .assignments(&svc.key)
-                .iter()
-                .any(|a| Family::of(a.ip) == family);
-            if !families.contains(&family) || asked_other || already {
-                continue;
-            }
-            if let Ok(pool) = self.check_ip(svc, *ip, false) {
-                self.occupy(*ip, pool, svc);
-            }
-        }
-    }
-
-    /// The pool an IP belongs to: a usable one if any holds it.
-    fn pool_of(&self, ip: IpAddr) -> Option<usize> {
-        let mut containing = self
-            .pools
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.contains(ip));
-        let first = containing.next()?;
-        Some(
-            std::iter::once(first)
-                .chain(containing)
-                .find(|(_, p)| p.config.usable)
-                .unwrap_or(first)
-                .0,
-        )
-    }
-
-    /// Whether the Service may have `ip`; the error reads after "requested ".
-    fn check_ip(
+    /// Whether the Service may go on holding `ip`: an error (reading after "requested ")
+    /// when it cannot share it with its holders; else the pool and, for a stranded IP,
+    /// why it is no longer valid.
+    fn keep(
         &self,
         svc: &ServiceRequest,
         ip: IpAddr,
-        must_be_usable: bool,
-    ) -> Result<usize, String> {
-        let Some(pool) = self.pool_of(ip) else {
+    ) -> Result<(IpAddr, Option<usize>, Option<String>), String> {
+        if let Some(why) = self.sharing_refusal(ip, svc) {
+            return Err(why);
+        }
+        Ok(match self.standing(svc, ip) {
+            Standing::Valid(pool) => (ip, Some(pool), None),
+            Standing::Stranded(pool, why) => (
+                ip,
+                pool,
+                Some(format!(
+                    "{why}; the Service keeps it until it asks for another IP or pool, or is deleted"
+                )),
+            ),
+        })
+    }
+
+    /// Whether a held IP is still valid for the Service, pools-wise.
+    fn standing(&self, svc: &ServiceRequest, ip: IpAddr) -> Standing {
+        let Some(pool) = self.pool_of(ip, svc) else {
+            return Standing::Stranded(None, format!("{ip} is in no IPAddressPool"));
+        };
+        let p = &self.pools[pool];
+        let name = &p.config.name;
+        if let Some(why) = self.refusal(pool, svc) {
+            return Standing::Stranded(Some(pool), format!("{ip} is in pool {name:?}, but {why}"));
+        }
+        if p.config.avoid_buggy_ips && is_buggy(Family::of(ip), to_u128(ip)) {
+            return Standing::Stranded(
+                Some(pool),
+                format!("{ip} ends in .0 or .255 and pool {name:?} sets avoidBuggyIPs"),
+            );
+        }
+        Standing::Valid(pool)
+    }
+
+    /// The pool an IP belongs to: the one the Service names if it holds the IP, else a
+    /// usable one if any holds it.
+    fn pool_of(&self, ip: IpAddr, svc: &ServiceRequest) -> Option<usize> {
+        let containing: Vec<usize> = (0..self.pools.len())
+            .filter(|&i| self.pools[i].contains(ip))
+            .collect();
+        containing
+            .iter()
+            .find(|&&i| svc.pool.as_deref() == Some(self.pools[i].config.name.as_str()))
+            .or_else(|| containing.iter().find(|&&i| self.pools[i].config.usable))
+            .or(containing.first())
+            .copied()
+    }
+
+    /// Whether the Service may be given `ip`, which it asked for; the error reads after
+    /// "requested ".
+    fn check_ip(&self, svc: &ServiceRequest, ip: IpAddr) -> Result<usize, String> {
+        let Some(pool) = self.pool_of(ip, svc) else {
             return Err(format!("{ip} is in no pool"));
         };
         let p = &self.pools[pool];
         let name = &p.config.name;
-        if must_be_usable && !p.config.usable {
+        if !p.config.usable {
             let why = p.config.problem.as_deref().unwrap_or("it is not ready");
             return Err(format!(
                 "{ip} is in pool {name:?}, which is not usable: {why}"
@@ -481,6 +699,26 @@ impl Allocator {
             Some(why) => Err(why),
             None => Ok(pool),
         }
+    }
+
+    /// The IP of `family` the Service holds and may go on holding as far as its own
+    /// request goes: not one it replaced by requesting another IP of that family, nor one
+    /// outside the pool it names (the user asked for something else).
+    fn current_claim(&self, svc: &ServiceRequest, family: Family) -> Option<IpAddr> {
+        svc.current
+            .iter()
+            .copied()
+            .filter(|ip| Family::of(*ip) == family)
+            .find(|ip| {
+                svc.requested
+                    .iter()
+                    .all(|r| Family::of(*r) != family || r == ip)
+                    && svc.pool.as_ref().is_none_or(|name| {
+                        self.pools
+                            .iter()
+                            .any(|p| p.config.name == *name && p.contains(*ip))
+                    })
+            })
     }
 
     /// Why a pool does not serve this Service, if it does not (autoAssign and
@@ -564,8 +802,12 @@ impl Allocator {
         None
     }
 
-    /// A new IP of `family` for the Service.
-    fn pick(&self, svc: &ServiceRequest, family: Family) -> Result<(IpAddr, usize), String> {
+    /// A new IP of `family` for the Service (shaped like [`Allocator::keep`]'s answer).
+    fn pick(
+        &self,
+        svc: &ServiceRequest,
+        family: Family,
+    ) -> Result<(IpAddr, Option<usize>, Option<String>), String> {
         if let Some(wanted) = &svc.pool
             && !self.pools.iter().any(|p| p.config.name == *wanted)
         {
@@ -585,29 +827,37 @@ impl Allocator {
         if candidates.is_empty() {
             return Err(self.explain_no_pool(svc, family));
         }
+        // Among equal priorities, a pool whose serviceAllocation singles the Service out
+        // (it passed the filter above) is what an admin dedicated to it: before open ones.
         candidates.sort_by_key(|&i| {
             let c = &self.pools[i].config;
-            (c.priority.is_none(), c.priority, i)
+            let open = c.namespaces.is_empty()
+                && c.namespace_selectors.is_empty()
+                && c.service_selectors.is_empty();
+            (c.priority.is_none(), c.priority, open, i)
         });
         if let Some(key) = &svc.sharing_key {
             for ip in self.by_sharing_key.get(key).into_iter().flatten() {
                 if Family::of(*ip) == family
-                    && let Some(pool) = self.pool_of(*ip)
+                    && let Some(pool) = self.pool_of(*ip, svc)
                     && candidates.contains(&pool)
                     && self.sharing_refusal(*ip, svc).is_none()
                 {
-                    return Ok((*ip, pool));
+                    return Ok((*ip, Some(pool), None));
                 }
             }
         }
-        let position = position(svc);
+        let position = match self.start {
+            Start::Lowest => 0,
+            Start::Hashed => position(svc),
+        };
         for &i in &candidates {
             let p = &self.pools[i];
             if let Some(start) = p.start(family, position)
                 && let Some(n) =
                     p.free[slot(family)].first_from(start, family, p.config.avoid_buggy_ips)
             {
-                return Ok((from_u128(family, n), i));
+                return Ok((from_u128(family, n), Some(i), None));
             }
         }
         let names: Vec<String> = candidates
@@ -665,7 +915,7 @@ impl Allocator {
         )
     }
 
-    fn occupy(&mut self, ip: IpAddr, pool: usize, svc: &ServiceRequest) {
+    fn occupy(&mut self, ip: IpAddr, pool: Option<usize>, svc: &ServiceRequest) {
         let holders = self.holders.entry(ip).or_default();
         if holders.is_empty() {
             let family = Family::of(ip);
@@ -692,7 +942,9 @@ impl Allocator {
         let held = self.by_service.entry(svc.key.clone()).or_default();
         held.push(Assignment {
             ip,
-            pool: self.pools[pool].config.name.clone(),
+            pool: pool
+                .map(|i| self.pools[i].config.name.clone())
+                .unwrap_or_default(),
         });
         held.sort();
     }
@@ -726,50 +978,48 @@ impl Allocator {
     }
 }
 
-/// The families a Service gets IPs for, in order.
-fn wanted_families(svc: &ServiceRequest) -> Vec<Family> {
+/// The families a Service gets IPs for, in order: those of `spec.ipFamilies` (what the
+/// API server filled from the cluster's families), one for SingleStack.
+fn wanted_families(svc: &ServiceRequest) -> Result<Vec<Family>, String> {
     let mut families = svc.families.clone();
     if families.is_empty() {
         families.push(Family::V4);
     }
     families.dedup();
+    families.truncate(2);
     match svc.family_policy {
         FamilyPolicy::SingleStack => families.truncate(1),
-        FamilyPolicy::PreferDualStack | FamilyPolicy::RequireDualStack => {
-            for f in [Family::V4, Family::V6] {
-                if !families.contains(&f) {
-                    families.push(f);
-                }
-            }
-            families.truncate(2);
+        FamilyPolicy::PreferDualStack => {}
+        FamilyPolicy::RequireDualStack if families.len() < 2 => {
+            return Err(format!(
+                "RequireDualStack needs two families but spec.ipFamilies lists only {}",
+                families[0]
+            ));
         }
+        FamilyPolicy::RequireDualStack => {}
     }
-    families
+    Ok(families)
+}
+
+/// Sorted by key, without duplicates (the first of equal keys stays).
+fn sorted(services: &[ServiceRequest]) -> Vec<&ServiceRequest> {
+    let mut order: Vec<&ServiceRequest> = services.iter().collect();
+    order.sort_by(|a, b| a.key.cmp(&b.key));
+    order.dedup_by(|a, b| a.key == b.key);
+    order
 }
 
 /// Allocates for a whole set of Services at once, deterministically: the same pools,
-/// namespaces and Services, in any order, give the same answer.
-///
-/// Valid current IPs are kept first, so nothing that works moves; then Services that
-/// ask for specific IPs are served before automatic picks, so an automatic pick never
-/// takes an address someone asked for; ties are broken by namespace/name.
+/// namespaces and Services, in any order, give the same answer. It is
+/// [`Allocator::allocate_all`] on a new allocator.
 pub fn plan(
     pools: Vec<PoolConfig>,
     namespaces: BTreeMap<String, Labels>,
     services: &[ServiceRequest],
+    start: Start,
 ) -> Plan {
-    let mut allocator = Allocator::new(pools, namespaces);
-    let mut order: Vec<&ServiceRequest> = services.iter().collect();
-    order.sort_by(|a, b| a.key.cmp(&b.key));
-    order.dedup_by(|a, b| a.key == b.key);
-    for svc in &order {
-        allocator.keep_current(svc);
-    }
-    order.sort_by(|a, b| (a.requested.is_empty(), &a.key).cmp(&(b.requested.is_empty(), &b.key)));
-    let services = order
-        .into_iter()
-        .map(|svc| (svc.key.clone(), allocator.assign(svc)))
-        .collect();
+    let mut allocator = Allocator::new(pools, namespaces, start);
+    let services = allocator.allocate_all(services);
     Plan {
         services,
         pools: allocator.usage(),
