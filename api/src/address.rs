@@ -160,6 +160,9 @@ impl fmt::Display for AddressRange {
     }
 }
 
+/// The longest `spec.addresses` entry the CRD accepts.
+pub const MAX_ENTRY_LEN: usize = 100;
+
 /// Why one `spec.addresses` entry is not usable. Each message quotes the entry.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
@@ -167,6 +170,14 @@ pub enum AddressError {
         "{input:?} is not an IP address, a CIDR (192.168.10.0/24) or a range (192.168.10.10-192.168.10.20)"
     )]
     Malformed { input: String },
+    #[error("{input:?} has spaces around it; write {trimmed:?}")]
+    Spaces { input: String, trimmed: String },
+    #[error("{input:?} gives a netmask; write the prefix length: {suggestion:?}")]
+    Netmask { input: String, suggestion: String },
+    #[error("{input:?} is an IPv4-mapped IPv6 address; write the IPv4 address {ipv4:?}")]
+    Ipv4Mapped { input: String, ipv4: String },
+    #[error("{input:?} is longer than {MAX_ENTRY_LEN} characters")]
+    TooLong { input: String },
     #[error("{input:?} has host bits set; did you mean {suggestion:?}?")]
     HostBitsSet { input: String, suggestion: String },
     #[error(
@@ -179,19 +190,28 @@ pub enum AddressError {
     MixedFamilies { input: String },
 }
 
-/// Parses one `spec.addresses` entry.
+/// Parses one `spec.addresses` entry, accepting exactly what the CRD's rules accept
+/// (Kubernetes' `isIP`/`isCIDR`: no spaces around an IP or CIDR, a prefix length and
+/// not a netmask, no IPv4-mapped IPv6), so `ferrolb plan` never passes what
+/// `kubectl apply` refuses. Only reversed ranges, which CEL cannot compare, are refused
+/// here alone.
 ///
 /// A CIDR with host bits set (`192.168.10.5/24`) is refused rather than silently
 /// widened: it is almost always a typo for a single address or a smaller range, and
 /// guessing would hand out addresses the user never meant to give away.
 pub fn parse_range(input: &str) -> Result<AddressRange, AddressError> {
-    let s = input.trim();
     let malformed = || AddressError::Malformed {
         input: input.to_string(),
     };
-    if let Some((a, b)) = s.split_once('-') {
-        let a: IpAddr = a.trim().parse().map_err(|_| malformed())?;
-        let b: IpAddr = b.trim().parse().map_err(|_| malformed())?;
+    if input.chars().count() > MAX_ENTRY_LEN {
+        return Err(AddressError::TooLong {
+            input: input.to_string(),
+        });
+    }
+    if let Some((a, b)) = input.split_once('-') {
+        // The CRD's rule trims each side of a range, so spaces are fine here.
+        let a = parse_ip(input, a.trim())?;
+        let b = parse_ip(input, b.trim())?;
         if Family::of(a) != Family::of(b) {
             return Err(AddressError::MixedFamilies {
                 input: input.to_string(),
@@ -201,28 +221,81 @@ pub fn parse_range(input: &str) -> Result<AddressRange, AddressError> {
             input: input.to_string(),
         });
     }
-    if s.contains('/') {
-        let net: IpNetwork = s.parse().map_err(|_| malformed())?;
-        if net.prefix() == 0 {
-            return Err(AddressError::WholeFamily {
+    let trimmed = input.trim();
+    if trimmed != input {
+        return match parse_range(trimmed) {
+            Ok(_) => Err(AddressError::Spaces {
                 input: input.to_string(),
-            });
-        }
-        if net.ip() != net.network() {
-            return Err(AddressError::HostBitsSet {
-                input: input.to_string(),
-                suggestion: format!("{}/{}", net.network(), net.prefix()),
-            });
-        }
-        let first = net.network();
-        let last = match net {
-            IpNetwork::V4(n) => IpAddr::V4(n.broadcast()),
-            IpNetwork::V6(n) => IpAddr::V6(n.broadcast()),
+                trimmed: trimmed.to_string(),
+            }),
+            Err(_) => Err(malformed()),
         };
-        return Ok(AddressRange::new(first, last).expect("network precedes broadcast"));
     }
-    let ip: IpAddr = s.parse().map_err(|_| malformed())?;
-    Ok(AddressRange::single(ip))
+    let Some((addr, bits)) = input.rsplit_once('/') else {
+        return parse_ip(input, input).map(AddressRange::single);
+    };
+    let ip = parse_ip(input, addr)?;
+    let max = match ip {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    };
+    // Digits only, no sign or leading zero, as Go's netip.ParsePrefix reads them.
+    let prefix = match bits.parse::<u8>() {
+        Ok(p)
+            if bits.bytes().all(|b| b.is_ascii_digit())
+                && (bits == "0" || !bits.starts_with('0'))
+                && p <= max =>
+        {
+            p
+        }
+        _ => {
+            let Ok(mask) = bits.parse::<Ipv4Addr>() else {
+                return Err(malformed());
+            };
+            let mask = u32::from(mask);
+            if !ip.is_ipv4() || mask.leading_ones() + mask.trailing_zeros() != 32 {
+                return Err(malformed());
+            }
+            return Err(AddressError::Netmask {
+                input: input.to_string(),
+                suggestion: format!("{addr}/{}", mask.leading_ones()),
+            });
+        }
+    };
+    if prefix == 0 {
+        return Err(AddressError::WholeFamily {
+            input: input.to_string(),
+        });
+    }
+    let net = IpNetwork::new(ip, prefix).map_err(|_| malformed())?;
+    if net.ip() != net.network() {
+        return Err(AddressError::HostBitsSet {
+            input: input.to_string(),
+            suggestion: format!("{}/{}", net.network(), net.prefix()),
+        });
+    }
+    let first = net.network();
+    let last = match net {
+        IpNetwork::V4(n) => IpAddr::V4(n.broadcast()),
+        IpNetwork::V6(n) => IpAddr::V6(n.broadcast()),
+    };
+    Ok(AddressRange::new(first, last).expect("network precedes broadcast"))
+}
+
+/// One address of the entry `input`, as Kubernetes' `isIP` reads it.
+fn parse_ip(input: &str, s: &str) -> Result<IpAddr, AddressError> {
+    let ip: IpAddr = s.parse().map_err(|_| AddressError::Malformed {
+        input: input.to_string(),
+    })?;
+    if let IpAddr::V6(v6) = ip
+        && let Some(v4) = v6.to_ipv4_mapped()
+    {
+        return Err(AddressError::Ipv4Mapped {
+            input: input.to_string(),
+            ipv4: v4.to_string(),
+        });
+    }
+    Ok(ip)
 }
 
 #[cfg(test)]
@@ -274,6 +347,41 @@ mod tests {
             assert!(err.contains(want), "{input}: {err}");
             assert!(err.contains(&format!("{input:?}")), "{input}: {err}");
         }
+    }
+
+    #[test]
+    fn refuses_what_the_api_server_refuses_with_a_hint() {
+        let cases = [
+            (" 10.0.0.1", "has spaces around it; write \"10.0.0.1\""),
+            (
+                "10.0.0.0/24 ",
+                "has spaces around it; write \"10.0.0.0/24\"",
+            ),
+            (
+                "192.0.2.0/255.255.255.0",
+                "write the prefix length: \"192.0.2.0/24\"",
+            ),
+            ("192.0.2.0/255.0.255.0", "is not an IP address"),
+            ("192.0.2.0/024", "is not an IP address"),
+            ("192.0.2.0/+24", "is not an IP address"),
+            ("::ffff:10.0.0.1", "write the IPv4 address \"10.0.0.1\""),
+            ("10.0.0.1-::ffff:10.0.0.9", "IPv4-mapped"),
+            ("fe80::1%eth0", "is not an IP address"),
+            ("010.0.0.1", "is not an IP address"),
+        ];
+        for (input, want) in cases {
+            let err = parse_range(input).unwrap_err().to_string();
+            assert!(err.contains(want), "{input}: {err}");
+        }
+        let long = format!("10.0.0.1{}-10.0.0.2", " ".repeat(MAX_ENTRY_LEN));
+        assert!(
+            parse_range(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 100")
+        );
+        // The CRD trims around the dash of a range, and so does this.
+        assert_eq!(parse_range(" 10.0.0.1 - 10.0.0.2 ").unwrap().size(), 2);
     }
 
     #[test]

@@ -11,6 +11,9 @@ use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+/// The most `spec.addresses` entries the CRD accepts (its `maxItems`).
+pub const MAX_ADDRESSES: usize = 256;
+
 /// A set of addresses ferrolb may hand to LoadBalancer Services.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(

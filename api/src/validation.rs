@@ -10,7 +10,7 @@ use std::fmt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::address::{AddressRange, parse_range};
-use crate::pool::IPAddressPool;
+use crate::pool::{IPAddressPool, MAX_ADDRESSES};
 use crate::selector;
 
 /// The condition type a problem is reported under.
@@ -67,6 +67,12 @@ pub fn check_pool(pool: &IPAddressPool) -> CheckedPool {
     if pool.spec.addresses.is_empty() {
         invalid(format!(
             "pool {name:?}: spec.addresses is empty; list at least one CIDR, range or IP"
+        ));
+    }
+    if pool.spec.addresses.len() > MAX_ADDRESSES {
+        invalid(format!(
+            "pool {name:?}: spec.addresses has {} entries, more than the {MAX_ADDRESSES} the API server accepts; use wider CIDRs or ranges",
+            pool.spec.addresses.len()
         ));
     }
     let mut parsed: Vec<(usize, AddressRange)> = Vec::new();
@@ -202,6 +208,19 @@ mod tests {
         assert!(msg.contains("pool \"lab\": spec.addresses[1]"), "{msg}");
         assert!(msg.contains("did you mean \"10.0.1.0/24\""), "{msg}");
         assert_eq!(c.ranges.len(), 1, "the parseable entry is kept");
+    }
+
+    #[test]
+    fn more_entries_than_the_crd_allows_is_invalid() {
+        let entries: Vec<String> = (0..=MAX_ADDRESSES)
+            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+            .collect();
+        let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+        let c = check_pool(&pool("many", &entries));
+        assert_eq!(
+            c.problems[0].message,
+            "pool \"many\": spec.addresses has 257 entries, more than the 256 the API server accepts; use wider CIDRs or ranges"
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The CEL rules in the generated CRDs, evaluated as the API server would on
 //! `kubectl apply` (client-side, by kube-cel), so a malformed pool is refused at once.
 
+use ferrolb_api::address::{AddressError, parse_range};
 use ferrolb_api::{IPAddressPool, L2Advertisement};
 use kube::CustomResourceExt;
+use proptest::prelude::*;
 use serde_json::{Value, json};
 
 fn pool_schema() -> Value {
@@ -95,5 +97,80 @@ fn forwarding_is_an_enum_the_server_checks() {
         forwarding["enum"],
         json!(["none", "nodePort"]),
         "{forwarding}"
+    );
+}
+
+/// `ferrolb plan` and `kubectl apply` agree on every entry: whatever the parser takes,
+/// the CRD's rules take; whatever they take, the parser takes too, except ranges that
+/// end below their start (CEL cannot compare addresses; the pool is then Invalid).
+fn agree(entry: &str) -> Result<(), String> {
+    let cel = errors(&[entry]);
+    match parse_range(entry) {
+        Ok(_) if cel.is_empty() => Ok(()),
+        Ok(_) => Err(format!(
+            "{entry:?}: plan accepts, the API server refuses: {cel:?}"
+        )),
+        Err(AddressError::Reversed { .. }) => Ok(()),
+        Err(e) if cel.is_empty() => Err(format!(
+            "{entry:?}: plan refuses ({e}), the API server accepts"
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+#[test]
+fn plan_and_the_crd_agree_on_tricky_entries() {
+    let entries = [
+        " 10.0.0.1",
+        "10.0.0.1 ",
+        "10.0.0.0/24 ",
+        " 10.0.0.1 - 10.0.0.2 ",
+        "192.0.2.0/255.255.255.0",
+        "192.0.2.0/024",
+        "192.0.2.0/+24",
+        "::ffff:10.0.0.1",
+        "::ffff:10.0.0.0/120",
+        "10.0.0.1-::ffff:10.0.0.9",
+        "fe80::1%eth0",
+        "010.0.0.1",
+        "10.0.0.1/32/8",
+        "10.0.0.0/33",
+        "fd00::/129",
+        "::/0",
+        "1.2.3.4-1.2.3.5-1.2.3.6",
+    ];
+    let problems: Vec<String> = entries.iter().filter_map(|e| agree(e).err()).collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn plan_and_the_crd_agree(
+        parts in prop::collection::vec(
+            prop::sample::select(vec![
+                "10.0.0.0", "10.0.0.7", "192.0.2.255", "010.0.0.1", "fd00::", "fd00::7",
+                "::ffff:10.0.0.1", "-", "/", " ", "\t", "24", "0", "024", "32", "33", "120",
+                "255.255.255.0", "+8", "%eth0",
+            ]),
+            1..5,
+        ),
+    ) {
+        let entry: String = parts.concat();
+        prop_assert!(agree(&entry).is_ok(), "{}", agree(&entry).unwrap_err());
+    }
+}
+
+#[test]
+fn the_addresses_limit_is_the_crds() {
+    let schema = pool_schema();
+    assert_eq!(
+        schema["properties"]["spec"]["properties"]["addresses"]["maxItems"],
+        json!(ferrolb_api::pool::MAX_ADDRESSES)
+    );
+    assert_eq!(
+        schema["properties"]["spec"]["properties"]["addresses"]["items"]["maxLength"],
+        json!(ferrolb_api::address::MAX_ENTRY_LEN)
     );
 }
