@@ -13,7 +13,10 @@
 //! built in parallel (threads or processes) never collide. Nothing is added to the
 //! machine's own namespace. Dropping a [`Lab`] kills whatever runs in it and deletes it,
 //! also when a test panics; [`Lab::new`] first removes what crashed runs left behind.
+//! [`Lab::relay`] makes a service of the machine (a test's API server) reachable from
+//! the hosts at the switch's own address, [`GATEWAY_IPV4`].
 
+mod gateway;
 mod host;
 mod outage;
 mod process;
@@ -28,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use gateway::{GATEWAY_IPV4, Relay};
 pub use host::Host;
 pub use outage::*;
 pub use process::LabProcess;
