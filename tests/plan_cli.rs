@@ -204,3 +204,38 @@ fn an_ip_whose_pool_was_deleted_is_kept_and_reported() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_syntax_error_names_the_file_document_and_line() {
+    let manifest = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+        apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: [\n";
+    let out = ferrolb(&["plan", "-f", "-"], Some(manifest));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with(
+            "error: <stdin>, document 3: not valid YAML: unclosed bracket '[' (line 11, column 11)\n"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("error:").count(), 2, "{stderr}");
+    assert!(stderr.contains("--> <stdin>:11:11"), "{stderr}");
+}
+
+#[test]
+fn a_file_of_eleven_hundred_services_is_planned() {
+    let mut manifest = String::from(
+        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: big}\nspec: {addresses: [10.0.0.0/16]}\n",
+    );
+    for i in 0..1100 {
+        manifest.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i:04}}}\nspec: {{type: LoadBalancer}}\n"
+        ));
+    }
+    let out = ferrolb(&["plan", "-f", "-", "-o", "json"], Some(&manifest));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["services"].as_array().unwrap().len(), 1100);
+    assert_eq!(v["services"][1099]["ips"][0]["ip"], "10.0.4.75");
+}

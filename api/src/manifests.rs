@@ -18,13 +18,19 @@ use crate::{IPAddressPool, L2Advertisement};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
     pub file: String,
-    /// 1-based, counting non-empty documents (and items of a `List`).
+    /// 1-based, counting the file's non-empty documents.
     pub document: usize,
+    /// 0-based position in the document's `items` when it is a `List`.
+    pub item: Option<usize>,
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}, document {}", self.file, self.document)
+        write!(f, "{}, document {}", self.file, self.document)?;
+        match self.item {
+            Some(i) => write!(f, ", items[{i}]"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -55,47 +61,51 @@ pub struct ManifestError {
     /// ` (Kind "name")` when known, else empty.
     pub object: String,
     pub message: String,
+    /// The document is not YAML at all (a syntax error or a reader limit), so nothing
+    /// of it was read; otherwise one object of it was refused.
+    pub unparsable: bool,
 }
 
 impl Manifests {
     /// Adds every document of one file. Returns the documents that could not be read;
     /// the others are added regardless.
     pub fn add_text(&mut self, file: &str, text: &str) -> Vec<ManifestError> {
-        let documents: Vec<Value> = match serde_saphyr::from_multiple(text) {
-            Ok(docs) => docs,
-            Err(e) => {
-                return vec![ManifestError {
-                    origin: Origin {
-                        file: file.to_string(),
-                        document: 0,
-                    },
-                    object: String::new(),
-                    message: format!("not valid YAML: {e}"),
-                }];
-            }
-        };
-        let mut items = Vec::new();
-        for doc in documents.into_iter().filter(|d| !d.is_null()) {
-            // `kubectl get -o yaml` wraps objects in a List.
-            if doc.get("kind").and_then(Value::as_str) == Some("List") {
-                items.extend(
-                    doc.get("items")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default(),
-                );
-            } else {
-                items.push(doc);
-            }
-        }
         let mut errors = Vec::new();
-        for (i, doc) in items.into_iter().enumerate() {
-            let origin = Origin {
-                file: file.to_string(),
-                document: i + 1,
+        let mut document = 0;
+        for (line, chunk) in split_documents(text) {
+            let values = match parse_chunk(chunk) {
+                Ok(values) => values,
+                Err(e) => {
+                    document += 1;
+                    errors.push(ManifestError {
+                        origin: Origin {
+                            file: file.to_string(),
+                            document,
+                            item: None,
+                        },
+                        object: String::new(),
+                        message: yaml_error(&e, file, line),
+                        unparsable: true,
+                    });
+                    continue;
+                }
             };
-            if let Err(e) = self.add_document(origin, doc) {
-                errors.push(e);
+            for doc in values.into_iter().filter(|d| !d.is_null()) {
+                document += 1;
+                let origin = |item| Origin {
+                    file: file.to_string(),
+                    document,
+                    item,
+                };
+                // `kubectl get -o yaml` wraps objects in a List.
+                if doc.get("kind").and_then(Value::as_str) == Some("List") {
+                    let items = doc.get("items").and_then(Value::as_array).cloned();
+                    for (i, item) in items.unwrap_or_default().into_iter().enumerate() {
+                        errors.extend(self.add_document(origin(Some(i)), item).err());
+                    }
+                } else {
+                    errors.extend(self.add_document(origin(None), doc).err());
+                }
             }
         }
         errors
@@ -126,6 +136,7 @@ impl Manifests {
             origin: at.clone(),
             object: object.clone(),
             message,
+            unparsable: false,
         };
         if !doc.is_object() {
             return Err(fail(
@@ -163,6 +174,125 @@ impl Manifests {
                 Ok(())
             }
         }
+    }
+}
+
+/// The documents of a YAML stream, each with the number of lines before it, cut where
+/// YAML itself cuts them: at a line starting with `---` or after one starting with
+/// `...` (such lines always end a document, even inside a block scalar). Each is parsed
+/// on its own, so an error names its document, the documents around it are still read,
+/// and no limit on the number of documents applies.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
+    let marker = |line: &str, m: &str| {
+        line.strip_prefix(m)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    };
+    let mut chunks = Vec::new();
+    let (mut start, mut start_line) = (0, 0);
+    // Whether the chunk so far holds more than blank lines, comments and directives
+    // (which belong to the document that follows them).
+    let mut substance = false;
+    let mut offset = 0;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if marker(bare, "---") && substance {
+            chunks.push((start_line, &text[start..offset]));
+            (start, start_line) = (offset, n);
+        }
+        offset += line.len();
+        let trimmed = bare.trim_start();
+        if marker(bare, "...") {
+            chunks.push((start_line, &text[start..offset]));
+            (start, start_line, substance) = (offset, n + 1, false);
+        } else if !(trimmed.is_empty() || trimmed.starts_with('#') || bare.starts_with('%')) {
+            substance = true;
+        }
+    }
+    if start < text.len() {
+        chunks.push((start_line, &text[start..]));
+    }
+    chunks
+}
+
+/// One chunk of [`split_documents`]: its limits grow with its size, so that a large
+/// object (a `List` of thousands of Services) reads, while depth and alias expansion,
+/// the ways a small text becomes huge, stay capped.
+fn parse_chunk(chunk: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
+    let default = serde_saphyr::Budget::default();
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_nodes: default.max_nodes.max(chunk.len().saturating_mul(2)),
+            max_events: default.max_events.max(chunk.len().saturating_mul(4)),
+            max_total_scalar_bytes: default.max_total_scalar_bytes.max(chunk.len()),
+        },
+    };
+    serde_saphyr::from_multiple_with_options(chunk, options)
+}
+
+/// A YAML error as a sentence with the line in the file, then the parser's snippet
+/// labelled with the file's name.
+fn yaml_error(e: &serde_saphyr::Error, file: &str, lines_before: usize) -> String {
+    let inner = e.without_snippet();
+    let at = inner
+        .location()
+        .map(|l| (l.line() + lines_before as u64, l.column()));
+    let what = match inner {
+        // The snippet would show the parser's own words for the limit: leave it out.
+        serde_saphyr::Error::Budget { breach, .. } => {
+            let at = at.map(|(l, c)| format!(" (line {l}, column {c})"));
+            return format!("{}{}", budget_message(breach), at.unwrap_or_default());
+        }
+        other => {
+            let text = other.to_string();
+            let suffix = other
+                .location()
+                .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
+                .unwrap_or_default();
+            format!(
+                "not valid YAML: {}",
+                text.strip_suffix(&suffix).unwrap_or(&text)
+            )
+        }
+    };
+    let Some((line, column)) = at else {
+        return what;
+    };
+    let snippet = e.render_with_options(serde_saphyr::render_options! {
+        line_offset: lines_before as u64,
+        source_name: Some(file),
+    });
+    // The snippet's first line repeats the message; keep the picture under it.
+    let picture = snippet.split_once('\n').map(|(_, rest)| rest).unwrap_or("");
+    if picture.trim().is_empty() {
+        format!("{what} (line {line}, column {column})")
+    } else {
+        format!(
+            "{what} (line {line}, column {column})\n{}",
+            picture.trim_end()
+        )
+    }
+}
+
+/// Which reader limit a document hit, and what to do about it.
+fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    match breach {
+        B::Depth { .. } => {
+            let max = serde_saphyr::Budget::default().max_depth;
+            format!(
+                "nests lists and mappings deeper than {max} levels, the most ferrolb reads; \
+                 Kubernetes objects never need that many"
+            )
+        }
+        B::Aliases { .. } | B::Anchors { .. } | B::AliasAnchorRatio { .. } => {
+            "uses more YAML anchors and aliases than ferrolb expands (a guard against \
+             alias bombs); write the repeated values out"
+                .to_string()
+        }
+        _ => "is larger than the YAML reader accepts in one document; split it into several \
+              documents (separated by ---) or files"
+            .to_string(),
     }
 }
 
@@ -216,12 +346,15 @@ metadata: {name: web}
         );
         assert_eq!(errors, vec![]);
         assert_eq!(m.pools[0].object.spec.addresses[0].0, "192.0.2.0/24");
-        assert_eq!(m.services[0].origin.to_string(), "lab.yaml, document 2");
+        assert_eq!(
+            m.services[0].origin.to_string(),
+            "lab.yaml, document 2, items[0]"
+        );
         assert_eq!(m.namespaces.len(), 1);
         assert_eq!(
             m.warnings,
             vec![
-                "lab.yaml, document 4 (Deployment \"web\"): skipped: ferrolb does not read apps/v1 Deployment"
+                "lab.yaml, document 3 (Deployment \"web\"): skipped: ferrolb does not read apps/v1 Deployment"
             ]
         );
     }
@@ -254,17 +387,99 @@ spec: {addresses: ["198.51.100.0/24"]}
         assert_eq!(m.pools.len(), 1);
     }
 
+    fn service(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n")
+    }
+
     #[test]
-    fn syntax_errors_and_missing_names_are_reported() {
+    fn a_syntax_error_names_its_document_and_line_and_the_others_are_read() {
         let mut m = Manifests::default();
-        let errors = m.add_text("x.yaml", "apiVersion: v1\nkind: Service\nmetadata: [\n");
-        assert!(
-            errors[0]
-                .to_string()
-                .starts_with("x.yaml, document 0: not valid YAML"),
-            "{}",
-            errors[0]
+        let text = format!(
+            "# services\n---\n{}---\n{}---\napiVersion: v1\nkind: Service\nmetadata: [\n---\n{}",
+            service("a"),
+            service("b"),
+            service("d")
         );
+        let errors = m.add_text("svc.yaml", &text);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].unparsable);
+        let msg = errors[0].to_string();
+        let first = msg.lines().next().unwrap();
+        assert_eq!(
+            first,
+            "svc.yaml, document 3: not valid YAML: unclosed bracket '[' (line 13, column 11)"
+        );
+        assert!(msg.contains("--> svc.yaml:13:11"), "{msg}");
+        assert!(!msg.contains("error:") && !msg.contains("<input>"), "{msg}");
+        let names: Vec<_> = m
+            .services
+            .iter()
+            .map(|s| s.object.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b", "d"]);
+        assert_eq!(m.services[2].origin.document, 4);
+    }
+
+    #[test]
+    fn more_than_a_thousand_documents_are_read() {
+        let text: String = (0..1100)
+            .map(|i| format!("---\n{}", service(&format!("s{i}"))))
+            .collect();
+        let mut m = Manifests::default();
+        assert_eq!(m.add_text("many.yaml", &text), vec![]);
+        assert_eq!(m.services.len(), 1100);
+        assert_eq!(
+            m.services[1099].origin.to_string(),
+            "many.yaml, document 1100"
+        );
+    }
+
+    #[test]
+    fn a_list_larger_than_the_readers_default_budget_is_read() {
+        // 260,000 nodes in one document, past the parser's default of 250,000.
+        let items: String = (0..20_000)
+            .map(|i| format!("- {{apiVersion: v1, kind: Service, metadata: {{name: s{i}, labels: {{a: b}}}}}}\n"))
+            .collect();
+        let mut m = Manifests::default();
+        let errors = m.add_text(
+            "list.yaml",
+            &format!("apiVersion: v1\nkind: List\nitems:\n{items}"),
+        );
+        assert_eq!(errors, vec![]);
+        assert_eq!(m.services.len(), 20_000);
+    }
+
+    #[test]
+    fn reader_limits_are_explained_in_words() {
+        let mut m = Manifests::default();
+        let deep = format!("{}1\n", "- ".repeat(100));
+        let errors = m.add_text("deep.yaml", &format!("{}---\n{deep}", service("a")));
+        let msg = errors[0].to_string();
+        assert!(
+            msg.starts_with(
+                "deep.yaml, document 2: nests lists and mappings deeper than 64 levels"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("Depth {"), "{msg}");
+        assert_eq!(m.services.len(), 1);
+    }
+
+    #[test]
+    fn directives_and_document_end_markers_are_yaml() {
+        let mut m = Manifests::default();
+        let text = format!(
+            "%YAML 1.2\n---\n{}...\n%YAML 1.2\n--- {{apiVersion: v1, kind: Service, metadata: {{name: b}}}}\n",
+            service("a")
+        );
+        assert_eq!(m.add_text("d.yaml", &text), vec![]);
+        assert_eq!(m.services.len(), 2);
+        assert_eq!(m.services[1].origin.document, 2);
+    }
+
+    #[test]
+    fn missing_names_are_reported() {
+        let mut m = Manifests::default();
         let errors = m.add_text("y.yaml", "apiVersion: v1\nkind: Service\nmetadata: {}\n");
         assert_eq!(
             errors[0].to_string(),

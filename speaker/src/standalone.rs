@@ -284,7 +284,7 @@ impl ManifestDir {
             let name = path.display().to_string();
             let mut trial = Manifests::default();
             let errors = trial.add_text(&name, text);
-            let unparsable = errors.iter().any(|e| e.origin.document == 0);
+            let unparsable = errors.iter().any(|e| e.unparsable);
             for e in &errors {
                 error!("{e}");
             }
@@ -330,5 +330,31 @@ fn collect(path: &Path, into: &mut BTreeMap<PathBuf, String>) {
                 Err(e) => error!(file = %p.display(), error = %e, "cannot read manifest"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_with_a_syntax_error_keeps_its_last_readable_content() {
+        let dir = std::env::temp_dir().join(format!("ferrolb-standalone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("svc.yaml");
+        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\n";
+        std::fs::write(&file, good).unwrap();
+        let mut manifests = ManifestDir::new(dir.clone());
+        assert_eq!(manifests.read().services.len(), 2);
+        // Half-way through an edit: the second document is broken.
+        std::fs::write(&file, good.replace("{name: b}", "[name: b")).unwrap();
+        let names: Vec<_> = manifests
+            .read()
+            .services
+            .iter()
+            .map(|s| s.object.metadata.name.clone().unwrap())
+            .collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(names, ["a", "b"]);
     }
 }
