@@ -31,6 +31,10 @@ pub struct Options {
 
 /// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    // A typo in the path must not run a speaker that announces nothing; a directory
+    // that exists but is empty for now is fine (files may come later).
+    std::fs::metadata(&opts.manifests)
+        .with_context(|| format!("--manifests {}", opts.manifests.display()))?;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -336,6 +340,25 @@ fn collect(path: &Path, into: &mut BTreeMap<PathBuf, String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_manifest_path_that_does_not_exist_stops_the_speaker_at_once() {
+        let opts = Options {
+            manifests: PathBuf::from("/does-not-exist/ferrolb"),
+            node_name: "a".into(),
+            settings: Settings::default(),
+            poll_interval: Duration::from_millis(200),
+            cluster: None,
+        };
+        let result = tokio::time::timeout(Duration::from_secs(30), run(opts))
+            .await
+            .expect("the speaker should stop at once, not run on");
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.starts_with("--manifests /does-not-exist/ferrolb: No such file or directory"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_file_with_a_syntax_error_keeps_its_last_readable_content() {
