@@ -69,18 +69,23 @@ pub struct PoolLine {
 /// `start`: [`Start::Lowest`] predicts the in-cluster controller, [`Start::Hashed`]
 /// standalone speakers.
 pub fn run(paths: &[PathBuf], format: Format, start: Start) -> anyhow::Result<ExitCode> {
-    let (manifests, read_errors) = crate::files::read(paths)?;
+    let input = crate::files::read(paths)?;
+    let manifests = input.manifests;
     for w in &manifests.warnings {
         eprintln!("warning: {w}");
     }
-    if !read_errors.is_empty() {
-        for e in &read_errors {
+    if !input.errors.is_empty() {
+        for e in &input.errors {
             eprintln!("error: {e}");
         }
         eprintln!(
             "error: {} document(s) could not be read; nothing was planned",
-            read_errors.len()
+            input.errors.len()
         );
+        return Ok(ExitCode::from(1));
+    }
+    if manifests.pools.is_empty() && manifests.services.is_empty() {
+        eprintln!("error: {}", nothing_to_plan(&input.read, &input.skipped));
         return Ok(ExitCode::from(1));
     }
     let (report, errors) = build(&manifests, start);
@@ -93,6 +98,27 @@ pub fn run(paths: &[PathBuf], format: Format, start: Start) -> anyhow::Result<Ex
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Why there is no plan: which files were read, and which were not.
+fn nothing_to_plan(read: &[String], skipped: &[PathBuf]) -> String {
+    let mut msg = if read.is_empty() {
+        "nothing to plan: no .yaml, .yml or .json file found".to_string()
+    } else {
+        format!(
+            "nothing to plan: no IPAddressPool or Service in {}",
+            read.join(", ")
+        )
+    };
+    if !skipped.is_empty() {
+        let names: Vec<String> = skipped.iter().map(|p| p.display().to_string()).collect();
+        let _ = write!(
+            msg,
+            "; skipped {} (only .yaml, .yml and .json files are read)",
+            names.join(", ")
+        );
+    }
+    msg
 }
 
 /// The plan for some manifests, and the input problems found (each naming file,

@@ -206,6 +206,49 @@ fn an_ip_whose_pool_was_deleted_is_kept_and_reported() {
 }
 
 #[test]
+fn nothing_to_plan_is_said_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty_file = dir.path().join("empty.yaml");
+    std::fs::write(&empty_file, "# nothing yet\n").unwrap();
+    let empty_dir = dir.path().join("empty-dir");
+    std::fs::create_dir(&empty_dir).unwrap();
+    let no_yaml = dir.path().join("no-yaml");
+    std::fs::create_dir(&no_yaml).unwrap();
+    std::fs::write(no_yaml.join("README.md"), "pools go here\n").unwrap();
+    let cases = [
+        (
+            vec!["plan", "-f", empty_file.to_str().unwrap()],
+            format!(
+                "error: nothing to plan: no IPAddressPool or Service in {}",
+                empty_file.display()
+            ),
+        ),
+        (
+            vec!["plan", "-f", empty_dir.to_str().unwrap()],
+            "error: nothing to plan: no .yaml, .yml or .json file found".to_string(),
+        ),
+        (
+            vec!["plan", "-f", no_yaml.to_str().unwrap()],
+            format!(
+                "error: nothing to plan: no .yaml, .yml or .json file found; skipped {} \
+                 (only .yaml, .yml and .json files are read)",
+                no_yaml.join("README.md").display()
+            ),
+        ),
+        (
+            vec!["plan", "-f", "-"],
+            "error: nothing to plan: no IPAddressPool or Service in <stdin>".to_string(),
+        ),
+    ];
+    for (args, want) in cases {
+        let out = ferrolb(&args, Some(""));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out.stdout));
+        assert_eq!(text(&out.stderr).trim_end(), want, "{args:?}");
+    }
+}
+
+#[test]
 fn a_syntax_error_names_the_file_document_and_line() {
     let manifest = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
         apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n---\n\
