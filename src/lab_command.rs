@@ -33,6 +33,13 @@ use crate::lab::{
     TrafficLost, format_duration, format_mac, measure_tcp_outage_unless,
 };
 
+/// What `ferrolb lab --help` says the lab needs (what [`Lab::check_prerequisites`]
+/// checks), so nobody learns it from a failed run.
+const PREREQUISITES: &str = "Needs root, and these programs: ip (package iproute2), nft \
+    (nftables), arping (arping, Thomas Habets' version), ndisc6 (ndisc6) and ping \
+    (iputils-ping). On Debian or Ubuntu: apt-get install iproute2 nftables arping ndisc6 \
+    iputils-ping";
+
 /// The demo Service: `demo/web`, port 80, NodePort 30080.
 const NAMESPACE: &str = "demo";
 const SERVICE: &str = "web";
@@ -50,6 +57,7 @@ const LOG_TAIL: usize = 8;
 /// Build a lab of network namespaces, run the speaker on every node, kill the VIP's
 /// owner and measure the failover from a client (as root).
 #[derive(clap::Args, Debug, Clone)]
+#[command(after_help = PREREQUISITES)]
 pub struct LabArgs {
     /// Leave the lab up afterwards for poking around (prints how), until Ctrl-C.
     #[arg(long)]
@@ -546,6 +554,24 @@ impl Drop for Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn help_names_every_prerequisite() {
+        use clap::Args as _;
+        let help = LabArgs::augment_args(clap::Command::new("lab"))
+            .render_long_help()
+            .to_string();
+        for needed in [
+            "root",
+            "iproute2",
+            "nftables",
+            "arping",
+            "ndisc6",
+            "iputils-ping",
+        ] {
+            assert!(help.contains(needed), "{needed} missing from: {help}");
+        }
+    }
 
     #[test]
     fn the_demo_service_gets_one_address_per_family_from_the_pool() {
