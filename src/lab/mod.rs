@@ -237,20 +237,38 @@ impl Lab {
         ])
     }
 
-    /// Deletes lab namespaces whose creating process no longer exists (a test run that
-    /// was killed before its guards ran), killing anything still running inside them.
-    /// Returns their names.
+    /// Deletes lab namespaces whose creating process no longer exists (a run killed
+    /// before its guards ran, even with SIGKILL), killing anything still running inside
+    /// them, and those runs' log directories (`ferrolb-lab-PID-N` in the temporary
+    /// directory). Returns the names of the namespaces and directories removed.
     pub fn remove_stale() -> Result<Vec<String>> {
-        let stale: Vec<String> = sys::named_netns()?
+        let dead = |name: &str| {
+            name.strip_prefix(NETNS_PREFIX)
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !sys::pid_alive(pid))
+        };
+        let mut stale: Vec<String> = sys::named_netns()?
             .into_iter()
-            .filter(|name| {
-                name.strip_prefix(NETNS_PREFIX)
-                    .and_then(|rest| rest.split('-').next())
-                    .and_then(|pid| pid.parse::<u32>().ok())
-                    .is_some_and(|pid| !sys::pid_alive(pid))
-            })
+            .filter(|name| dead(name))
             .collect();
         sys::destroy_netns("removing stale lab", &stale)?;
+        let tmp = std::env::temp_dir();
+        let entries =
+            std::fs::read_dir(&tmp).with_context(|| format!("listing {}", tmp.display()))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !dead(&name) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => stale.push(path.display().to_string()),
+                // Another run's cleanup got there first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        }
         Ok(stale)
     }
 
@@ -485,6 +503,23 @@ mod tests {
         ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn log_directories_of_dead_runs_are_removed_and_live_ones_kept() {
+        // No process ever has this pid (pid_max is at most 2^22).
+        let dead = std::env::temp_dir().join(format!("{NETNS_PREFIX}{}-0", u32::MAX - 1));
+        let alive = std::env::temp_dir().join(format!("{NETNS_PREFIX}{}-4242", std::process::id()));
+        for dir in [&dead, &alive] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("node0.log"), "log\n").unwrap();
+        }
+        let result = Lab::remove_stale();
+        let alive_kept = alive.exists();
+        std::fs::remove_dir_all(&alive).unwrap();
+        result.unwrap();
+        assert!(!dead.exists(), "{} is left", dead.display());
+        assert!(alive_kept, "a live run's directory was removed");
     }
 
     #[test]
