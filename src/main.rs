@@ -1,6 +1,8 @@
 //! `ferrolb`: one binary for every part of ferrolb.
 
+mod controller_command;
 mod files;
+mod logging;
 mod plan;
 
 use std::path::PathBuf;
@@ -40,6 +42,13 @@ enum Command {
         #[arg(long)]
         standalone: bool,
     },
+    /// Assign external IPs to LoadBalancer Services in a cluster.
+    ///
+    /// Watches Services, IPAddressPools and Namespaces, adopts every IP already in a
+    /// Service's status, gives new Services the lowest free address of their pool, and
+    /// writes status.loadBalancer.ingress, Events and pool status. Run two replicas: one
+    /// is active through a Lease. SIGTERM releases the Lease and exits 0.
+    Controller(controller_command::ControllerArgs),
     /// Print the CustomResourceDefinitions as YAML (what the Helm chart installs).
     Crds,
     /// Failover shown in a network-namespace lab: three nodes, a client, the owner killed.
@@ -65,8 +74,8 @@ struct SpeakerArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[arg(long, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     /// RFC 5227 probes before first announcing an IP on a link (0: do not probe).
     #[arg(long, default_value_t = 2)]
     probe_count: u32,
@@ -117,12 +126,6 @@ struct SpeakerArgs {
     join_grace_ms: u64,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -138,6 +141,7 @@ fn main() -> ExitCode {
             };
             plan::run(&files, output, start)
         }
+        Command::Controller(args) => controller_command::run(args),
         Command::Crds => print_crds(),
         Command::Speaker(args) => speaker(args),
         Command::Lab(args) => ferrolb::lab_command::run(args),
@@ -153,16 +157,7 @@ fn main() -> ExitCode {
 
 fn speaker(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
     use std::time::Duration;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match args.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    logging::init(args.log_format);
     let settings = ferrolb_speaker::responder::Settings {
         probe_count: args.probe_count,
         probe_interval: Duration::from_millis(args.probe_interval_ms),

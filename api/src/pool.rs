@@ -103,7 +103,8 @@ impl IPAddressPoolSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAllocation {
     /// Lower numbers are tried first; pools without a priority come after all pools
-    /// with one. Ties are broken by pool name.
+    /// with one. Among equal priorities, pools whose serviceAllocation selects the
+    /// Service (by namespace or labels) come before open pools, then by pool name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
     /// Namespaces whose Services may use the pool. With namespaceSelectors, a namespace

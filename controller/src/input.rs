@@ -132,12 +132,17 @@ pub enum Translation {
 
 /// Whether ferrolb serves a Service: type LoadBalancer, and no class or ferrolb's.
 pub fn is_ours(svc: &Service) -> bool {
+    is_ours_for_class(svc, annotations::LOAD_BALANCER_CLASS)
+}
+
+/// Like [`is_ours`], for a controller configured to serve `class` besides no class.
+pub fn is_ours_for_class(svc: &Service, class: &str) -> bool {
     let Some(spec) = &svc.spec else { return false };
     spec.type_.as_deref() == Some("LoadBalancer")
         && spec
             .load_balancer_class
             .as_deref()
-            .is_none_or(|c| c == annotations::LOAD_BALANCER_CLASS)
+            .is_none_or(|c| c == class)
 }
 
 pub fn service_key(svc: &Service) -> ServiceKey {
@@ -152,7 +157,12 @@ pub fn service_key(svc: &Service) -> ServiceKey {
 
 /// Reads what allocation needs from a Service.
 pub fn translate(svc: &Service) -> Translation {
-    if !is_ours(svc) {
+    translate_for_class(svc, annotations::LOAD_BALANCER_CLASS)
+}
+
+/// Like [`translate`], serving `class` besides no class.
+pub fn translate_for_class(svc: &Service, class: &str) -> Translation {
+    if !is_ours_for_class(svc, class) {
         return Translation::NotOurs;
     }
     let key = service_key(svc);

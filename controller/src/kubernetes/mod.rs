@@ -1,0 +1,266 @@
+//! The controller in a cluster: watches in, [`Reconciler`] in the middle, writes out.
+//!
+//! Thin on purpose: every decision is the reconciler's. This module only
+//! * elects one active replica through a `coordination.k8s.io` Lease ([`leader`]);
+//! * while active, watches Services of type LoadBalancer, IPAddressPools and Namespaces
+//!   ([`watch`]) and starts the reconciler once all three have listed;
+//! * carries out the reconciler's actions with retries ([`writes`]);
+//! * serves `/metrics`, `/healthz` and `/readyz` ([`http`]).
+//!
+//! A replica that becomes active lists everything afresh before its first write, so it
+//! adopts what the previous one wrote; one that stops being active stops writing at once.
+
+mod http;
+mod leader;
+pub mod metrics;
+mod watch;
+mod writes;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use tokio::sync::watch as channel;
+use tracing::{info, warn};
+
+use crate::allocator::ServiceKey;
+use crate::reconcile::{Action, Reconciler};
+pub use leader::LeaseOptions;
+use metrics::Metrics;
+use watch::{Change, Mirror, Resource};
+
+/// How `ferrolb controller` runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The `spec.loadBalancerClass` served besides none.
+    pub class: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_address: SocketAddr,
+    /// `None`: always active (a single replica, or tests).
+    pub lease: Option<LeaseOptions>,
+    /// This replica's name in Events and the Lease (the Pod name in a cluster).
+    pub identity: String,
+}
+
+/// What `/readyz` and `/healthz` report.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Active and every watch has listed.
+    pub synced: AtomicBool,
+    /// Standing by for the Lease (ready to take over).
+    pub standby: AtomicBool,
+    /// The last error of each watch, cleared by its next event.
+    pub watch_errors: std::sync::Mutex<BTreeMap<&'static str, String>>,
+}
+
+impl Health {
+    pub fn ready(&self) -> Result<(), String> {
+        let errors = self.watch_errors.lock().unwrap_or_else(|e| e.into_inner());
+        if !errors.is_empty() {
+            let lines: Vec<String> = errors.iter().map(|(r, e)| format!("{r}: {e}")).collect();
+            return Err(format!("watch failing: {}", lines.join("; ")));
+        }
+        if self.synced.load(Ordering::Relaxed) || self.standby.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("watches have not listed yet".into())
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then releases the Lease and returns.
+pub async fn run(client: Client, options: Options) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let server = http::serve(options.metrics_address, metrics.clone(), health.clone())
+        .await
+        .with_context(|| format!("serving metrics on {}", options.metrics_address))?;
+    info!(address = %server, "serving /metrics, /healthz and /readyz");
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let Some(lease) = &options.lease else {
+        tokio::select! {
+            result = active(client, &options, &metrics, &health, None) => result?,
+            _ = &mut shutdown => info!("shutting down"),
+        }
+        return Ok(());
+    };
+    let (mut leading, lease_task) = leader::elect(client.clone(), lease, &options.identity).await?;
+    loop {
+        health.standby.store(true, Ordering::Relaxed);
+        metrics.leader.set(0);
+        tokio::select! {
+            _ = &mut shutdown => break,
+            changed = leading.wait_for(|l| *l) => {
+                if changed.is_err() {
+                    anyhow::bail!("the Lease task stopped");
+                }
+            }
+        }
+        info!(lease = %lease.name, "became the active controller");
+        health.standby.store(false, Ordering::Relaxed);
+        metrics.leader.set(1);
+        let result = tokio::select! {
+            r = active(client.clone(), &options, &metrics, &health, Some(leading.clone())) => r,
+            _ = &mut shutdown => break,
+        };
+        health.synced.store(false, Ordering::Relaxed);
+        if let Err(e) = result {
+            warn!("stopped acting: {e:#}");
+        }
+    }
+    info!("shutting down: releasing the Lease");
+    metrics.leader.set(0);
+    drop(leading);
+    // The Lease task releases the Lease once nobody listens to it.
+    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    Ok(())
+}
+
+/// The active controller: returns when leadership is lost.
+async fn active(
+    client: Client,
+    options: &Options,
+    metrics: &Metrics,
+    health: &Health,
+    mut leading: Option<channel::Receiver<bool>>,
+) -> Result<()> {
+    let mut reconciler = Reconciler::new(&options.class);
+    let mut services: Mirror<ServiceKey, k8s_openapi::api::core::v1::Service> = Mirror::default();
+    let mut pools: Mirror<String, ferrolb_api::IPAddressPool> = Mirror::default();
+    let mut namespaces: Mirror<String, k8s_openapi::api::core::v1::Namespace> = Mirror::default();
+    let mut changes = watch::changes(client.clone());
+    let writer = writes::Writer::new(client, &options.identity, metrics);
+    let mut retries = writes::Retries::default();
+    let mut pool_flush = tokio::time::interval(Duration::from_millis(250));
+    pool_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        let lost = async {
+            match leading.as_mut() {
+                Some(l) => {
+                    let _ = l.wait_for(|l| !*l).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let mut batch = Vec::new();
+        tokio::select! {
+            biased;
+            _ = lost => return Ok(()),
+            change = changes.next() => match change {
+                Some(c) => batch.push(c),
+                None => anyhow::bail!("the watches ended"),
+            },
+            key = retries.next() => {
+                let actions = reconciler.resync(&key);
+                writer.carry_out(actions, &mut reconciler, &mut retries).await;
+                continue;
+            }
+            _ = pool_flush.tick() => {
+                let now = Time(Timestamp::now());
+                let actions = reconciler.pool_statuses(&now);
+                writer.carry_out(actions, &mut reconciler, &mut retries).await;
+                continue;
+            }
+        }
+        // Take whatever else is already waiting, to decide it in one go.
+        while batch.len() < 1000 {
+            match futures::FutureExt::now_or_never(changes.next()) {
+                Some(Some(c)) => batch.push(c),
+                _ => break,
+            }
+        }
+        let started = Instant::now();
+        let mut actions: Vec<Action> = Vec::new();
+        let mut trigger = "services";
+        for change in batch {
+            match change {
+                Change::Error(resource, message) => {
+                    health
+                        .watch_errors
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(resource.name(), message);
+                }
+                Change::Service(event) => {
+                    watch::clear_error(health, Resource::Services);
+                    for step in services.apply(*event, crate::input::service_key) {
+                        if !reconciler.is_started() {
+                            continue;
+                        }
+                        actions.extend(match step {
+                            watch::Step::Applied(svc) => reconciler.service_applied(&svc),
+                            watch::Step::Deleted(key) => reconciler.service_deleted(&key),
+                        });
+                    }
+                }
+                Change::Pool(event) => {
+                    watch::clear_error(health, Resource::Pools);
+                    if !pools
+                        .apply(*event, |p| p.metadata.name.clone().unwrap_or_default())
+                        .is_empty()
+                        && reconciler.is_started()
+                    {
+                        trigger = "pools";
+                        actions.extend(reconciler.pools_applied(&pools.objects()));
+                    }
+                }
+                Change::Namespace(event) => {
+                    watch::clear_error(health, Resource::Namespaces);
+                    if !namespaces
+                        .apply(*event, |n| n.metadata.name.clone().unwrap_or_default())
+                        .is_empty()
+                        && reconciler.is_started()
+                    {
+                        trigger = "namespaces";
+                        actions.extend(reconciler.namespaces_applied(&namespaces.objects()));
+                    }
+                }
+            }
+        }
+        if !reconciler.is_started() {
+            if !(services.listed() && pools.listed() && namespaces.listed()) {
+                continue;
+            }
+            trigger = "start";
+            let listed = services.objects();
+            actions = reconciler.start(&pools.objects(), &namespaces.objects(), &listed);
+            services.forget_objects();
+            health.synced.store(true, Ordering::Relaxed);
+            info!(
+                services = listed.len(),
+                pools = pools.len(),
+                "watches listed; adopted every IP in status"
+            );
+        }
+        metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        Metrics::count(&metrics.reconciles, trigger);
+        writer
+            .carry_out(actions, &mut reconciler, &mut retries)
+            .await;
+        metrics.set_usage(&reconciler.usage());
+        let (pending, stranded) = reconciler.counts();
+        metrics.pending_services.set(pending as i64);
+        metrics.stranded_services.set(stranded as i64);
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

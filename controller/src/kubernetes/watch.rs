@@ -1,0 +1,217 @@
+//! The three watches the controller needs, merged into one stream, and [`Mirror`], which
+//! turns a watch's relists into plain "applied" and "deleted" steps.
+//!
+//! Services are watched with the field selector `spec.type=LoadBalancer` (Kubernetes
+//! 1.31 and later), so clusters with thousands of ClusterIP Services cost nothing. A
+//! Service that stops being a LoadBalancer leaves the watch as a deletion (carrying its
+//! previous state, so it cannot be told from one): its IPs return to the pool, and the
+//! API server clears its load-balancer status itself. Namespaces are watched as metadata
+//! only: their labels are all that allocation reads.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferrolb_api::IPAddressPool;
+use futures::stream::{BoxStream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tracing::error;
+
+use super::Health;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Services,
+    Pools,
+    Namespaces,
+}
+
+impl Resource {
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::Services => "services",
+            Resource::Pools => "ipaddresspools.ferrolb.io",
+            Resource::Namespaces => "namespaces",
+        }
+    }
+}
+
+pub enum Change {
+    Service(Box<watcher::Event<Service>>),
+    Pool(Box<watcher::Event<IPAddressPool>>),
+    Namespace(Box<watcher::Event<Namespace>>),
+    /// A watch failed; it retries with backoff. The message says what to do.
+    Error(Resource, String),
+}
+
+/// Services, pools and namespaces as one stream of changes.
+pub fn changes(client: Client) -> BoxStream<'static, Change> {
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().fields("spec.type=LoadBalancer"),
+    )
+    .default_backoff()
+    .map(|r| {
+        r.map(|e| Change::Service(Box::new(e)))
+            .unwrap_or_else(|e| failed(Resource::Services, &e))
+    });
+    let pools = watcher(
+        Api::<IPAddressPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|r| {
+        r.map(|e| Change::Pool(Box::new(e)))
+            .unwrap_or_else(|e| failed(Resource::Pools, &e))
+    });
+    let namespaces = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|r| {
+        r.map(|e| Change::Namespace(Box::new(map_event(e, namespace_from_meta))))
+            .unwrap_or_else(|e| failed(Resource::Namespaces, &e))
+    });
+    futures::stream::select_all([services.boxed(), pools.boxed(), namespaces.boxed()]).boxed()
+}
+
+fn namespace_from_meta(meta: PartialObjectMeta<Namespace>) -> Namespace {
+    Namespace {
+        metadata: meta.metadata,
+        ..Default::default()
+    }
+}
+
+fn map_event<A, B>(event: watcher::Event<A>, f: impl Fn(A) -> B) -> watcher::Event<B> {
+    match event {
+        watcher::Event::Apply(a) => watcher::Event::Apply(f(a)),
+        watcher::Event::Delete(a) => watcher::Event::Delete(f(a)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(a) => watcher::Event::InitApply(f(a)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+fn failed(resource: Resource, e: &watcher::Error) -> Change {
+    let name = resource.name();
+    let hint = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            if s.code == 403 =>
+        {
+            format!(
+                "; the controller's ServiceAccount needs list and watch on {name} \
+                 (see docs/controller.md, RBAC)"
+            )
+        }
+        watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 => {
+            format!("; is the {name} CRD installed? (`ferrolb crds | kubectl apply -f -`)")
+        }
+        _ => String::new(),
+    };
+    let message = format!("{e}{hint}");
+    error!(resource = name, "cannot watch {name}: {message}");
+    Change::Error(resource, message)
+}
+
+pub fn clear_error(health: &Health, resource: Resource) {
+    let mut errors = health
+        .watch_errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    errors.remove(resource.name());
+}
+
+/// One object's fate, after relists are accounted for.
+pub enum Step<K, T> {
+    Applied(T),
+    Deleted(K),
+}
+
+/// What a watch has shown: the keys, and the objects too while `keep` is set.
+pub struct Mirror<K, T> {
+    objects: BTreeMap<K, Option<T>>,
+    relist: Option<Vec<T>>,
+    listed: bool,
+    keep: bool,
+}
+
+impl<K, T> Default for Mirror<K, T> {
+    fn default() -> Self {
+        Mirror {
+            objects: BTreeMap::new(),
+            relist: None,
+            listed: false,
+            keep: true,
+        }
+    }
+}
+
+impl<K: Ord + Clone, T: Clone> Mirror<K, T> {
+    /// Applies one watch event; returns the steps it amounts to (none during a relist,
+    /// all of them at its end, deletions of what the relist no longer holds included).
+    pub fn apply(&mut self, event: watcher::Event<T>, key: impl Fn(&T) -> K) -> Vec<Step<K, T>> {
+        match event {
+            watcher::Event::Apply(obj) => {
+                self.objects
+                    .insert(key(&obj), self.keep.then(|| obj.clone()));
+                vec![Step::Applied(obj)]
+            }
+            watcher::Event::Delete(obj) => {
+                let k = key(&obj);
+                self.objects.remove(&k);
+                vec![Step::Deleted(k)]
+            }
+            watcher::Event::Init => {
+                self.relist = Some(Vec::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(obj) => {
+                self.relist.get_or_insert_with(Vec::new).push(obj);
+                Vec::new()
+            }
+            watcher::Event::InitDone => {
+                self.listed = true;
+                let listed = self.relist.take().unwrap_or_default();
+                let present: BTreeSet<K> = listed.iter().map(&key).collect();
+                let mut steps: Vec<Step<K, T>> = self
+                    .objects
+                    .keys()
+                    .filter(|k| !present.contains(*k))
+                    .cloned()
+                    .map(Step::Deleted)
+                    .collect();
+                self.objects = listed
+                    .iter()
+                    .map(|o| (key(o), self.keep.then(|| o.clone())))
+                    .collect();
+                steps.extend(listed.into_iter().map(Step::Applied));
+                steps
+            }
+        }
+    }
+
+    /// Whether the first list has completed.
+    pub fn listed(&self) -> bool {
+        self.listed
+    }
+
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// The objects held (all of them while `keep` was never turned off).
+    pub fn objects(&self) -> Vec<T> {
+        self.objects.values().flatten().cloned().collect()
+    }
+
+    /// Keeps only the keys from now on (the reconciler remembers what it needs).
+    pub fn forget_objects(&mut self) {
+        self.keep = false;
+        for v in self.objects.values_mut() {
+            *v = None;
+        }
+    }
+}

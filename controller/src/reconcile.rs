@@ -1,0 +1,848 @@
+//! What the controller writes, decided from what it observes.
+//!
+//! Pure: Kubernetes objects in, [`Action`]s out; no client, no tokio. The `kubernetes`
+//! module feeds it from watches and carries the actions out, reporting back what was
+//! written. Every rule about when to write lives here, so it is tested without an API
+//! server:
+//!
+//! * Nothing is decided before [`Reconciler::start`] has seen every Service, pool and
+//!   namespace: every IP already in a Service's status is adopted first, so a restart or
+//!   a leader change never moves one.
+//! * Writes follow changes: a Service's status is written only when what it should say
+//!   differs from what it says, an Event only when what it tells a person changes (a
+//!   Service that stays pending gets one AllocationFailed, not one per reconcile), a
+//!   pool's status only when its conditions or counts change.
+//! * Bad input loses nothing that works: a Service whose annotations become invalid keeps
+//!   its IPs and gets a warning; a pool edit or deletion that strands an assigned IP
+//!   leaves it in place and says so.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ferrolb_api::selector::Labels;
+use ferrolb_api::validation::{CheckedPool, ProblemKind};
+use ferrolb_api::{Family, IPAddressPool, IPAddressPoolStatus};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::allocator::{
+    Allocator, Assignment, FamilyPolicy, Outcome, ServiceKey, ServiceRequest, Start,
+};
+use crate::input::{self, Translation};
+
+/// Something to write to the API server.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Make `status.loadBalancer.ingress` list exactly `ips` (none: clear it), provided
+    /// the Service is still at `resource_version`.
+    ServiceStatus {
+        key: ServiceKey,
+        ips: Vec<IpAddr>,
+        resource_version: Option<String>,
+    },
+    /// An Event on the Service, for `kubectl describe svc`.
+    Event(ServiceEvent),
+    /// Replace the pool's status.
+    PoolStatus {
+        name: String,
+        status: IPAddressPoolStatus,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEvent {
+    pub key: ServiceKey,
+    pub uid: Option<String>,
+    pub warning: bool,
+    /// `IPAllocated`, `AllocationFailed`, `IPReleased`, `IPStranded` or `InvalidService`.
+    pub reason: &'static str,
+    pub message: String,
+    /// For AllocationFailed: the kind of failure, a metric label.
+    pub failure: Option<&'static str>,
+}
+
+/// Event reasons.
+pub const IP_ALLOCATED: &str = "IPAllocated";
+pub const ALLOCATION_FAILED: &str = "AllocationFailed";
+pub const IP_RELEASED: &str = "IPReleased";
+pub const IP_STRANDED: &str = "IPStranded";
+pub const INVALID_SERVICE: &str = "InvalidService";
+
+/// Pool condition types.
+pub const READY: &str = "Ready";
+pub const INVALID: &str = "Invalid";
+pub const OVERLAPPING: &str = "Overlapping";
+pub const STRANDED: &str = "Stranded";
+
+/// What the last Event about a Service said, so the next one is sent only on change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Report {
+    Assigned(Vec<IpAddr>),
+    Stranded(Vec<IpAddr>, String),
+    Pending(String),
+    /// Invalid, keeping these IPs.
+    Invalid(Vec<IpAddr>, String),
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    uid: Option<String>,
+    resource_version: Option<String>,
+    /// Ingress IPs in the last object seen (or written).
+    observed: Vec<IpAddr>,
+    /// The request as last read (its `current` empty), or why it cannot be honoured.
+    request: Result<ServiceRequest, String>,
+    /// The last request that could be honoured: what an invalid Service keeps holding by.
+    last_valid: Option<ServiceRequest>,
+    /// Families in the Service's order, for the order of ingress entries.
+    families: Vec<Family>,
+    outcome: Option<Outcome>,
+    reported: Option<Report>,
+    /// The pool each held IP was given from, so that a pool edit that strands it can be
+    /// reported on that pool.
+    from_pool: BTreeMap<IpAddr, String>,
+}
+
+#[derive(Clone, Debug)]
+struct PoolRecord {
+    object: IPAddressPool,
+    checked: Option<CheckedPool>,
+}
+
+/// The controller's memory. See the [module docs](self).
+pub struct Reconciler {
+    class: String,
+    started: bool,
+    allocator: Allocator,
+    pools: BTreeMap<String, PoolRecord>,
+    namespaces: BTreeMap<String, Labels>,
+    services: BTreeMap<ServiceKey, Record>,
+}
+
+impl Reconciler {
+    /// `class` is the `spec.loadBalancerClass` served besides no class at all.
+    pub fn new(class: impl Into<String>) -> Reconciler {
+        Reconciler {
+            class: class.into(),
+            started: false,
+            allocator: Allocator::new(Vec::new(), BTreeMap::new(), Start::Lowest),
+            pools: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+            services: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_started(&self) -> bool {
+        self.started
+    }
+
+    /// Takes in the whole cluster once the watches have synced: adopts every IP already
+    /// in status, then decides the Services that have none. Returns every write needed.
+    pub fn start(
+        &mut self,
+        pools: &[IPAddressPool],
+        namespaces: &[Namespace],
+        services: &[Service],
+    ) -> Vec<Action> {
+        self.set_pools(pools);
+        self.namespaces = input::namespace_labels(namespaces);
+        self.services.clear();
+        for svc in services {
+            if let Some(record) = self.read(svc, None) {
+                self.services.insert(input::service_key(svc), record);
+            }
+        }
+        self.started = true;
+        self.reallocate()
+    }
+
+    /// A Service was created or changed (or came back from a write).
+    pub fn service_applied(&mut self, svc: &Service) -> Vec<Action> {
+        let key = input::service_key(svc);
+        let previous = self.services.remove(&key);
+        let Some(mut record) = self.read(svc, previous.as_ref()) else {
+            // Not ours (any more).
+            let Some(previous) = previous else {
+                return Vec::new();
+            };
+            return self.no_longer_ours(key, previous, svc);
+        };
+        let unchanged = previous.as_ref().is_some_and(|p| {
+            p.request == record.request && p.outcome.is_some() && p.observed == record.observed
+        });
+        if let Some(p) = &previous {
+            record.outcome = p.outcome.clone();
+            record.reported = p.reported.clone();
+            record.from_pool = p.from_pool.clone();
+        }
+        self.services.insert(key.clone(), record);
+        if !self.started || unchanged {
+            return Vec::new();
+        }
+        let before = self.allocator.assignments(&key).to_vec();
+        self.decide(&key);
+        let mut actions = self.settle(&key);
+        if self.freed(&before, &key) {
+            actions.extend(self.retry_pending(&key));
+        }
+        actions
+    }
+
+    /// A Service was deleted: its IPs go back to the pool, and pending Services get
+    /// another chance.
+    pub fn service_deleted(&mut self, key: &ServiceKey) -> Vec<Action> {
+        if self.services.remove(key).is_none() {
+            return Vec::new();
+        }
+        self.allocator.release(key);
+        if !self.started {
+            return Vec::new();
+        }
+        self.retry_pending(key)
+    }
+
+    /// The complete list of pools, after any pool event. Only a change of a spec (seen
+    /// as a new generation), a new pool or a deleted one re-runs allocation; status
+    /// updates (ours) do not.
+    pub fn pools_applied(&mut self, pools: &[IPAddressPool]) -> Vec<Action> {
+        let specs = |m: &BTreeMap<String, PoolRecord>| -> Vec<(String, Option<i64>)> {
+            m.iter()
+                .map(|(n, p)| (n.clone(), p.object.metadata.generation))
+                .collect()
+        };
+        let before = specs(&self.pools);
+        self.set_pools(pools);
+        if !self.started || before == specs(&self.pools) {
+            return Vec::new();
+        }
+        self.reallocate()
+    }
+
+    /// The complete list of namespaces. Only their labels matter (namespaceSelectors).
+    pub fn namespaces_applied(&mut self, namespaces: &[Namespace]) -> Vec<Action> {
+        let labels = input::namespace_labels(namespaces);
+        if labels == self.namespaces {
+            return Vec::new();
+        }
+        self.namespaces = labels;
+        if !self.started {
+            return Vec::new();
+        }
+        self.reallocate()
+    }
+
+    /// A status write succeeded; `service` is what the API server answered.
+    pub fn service_written(&mut self, service: &Service) {
+        if let Some(r) = self.services.get_mut(&input::service_key(service)) {
+            r.observed = ingress_ips(service);
+            r.resource_version = service.metadata.resource_version.clone();
+        }
+    }
+
+    /// A pool status write succeeded.
+    pub fn pool_written(&mut self, name: &str, status: IPAddressPoolStatus) {
+        if let Some(p) = self.pools.get_mut(name) {
+            p.object.status = Some(status);
+        }
+    }
+
+    /// The actions that bring one Service's status in line with what was decided, for a
+    /// retry after a failed write.
+    pub fn resync(&mut self, key: &ServiceKey) -> Vec<Action> {
+        if !self.started || !self.services.contains_key(key) {
+            return Vec::new();
+        }
+        self.settle(key)
+    }
+
+    /// Pool statuses that differ from what the pools say; conditions that change get
+    /// `now` as their transition time.
+    pub fn pool_statuses(&self, now: &Time) -> Vec<Action> {
+        if !self.started {
+            return Vec::new();
+        }
+        let usage: BTreeMap<String, _> = self
+            .allocator
+            .usage()
+            .into_iter()
+            .map(|u| (u.name.clone(), u))
+            .collect();
+        let stranded = self.stranded_by_pool();
+        let mut actions = Vec::new();
+        for (name, pool) in &self.pools {
+            let observed = pool.object.status.clone().unwrap_or_default();
+            let mut desired = IPAddressPoolStatus::default();
+            if let Some(u) = usage.get(name) {
+                desired.assigned_ipv4 = u64::try_from(u.assigned.ipv4).unwrap_or(u64::MAX);
+                desired.available_ipv4 = u64::try_from(u.available.ipv4).unwrap_or(u64::MAX);
+                desired.assigned_ipv6 = u.assigned.ipv6.to_string();
+                desired.available_ipv6 = u.available.ipv6.to_string();
+            }
+            let generation = pool.object.metadata.generation;
+            let condition = |type_: &str, status: bool, reason: &str, message: String| {
+                let status = if status { "True" } else { "False" };
+                let kept = observed.conditions.iter().find(|c| {
+                    c.type_ == type_
+                        && c.status == status
+                        && c.reason == reason
+                        && c.message == message
+                });
+                Condition {
+                    type_: type_.to_string(),
+                    status: status.to_string(),
+                    reason: reason.to_string(),
+                    message,
+                    observed_generation: generation,
+                    last_transition_time: kept
+                        .map(|c| c.last_transition_time.clone())
+                        .unwrap_or_else(|| now.clone()),
+                }
+            };
+            let problems = pool
+                .checked
+                .as_ref()
+                .map(|c| c.problems.clone())
+                .unwrap_or_default();
+            let of = |kind: ProblemKind| -> Vec<String> {
+                problems
+                    .iter()
+                    .filter(|p| p.kind == kind)
+                    .map(|p| p.message.clone())
+                    .collect()
+            };
+            let (invalid, overlapping) = (of(ProblemKind::Invalid), of(ProblemKind::Overlapping));
+            desired
+                .conditions
+                .push(match (invalid.first(), overlapping.first()) {
+                    (Some(m), _) => condition(READY, false, INVALID, m.clone()),
+                    (None, Some(m)) => condition(READY, false, OVERLAPPING, m.clone()),
+                    (None, None) => condition(
+                        READY,
+                        true,
+                        "AddressesValid",
+                        "every entry of spec.addresses is valid and overlaps no other pool".into(),
+                    ),
+                });
+            if !invalid.is_empty() {
+                desired.conditions.push(condition(
+                    INVALID,
+                    true,
+                    "InvalidAddresses",
+                    invalid.join("; "),
+                ));
+            }
+            if !overlapping.is_empty() {
+                desired.conditions.push(condition(
+                    OVERLAPPING,
+                    true,
+                    "OverlapsAnotherPool",
+                    overlapping.join("; "),
+                ));
+            }
+            if let Some(lines) = stranded.get(name) {
+                desired.conditions.push(condition(
+                    STRANDED,
+                    true,
+                    "AddressesKeptOutsidePool",
+                    format!(
+                        "{} kept in place though the pool no longer gives them out; they move only when their Services change: {}",
+                        plural(lines.len(), "address is", "addresses are"),
+                        lines.join("; ")
+                    ),
+                ));
+            }
+            if !same_status(&observed, &desired) {
+                actions.push(Action::PoolStatus {
+                    name: name.clone(),
+                    status: desired,
+                });
+            }
+        }
+        actions
+    }
+
+    /// Addresses in use and total per pool and family, for metrics.
+    pub fn usage(&self) -> Vec<crate::allocator::PoolUsage> {
+        self.allocator.usage()
+    }
+
+    /// How many Services are pending, and how many hold stranded IPs.
+    pub fn counts(&self) -> (usize, usize) {
+        let pending = self
+            .services
+            .values()
+            .filter(|r| matches!(r.outcome, Some(Outcome::Pending { .. })) || r.outcome.is_none())
+            .count();
+        let stranded = self
+            .services
+            .values()
+            .filter(|r| matches!(r.outcome, Some(Outcome::Stranded { .. })))
+            .count();
+        (pending, stranded)
+    }
+
+    fn set_pools(&mut self, pools: &[IPAddressPool]) {
+        let (_, checked) = input::pool_configs(pools);
+        self.pools = pools
+            .iter()
+            .map(|p| {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                let checked = checked.iter().find(|c| c.name == name).cloned();
+                (
+                    name,
+                    PoolRecord {
+                        object: p.clone(),
+                        checked,
+                    },
+                )
+            })
+            .collect();
+    }
+
+    /// A fresh record for `svc` when it is ours.
+    fn read(&self, svc: &Service, previous: Option<&Record>) -> Option<Record> {
+        let request = match input::translate_for_class(svc, &self.class) {
+            Translation::NotOurs => return None,
+            Translation::Request(mut r) => {
+                r.current.clear();
+                Ok(*r)
+            }
+            Translation::Invalid { reason, .. } => Err(reason),
+        };
+        let families = match &request {
+            Ok(r) => r.families.clone(),
+            Err(_) => previous.map(|p| p.families.clone()).unwrap_or_default(),
+        };
+        let last_valid = match &request {
+            Ok(r) => Some(r.clone()),
+            Err(_) => previous.and_then(|p| p.last_valid.clone()),
+        };
+        Some(Record {
+            uid: svc.metadata.uid.clone(),
+            resource_version: svc.metadata.resource_version.clone(),
+            observed: ingress_ips(svc),
+            request,
+            last_valid,
+            families,
+            outcome: None,
+            reported: None,
+            from_pool: BTreeMap::new(),
+        })
+    }
+
+    /// The request to decide with: what the Service asks, holding what the controller
+    /// gave it (its memory is ahead of the watch), else what its status says.
+    fn effective_request(&self, key: &ServiceKey) -> Option<ServiceRequest> {
+        let record = &self.services[key];
+        let held: Vec<IpAddr> = self
+            .allocator
+            .assignments(key)
+            .iter()
+            .map(|a| a.ip)
+            .collect();
+        let held = if held.is_empty() {
+            record.observed.clone()
+        } else {
+            held
+        };
+        match &record.request {
+            Ok(r) => Some(ServiceRequest {
+                current: held,
+                ..r.clone()
+            }),
+            // An invalid Service keeps what it holds under its last valid request, or
+            // under one built from its status.
+            Err(_) if held.is_empty() => None,
+            Err(_) => Some(match &record.last_valid {
+                Some(r) => ServiceRequest {
+                    current: held,
+                    requested: Vec::new(),
+                    ..r.clone()
+                },
+                None => hold_request(key, held),
+            }),
+        }
+    }
+
+    /// Decides one Service with the allocator as it stands.
+    fn decide(&mut self, key: &ServiceKey) {
+        let request = self.effective_request(key);
+        let valid = self.services[key].request.is_ok();
+        let outcome = match request {
+            Some(r) if valid => Some(self.allocator.assign(&r)),
+            Some(r) => {
+                // Invalid, holding IPs: take them back as they were, decide nothing new.
+                self.allocator.release(key);
+                self.allocator.adopt(std::slice::from_ref(&r));
+                None
+            }
+            None => {
+                self.allocator.release(key);
+                None
+            }
+        };
+        self.note_pools(key);
+        self.services
+            .get_mut(key)
+            .expect("decided services exist")
+            .outcome = outcome;
+    }
+
+    /// Re-runs allocation over everything (after a pool or namespace change), keeping
+    /// what each Service holds.
+    fn reallocate(&mut self) -> Vec<Action> {
+        let (configs, _) = input::pool_configs(
+            &self
+                .pools
+                .values()
+                .map(|p| p.object.clone())
+                .collect::<Vec<_>>(),
+        );
+        self.allocator = Allocator::new(configs, self.namespaces.clone(), Start::Lowest);
+        let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
+        let mut requests = Vec::new();
+        let mut invalid_holders = Vec::new();
+        for key in &keys {
+            let record = &self.services[key];
+            let held: Vec<IpAddr> = record
+                .outcome
+                .as_ref()
+                .map(|o| o.assignments().iter().map(|a| a.ip).collect())
+                .filter(|h: &Vec<IpAddr>| !h.is_empty())
+                .unwrap_or_else(|| record.observed.clone());
+            match &record.request {
+                Ok(r) => requests.push(ServiceRequest {
+                    current: held,
+                    ..r.clone()
+                }),
+                Err(_) if !held.is_empty() => invalid_holders.push(match &record.last_valid {
+                    Some(r) => ServiceRequest {
+                        current: held,
+                        requested: Vec::new(),
+                        ..r.clone()
+                    },
+                    None => hold_request(key, held),
+                }),
+                Err(_) => {}
+            }
+        }
+        // Invalid Services hold first: their IPs are nobody else's to take.
+        self.allocator.adopt(&invalid_holders);
+        let outcomes = self.allocator.allocate_all(&requests);
+        for key in &keys {
+            let outcome = outcomes.get(key).cloned();
+            self.note_pools(key);
+            self.services.get_mut(key).expect("listed above").outcome = outcome;
+        }
+        keys.iter().flat_map(|k| self.settle(k)).collect()
+    }
+
+    /// Remembers the pool each newly held IP came from.
+    fn note_pools(&mut self, key: &ServiceKey) {
+        let held = self.allocator.assignments(key).to_vec();
+        let record = self.services.get_mut(key).expect("noted services exist");
+        record
+            .from_pool
+            .retain(|ip, _| held.iter().any(|a| a.ip == *ip));
+        for a in held {
+            if !a.pool.is_empty() {
+                record.from_pool.insert(a.ip, a.pool);
+            }
+        }
+    }
+
+    /// Whether `key` holds fewer IPs than `before`.
+    fn freed(&self, before: &[Assignment], key: &ServiceKey) -> bool {
+        let now = self.allocator.assignments(key);
+        before.iter().any(|a| !now.iter().any(|b| b.ip == a.ip))
+    }
+
+    /// Gives every pending Service another try (after IPs were freed), requested IPs
+    /// first, then by namespace/name.
+    fn retry_pending(&mut self, except: &ServiceKey) -> Vec<Action> {
+        let mut pending: Vec<(bool, ServiceKey)> = self
+            .services
+            .iter()
+            .filter(|(k, r)| {
+                *k != except
+                    && r.request.is_ok()
+                    && matches!(r.outcome, Some(Outcome::Pending { .. }))
+            })
+            .map(|(k, r)| {
+                let requests_ip = r.request.as_ref().is_ok_and(|r| !r.requested.is_empty());
+                (!requests_ip, k.clone())
+            })
+            .collect();
+        pending.sort();
+        let mut actions = Vec::new();
+        for (_, key) in pending {
+            self.decide(&key);
+            actions.extend(self.settle(&key));
+        }
+        actions
+    }
+
+    fn no_longer_ours(&mut self, key: ServiceKey, previous: Record, svc: &Service) -> Vec<Action> {
+        let held: Vec<IpAddr> = self
+            .allocator
+            .assignments(&key)
+            .iter()
+            .map(|a| a.ip)
+            .collect();
+        self.allocator.release(&key);
+        if !self.started {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        let is_load_balancer = svc
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer"));
+        // A LoadBalancer of another class is that class's controller's to write.
+        let observed = ingress_ips(svc);
+        if !is_load_balancer && !observed.is_empty() {
+            actions.push(Action::ServiceStatus {
+                key: key.clone(),
+                ips: Vec::new(),
+                resource_version: svc.metadata.resource_version.clone(),
+            });
+        }
+        if !held.is_empty() {
+            let why = if is_load_balancer {
+                "its loadBalancerClass is no longer ferrolb's"
+            } else {
+                "it is no longer of type LoadBalancer"
+            };
+            actions.push(Action::Event(ServiceEvent {
+                key: key.clone(),
+                uid: previous.uid.clone(),
+                warning: false,
+                reason: IP_RELEASED,
+                message: format!("Released {}: {why}", list(&held)),
+                failure: None,
+            }));
+        }
+        actions.extend(self.retry_pending(&key));
+        actions
+    }
+
+    /// The writes that make the API say what was decided for one Service.
+    fn settle(&mut self, key: &ServiceKey) -> Vec<Action> {
+        let held = self.allocator.assignments(key).to_vec();
+        let record = self.services.get_mut(key).expect("settled services exist");
+        let mut ips: Vec<IpAddr> = held.iter().map(|a| a.ip).collect();
+        // The Service's primary family first, as Kubernetes orders dual-stack fields.
+        ips.sort_by_key(|ip| {
+            record
+                .families
+                .iter()
+                .position(|f| *f == Family::of(*ip))
+                .unwrap_or(usize::MAX)
+        });
+        let mut actions = Vec::new();
+        if ips != record.observed {
+            actions.push(Action::ServiceStatus {
+                key: key.clone(),
+                ips: ips.clone(),
+                resource_version: record.resource_version.clone(),
+            });
+        }
+        let report = match (&record.request, &record.outcome) {
+            (Err(reason), _) if ips.is_empty() => Report::Pending(reason.clone()),
+            (Err(reason), _) => Report::Invalid(ips.clone(), reason.clone()),
+            (Ok(_), Some(Outcome::Stranded { reason, .. })) => {
+                Report::Stranded(ips.clone(), reason.clone())
+            }
+            (Ok(_), Some(Outcome::Assigned { .. })) => Report::Assigned(ips.clone()),
+            (Ok(_), Some(Outcome::Pending { reason })) => Report::Pending(reason.clone()),
+            (Ok(_), None) => Report::Pending("not decided yet".to_string()),
+        };
+        let before = record.reported.replace(report.clone());
+        // After a restart, a Service whose status already says what was decided needs
+        // no Event: one was sent when it happened.
+        let silent =
+            before.is_none() && matches!(report, Report::Assigned(_)) && actions.is_empty();
+        if before.as_ref() == Some(&report) || silent {
+            return actions;
+        }
+        let event = |warning: bool, reason: &'static str, message: String, failure| {
+            Action::Event(ServiceEvent {
+                key: key.clone(),
+                uid: record.uid.clone(),
+                warning,
+                reason,
+                message,
+                failure,
+            })
+        };
+        let had: Vec<IpAddr> = match &before {
+            Some(Report::Assigned(h) | Report::Stranded(h, _) | Report::Invalid(h, _)) => h.clone(),
+            _ => Vec::new(),
+        };
+        match &report {
+            Report::Assigned(now) => {
+                if had != *now {
+                    let pools: BTreeSet<&str> = held.iter().map(|a| a.pool.as_str()).collect();
+                    let pools: Vec<&str> = pools.into_iter().collect();
+                    let mut message = format!(
+                        "Assigned {} from {} {}",
+                        list(now),
+                        plural(pools.len(), "pool", "pools"),
+                        pools.join(", ")
+                    );
+                    if !had.is_empty() {
+                        message.push_str(&format!(" (was {})", list(&had)));
+                    }
+                    actions.push(event(false, IP_ALLOCATED, message, None));
+                }
+            }
+            Report::Stranded(_, reason) => {
+                actions.push(event(
+                    true,
+                    IP_STRANDED,
+                    format!("{reason}; the IP stays assigned until this Service changes"),
+                    None,
+                ));
+            }
+            Report::Pending(reason) => {
+                if !had.is_empty() {
+                    actions.push(event(
+                        false,
+                        IP_RELEASED,
+                        format!("Released {}", list(&had)),
+                        None,
+                    ));
+                }
+                let failure = if record.request.is_err() {
+                    "invalid_service"
+                } else {
+                    failure_kind(reason)
+                };
+                actions.push(event(
+                    true,
+                    ALLOCATION_FAILED,
+                    reason.clone(),
+                    Some(failure),
+                ));
+            }
+            Report::Invalid(kept, reason) => {
+                actions.push(event(
+                    true,
+                    INVALID_SERVICE,
+                    format!("{reason}; keeping {} until this is fixed", list(kept)),
+                    None,
+                ));
+            }
+        }
+        actions
+    }
+
+    /// Per pool, one line per stranded IP that the pool gave out.
+    fn stranded_by_pool(&self) -> BTreeMap<String, Vec<String>> {
+        let mut by_pool: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (key, record) in &self.services {
+            let Some(Outcome::Stranded { reason, .. }) = &record.outcome else {
+                continue;
+            };
+            for (ip, pool) in &record.from_pool {
+                if reason.contains(&ip.to_string()) && self.pools.contains_key(pool) {
+                    by_pool
+                        .entry(pool.clone())
+                        .or_default()
+                        .push(format!("{ip} ({key})"));
+                }
+            }
+        }
+        by_pool
+    }
+}
+
+/// A request that only holds `ips`, for an invalid Service the controller has no valid
+/// request of (it became invalid while the controller was down).
+fn hold_request(key: &ServiceKey, ips: Vec<IpAddr>) -> ServiceRequest {
+    let mut families: Vec<Family> = ips.iter().map(|ip| Family::of(*ip)).collect();
+    families.dedup();
+    ServiceRequest {
+        key: key.clone(),
+        family_policy: if families.len() > 1 {
+            FamilyPolicy::RequireDualStack
+        } else {
+            FamilyPolicy::SingleStack
+        },
+        families,
+        current: ips,
+        ..Default::default()
+    }
+}
+
+/// The IPs in `status.loadBalancer.ingress`.
+pub fn ingress_ips(svc: &Service) -> Vec<IpAddr> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .collect()
+}
+
+/// A metric label for why allocation failed.
+fn failure_kind(reason: &str) -> &'static str {
+    if reason.contains("exhausted") {
+        "exhausted"
+    } else if reason.contains("requested") {
+        "requested_unavailable"
+    } else if reason.contains("no IPAddressPool exists")
+        || reason.contains("pool is open")
+        || reason.contains("no pool has")
+        || reason.contains("does not exist")
+    {
+        "no_pool"
+    } else if reason.contains("RequireDualStack") {
+        "dual_stack"
+    } else {
+        "other"
+    }
+}
+
+/// Statuses equal but for the conditions' transition times.
+fn same_status(a: &IPAddressPoolStatus, b: &IPAddressPoolStatus) -> bool {
+    let key = |s: &IPAddressPoolStatus| {
+        s.conditions
+            .iter()
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    c.status.clone(),
+                    c.reason.clone(),
+                    c.message.clone(),
+                    c.observed_generation,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    key(a) == key(b)
+        && a.assigned_ipv4 == b.assigned_ipv4
+        && a.available_ipv4 == b.available_ipv4
+        && a.assigned_ipv6 == b.assigned_ipv6
+        && a.available_ipv6 == b.available_ipv6
+}
+
+fn list(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(|ip| ip.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        one.to_string()
+    } else {
+        many.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests;
