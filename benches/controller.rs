@@ -83,6 +83,8 @@ async fn run() {
         format!("{:.1} MiB", rss_mib(controller.pid())),
     ));
 
+    // Let the last pool status flush, then count a quiet minute.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let before = audit_counts(&cluster);
     let rest = Duration::from_secs(60);
     tokio::time::sleep(rest).await;

@@ -138,6 +138,10 @@ impl Reconciler {
 
     /// Takes in the whole cluster once the watches have synced: adopts every IP already
     /// in status, then decides the Services that have none. Returns every write needed.
+    ///
+    /// The Services are those given here and those applied before: a watch's initial
+    /// list is fed through [`Reconciler::service_applied`] as it arrives, so that nobody
+    /// holds every Service object at once.
     pub fn start(
         &mut self,
         pools: &[IPAddressPool],
@@ -146,7 +150,6 @@ impl Reconciler {
     ) -> Vec<Action> {
         self.set_pools(pools);
         self.namespaces = input::namespace_labels(namespaces);
-        self.services.clear();
         for svc in services {
             if let Some(record) = self.read(svc, None) {
                 self.services.insert(input::service_key(svc), record);

@@ -10,7 +10,8 @@
 //! A replica that becomes active lists everything afresh before its first write, so it
 //! adopts what the previous one wrote; one that stops being active stops writing at once.
 
-mod http;
+pub mod events;
+pub mod http;
 mod leader;
 pub mod metrics;
 mod watch;
@@ -79,7 +80,15 @@ impl Health {
 pub async fn run(client: Client, options: Options) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
-    let server = http::serve(options.metrics_address, metrics.clone(), health.clone())
+    let render = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.encode())
+    };
+    let ready = {
+        let health = health.clone();
+        Arc::new(move || health.ready())
+    };
+    let server = http::serve(options.metrics_address, render, ready)
         .await
         .with_context(|| format!("serving metrics on {}", options.metrics_address))?;
     info!(address = %server, "serving /metrics, /healthz and /readyz");
@@ -134,9 +143,11 @@ async fn active(
     mut leading: Option<channel::Receiver<bool>>,
 ) -> Result<()> {
     let mut reconciler = Reconciler::new(&options.class);
-    let mut services: Mirror<ServiceKey, k8s_openapi::api::core::v1::Service> = Mirror::default();
-    let mut pools: Mirror<String, ferrolb_api::IPAddressPool> = Mirror::default();
-    let mut namespaces: Mirror<String, k8s_openapi::api::core::v1::Namespace> = Mirror::default();
+    // Services go straight into the reconciler, listed or not, so they are never held
+    // here; pools and namespaces are few, and each change needs all of them.
+    let mut services: Mirror<ServiceKey, k8s_openapi::api::core::v1::Service> = Mirror::keys_only();
+    let mut pools: Mirror<String, ferrolb_api::IPAddressPool> = Mirror::keeping();
+    let mut namespaces: Mirror<String, k8s_openapi::api::core::v1::Namespace> = Mirror::keeping();
     let mut changes = watch::changes(client.clone());
     let writer = writes::Writer::new(client, &options.identity, metrics);
     let mut retries = writes::Retries::default();
@@ -194,12 +205,10 @@ async fn active(
                 Change::Service(event) => {
                     watch::clear_error(health, Resource::Services);
                     for step in services.apply(*event, crate::input::service_key) {
-                        if !reconciler.is_started() {
-                            continue;
-                        }
+                        // Before start this only records the Service.
                         actions.extend(match step {
-                            watch::Step::Applied(svc) => reconciler.service_applied(&svc),
                             watch::Step::Deleted(key) => reconciler.service_deleted(&key),
+                            watch::Step::Applied(svc) => reconciler.service_applied(&svc),
                         });
                     }
                 }
@@ -232,12 +241,10 @@ async fn active(
                 continue;
             }
             trigger = "start";
-            let listed = services.objects();
-            actions = reconciler.start(&pools.objects(), &namespaces.objects(), &listed);
-            services.forget_objects();
+            actions = reconciler.start(&pools.objects(), &namespaces.objects(), &[]);
             health.synced.store(true, Ordering::Relaxed);
             info!(
-                services = listed.len(),
+                services = services.len(),
                 pools = pools.len(),
                 "watches listed; adopted every IP in status"
             );

@@ -53,7 +53,7 @@ pub fn changes(client: Client) -> BoxStream<'static, Change> {
     )
     .default_backoff()
     .map(|r| {
-        r.map(|e| Change::Service(Box::new(e)))
+        r.map(|e| Change::Service(Box::new(map_event(e, trim_service))))
             .unwrap_or_else(|e| failed(Resource::Services, &e))
     });
     let pools = watcher(
@@ -75,6 +75,16 @@ pub fn changes(client: Client) -> BoxStream<'static, Change> {
             .unwrap_or_else(|e| failed(Resource::Namespaces, &e))
     });
     futures::stream::select_all([services.boxed(), pools.boxed(), namespaces.boxed()]).boxed()
+}
+
+/// Drops what allocation never reads and what makes a Service large: managed fields and
+/// kubectl's copy of the last applied configuration.
+fn trim_service(mut svc: Service) -> Service {
+    svc.metadata.managed_fields = None;
+    if let Some(a) = &mut svc.metadata.annotations {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    svc
 }
 
 fn namespace_from_meta(meta: PartialObjectMeta<Namespace>) -> Namespace {
@@ -130,33 +140,49 @@ pub enum Step<K, T> {
     Deleted(K),
 }
 
-/// What a watch has shown: the keys, and the objects too while `keep` is set.
+/// What a watch has shown: every key, and the objects too while `keep` is set.
+///
+/// A relist streams through: each listed object is applied as it arrives (nothing is
+/// buffered, so listing 10,000 Services never holds them all at once), and at its end
+/// the keys it did not list are deleted.
 pub struct Mirror<K, T> {
     objects: BTreeMap<K, Option<T>>,
-    relist: Option<Vec<T>>,
+    /// Keys seen by the relist in progress.
+    relisted: Option<BTreeSet<K>>,
     listed: bool,
     keep: bool,
 }
 
-impl<K, T> Default for Mirror<K, T> {
-    fn default() -> Self {
+impl<K, T> Mirror<K, T> {
+    /// Keeps the objects (for sources whose full list is needed again on every change).
+    pub fn keeping() -> Self {
         Mirror {
             objects: BTreeMap::new(),
-            relist: None,
+            relisted: None,
             listed: false,
             keep: true,
+        }
+    }
+
+    /// Keeps only the keys (the reconciler remembers what it needs of the objects).
+    pub fn keys_only() -> Self {
+        Mirror {
+            keep: false,
+            ..Mirror::keeping()
         }
     }
 }
 
 impl<K: Ord + Clone, T: Clone> Mirror<K, T> {
-    /// Applies one watch event; returns the steps it amounts to (none during a relist,
-    /// all of them at its end, deletions of what the relist no longer holds included).
+    /// Applies one watch event; returns the steps it amounts to.
     pub fn apply(&mut self, event: watcher::Event<T>, key: impl Fn(&T) -> K) -> Vec<Step<K, T>> {
         match event {
-            watcher::Event::Apply(obj) => {
-                self.objects
-                    .insert(key(&obj), self.keep.then(|| obj.clone()));
+            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                let k = key(&obj);
+                if let Some(seen) = &mut self.relisted {
+                    seen.insert(k.clone());
+                }
+                self.objects.insert(k, self.keep.then(|| obj.clone()));
                 vec![Step::Applied(obj)]
             }
             watcher::Event::Delete(obj) => {
@@ -165,30 +191,22 @@ impl<K: Ord + Clone, T: Clone> Mirror<K, T> {
                 vec![Step::Deleted(k)]
             }
             watcher::Event::Init => {
-                self.relist = Some(Vec::new());
-                Vec::new()
-            }
-            watcher::Event::InitApply(obj) => {
-                self.relist.get_or_insert_with(Vec::new).push(obj);
+                self.relisted = Some(BTreeSet::new());
                 Vec::new()
             }
             watcher::Event::InitDone => {
                 self.listed = true;
-                let listed = self.relist.take().unwrap_or_default();
-                let present: BTreeSet<K> = listed.iter().map(&key).collect();
-                let mut steps: Vec<Step<K, T>> = self
+                let seen = self.relisted.take().unwrap_or_default();
+                let gone: Vec<K> = self
                     .objects
                     .keys()
-                    .filter(|k| !present.contains(*k))
+                    .filter(|k| !seen.contains(*k))
                     .cloned()
-                    .map(Step::Deleted)
                     .collect();
-                self.objects = listed
-                    .iter()
-                    .map(|o| (key(o), self.keep.then(|| o.clone())))
-                    .collect();
-                steps.extend(listed.into_iter().map(Step::Applied));
-                steps
+                for k in &gone {
+                    self.objects.remove(k);
+                }
+                gone.into_iter().map(Step::Deleted).collect()
             }
         }
     }
@@ -202,16 +220,8 @@ impl<K: Ord + Clone, T: Clone> Mirror<K, T> {
         self.objects.len()
     }
 
-    /// The objects held (all of them while `keep` was never turned off).
+    /// The objects held (with [`Mirror::keeping`]).
     pub fn objects(&self) -> Vec<T> {
         self.objects.values().flatten().cloned().collect()
-    }
-
-    /// Keeps only the keys from now on (the reconciler remembers what it needs).
-    pub fn forget_objects(&mut self) {
-        self.keep = false;
-        for v in self.objects.values_mut() {
-            *v = None;
-        }
     }
 }

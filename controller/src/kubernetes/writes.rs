@@ -15,10 +15,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
+use super::events::Events;
 use super::metrics::Metrics;
 use crate::allocator::ServiceKey;
 use crate::reconcile::{self, Action, Reconciler, ServiceEvent};
@@ -30,7 +30,7 @@ const CONCURRENCY: usize = 16;
 
 pub struct Writer<'a> {
     client: Client,
-    recorder: Recorder,
+    events: Events,
     metrics: &'a Metrics,
 }
 
@@ -42,12 +42,8 @@ enum Done {
 
 impl<'a> Writer<'a> {
     pub fn new(client: Client, identity: &str, metrics: &'a Metrics) -> Writer<'a> {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.to_string(),
-            instance: Some(identity.to_string()),
-        };
         Writer {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Events::new(client.clone(), FIELD_MANAGER, identity),
             client,
             metrics,
         }
@@ -211,18 +207,9 @@ impl<'a> Writer<'a> {
             reconcile::IP_RELEASED => "Release",
             _ => "Allocate",
         };
-        let event = Event {
-            type_: if e.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: e.reason.to_string(),
-            note: Some(truncate(&e.message, 1000)),
-            action: action.into(),
-            secondary: None,
-        };
-        self.recorder.publish(&event, &reference).await
+        self.events
+            .publish(reference, e.warning, e.reason, &e.message, action)
+            .await
     }
 }
 
@@ -242,17 +229,6 @@ pub fn explain(e: &kube::Error, verb: &str, resource: &str) -> String {
         ),
         _ => e.to_string(),
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// Services whose status write is to be tried again, each when its backoff ends.
