@@ -59,17 +59,29 @@ enum Command {
     Lab(ferrolb::lab_command::LabArgs),
     /// Announce this node's external IPs (ARP, NDP, NodePort forwarding).
     ///
-    /// With --manifests, runs with no cluster: pools, L2Advertisements, Services, Nodes
-    /// and EndpointSlices come from YAML files in DIR, re-read when they change. Needs
-    /// CAP_NET_RAW and CAP_NET_ADMIN. SIGTERM withdraws everything and exits 0.
+    /// In a cluster, announces the IPs the controller wrote in Service status, elects
+    /// each IP's node with the other speakers, and says on the Service which node
+    /// announces it. With --manifests, runs with no cluster: pools, L2Advertisements,
+    /// Services, Nodes and EndpointSlices come from YAML files in DIR, re-read when they
+    /// change. Needs CAP_NET_RAW and CAP_NET_ADMIN. SIGTERM withdraws everything and
+    /// exits 0.
     Speaker(SpeakerArgs),
 }
 
 #[derive(clap::Args)]
 struct SpeakerArgs {
-    /// Directory (or file) of manifests to run from, with no cluster.
+    /// Directory (or file) of manifests to run from, with no cluster. Without it the
+    /// speaker runs in a cluster, found as kubectl finds it (--kubeconfig, $KUBECONFIG,
+    /// ~/.kube/config, or the Pod's ServiceAccount).
     #[arg(long, value_name = "DIR")]
-    manifests: std::path::PathBuf,
+    manifests: Option<std::path::PathBuf>,
+    /// Kubeconfig to use in a cluster.
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// Where /metrics, /healthz and /readyz are served (default in a cluster:
+    /// 0.0.0.0:7473; with --manifests: not served unless given).
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
     /// This node's name, as in its Node object.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -186,18 +198,54 @@ fn speaker(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
         hold: Duration::from_millis(args.rejoin_hold_ms),
         join_grace: Duration::from_millis(args.join_grace_ms),
     });
-    let options = ferrolb_speaker::standalone::Options {
-        manifests: args.manifests,
-        node_name: args.node_name,
-        settings,
-        poll_interval: Duration::from_millis(args.poll_interval_ms),
-        cluster,
-    };
+    let metrics = std::sync::Arc::new(ferrolb_speaker::metrics::Metrics::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(ferrolb_speaker::standalone::run(options))?;
+    match args.manifests {
+        Some(manifests) => {
+            let options = ferrolb_speaker::standalone::Options {
+                manifests,
+                node_name: args.node_name,
+                settings,
+                poll_interval: Duration::from_millis(args.poll_interval_ms),
+                cluster,
+                metrics: metrics.clone(),
+            };
+            runtime.block_on(async {
+                if let Some(address) = args.metrics_address {
+                    let render = std::sync::Arc::new(move || metrics.encode());
+                    ferrolb_controller::kubernetes::http::serve(
+                        address,
+                        render,
+                        std::sync::Arc::new(|| Ok(())),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--metrics-address {address}: {e}"))?;
+                }
+                ferrolb_speaker::standalone::run(options).await
+            })?;
+        }
+        None => {
+            let options = ferrolb_speaker::kubernetes::Options {
+                daemon: ferrolb_speaker::daemon::Options {
+                    node_name: args.node_name,
+                    settings,
+                    cluster,
+                    addresses: ferrolb_speaker::announcements::Addresses::FromStatus,
+                    metrics,
+                },
+                metrics_address: args
+                    .metrics_address
+                    .unwrap_or_else(|| ([0, 0, 0, 0], 7473).into()),
+            };
+            runtime.block_on(async {
+                let client = controller_command::client(args.kubeconfig.as_deref()).await?;
+                ferrolb_speaker::kubernetes::run(client, options).await
+            })?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

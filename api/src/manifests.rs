@@ -24,8 +24,22 @@ pub struct Origin {
     pub item: Option<usize>,
 }
 
+impl Origin {
+    /// An object read from the API server rather than a file.
+    pub fn cluster() -> Origin {
+        Origin {
+            file: "cluster".into(),
+            document: 0,
+            item: None,
+        }
+    }
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.document == 0 {
+            return f.write_str(&self.file);
+        }
         write!(f, "{}, document {}", self.file, self.document)?;
         match self.item {
             Some(i) => write!(f, ", items[{i}]"),

@@ -2,8 +2,10 @@
 //! interfaces chosen for them and the NodePort forwarding rules. Pure.
 //!
 //! Steps, the same on every node so that all agree without talking:
-//! 1. Allocation: the controller's allocator over pools and Services (a Service's
-//!    `status.loadBalancer.ingress` is kept when valid, so a cluster's answer is reused).
+//! 1. The IPs: in a cluster, exactly what the controller wrote in each Service's
+//!    `status.loadBalancer.ingress` ([`Addresses::FromStatus`]); in standalone mode, the
+//!    controller's allocator over the declared pools and Services
+//!    ([`Addresses::Allocated`]; a status in the files is kept when valid).
 //! 2. The L2Advertisements that announce each IP's pool (by name, by pool selector, or
 //!    every pool when the advertisement names none). An IP no advertisement covers is not
 //!    announced.
@@ -50,44 +52,35 @@ pub struct NodePlan {
     pub owners: BTreeMap<IpAddr, Option<String>>,
     /// Problems with the input, each naming the object (and file, for manifests).
     pub problems: Vec<String>,
+    /// IPs no node may announce now (no eligible node), with their Services.
+    pub orphans: BTreeMap<IpAddr, Vec<ServiceKey>>,
+}
+
+/// Where the IPs to announce come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Addresses {
+    /// Standalone: the allocator over the declared pools and Services (each new Service
+    /// starts at a point of its pool hashed from its name: no status to remember).
+    #[default]
+    Allocated,
+    /// In a cluster: the IPs the controller wrote in Service status, and no others. A
+    /// Service the controller has not served yet is not announced, and an IP that a pool
+    /// change stranded keeps being announced, as the controller keeps it.
+    FromStatus,
+}
+
+/// What `node` announces in standalone mode. See [`plan`].
+pub fn plan_node(m: &Manifests, node: &str, view: &ClusterView) -> NodePlan {
+    plan(m, node, view, &Addresses::Allocated)
 }
 
 /// What `node` announces, given every declared object and what membership says.
-pub fn plan_node(m: &Manifests, node: &str, view: &ClusterView) -> NodePlan {
+pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses) -> NodePlan {
     let mut out = NodePlan::default();
-
-    let prepared = input::prepare(m);
-    out.problems = prepared.problems;
-    let services = prepared.services;
-    // No status to remember in standalone mode: each Service starts at its own point.
-    let allocation = allocator::plan(
-        prepared.pools,
-        prepared.namespaces,
-        &prepared.requests,
-        allocator::Start::Hashed,
-    );
-    for (key, outcome) in &allocation.services {
-        if let Outcome::Pending { reason } = outcome {
-            out.problems.push(format!(
-                "{} (Service \"{key}\"): no IP, so nothing is announced for it: {reason}",
-                services[key].origin
-            ));
-        }
-    }
-    let services: BTreeMap<ServiceKey, &Service> =
-        services.into_iter().map(|(k, l)| (k, &l.object)).collect();
-
-    // IP -> (pool, Services holding it).
-    let mut by_ip: BTreeMap<IpAddr, (String, Vec<ServiceKey>)> = BTreeMap::new();
-    for (key, outcome) in &allocation.services {
-        for a in outcome.assignments() {
-            by_ip
-                .entry(a.ip)
-                .or_insert_with(|| (a.pool.clone(), vec![]))
-                .1
-                .push(key.clone());
-        }
-    }
+    let (services, by_ip) = match addresses {
+        Addresses::Allocated => allocated(m, &mut out),
+        Addresses::FromStatus => from_status(m),
+    };
 
     let Some(me) = m
         .nodes
@@ -148,6 +141,9 @@ pub fn plan_node(m: &Manifests, node: &str, view: &ClusterView) -> NodePlan {
             .collect();
         let owner = election::owner(ip, view.candidates(ip, &eligible));
         out.owners.insert(ip, owner.map(str::to_string));
+        if owner.is_none() {
+            out.orphans.insert(ip, keys.clone());
+        }
         if owner != Some(node) {
             continue;
         }
@@ -186,6 +182,84 @@ pub fn plan_node(m: &Manifests, node: &str, view: &ClusterView) -> NodePlan {
     out.forwards.sort();
     out.forwards.dedup();
     out
+}
+
+/// IP -> (its pool, the Services holding it).
+type ByIp = BTreeMap<IpAddr, (String, Vec<ServiceKey>)>;
+
+/// Standalone: run the allocator; its problems become the plan's.
+fn allocated<'m>(
+    m: &'m Manifests,
+    out: &mut NodePlan,
+) -> (BTreeMap<ServiceKey, &'m Service>, ByIp) {
+    let prepared = input::prepare(m);
+    out.problems = prepared.problems;
+    let services = prepared.services;
+    // No status to remember in standalone mode: each Service starts at its own point.
+    let allocation = allocator::plan(
+        prepared.pools,
+        prepared.namespaces,
+        &prepared.requests,
+        allocator::Start::Hashed,
+    );
+    for (key, outcome) in &allocation.services {
+        if let Outcome::Pending { reason } = outcome {
+            out.problems.push(format!(
+                "{} (Service \"{key}\"): no IP, so nothing is announced for it: {reason}",
+                services[key].origin
+            ));
+        }
+    }
+    let mut by_ip = ByIp::new();
+    for (key, outcome) in &allocation.services {
+        for a in outcome.assignments() {
+            by_ip
+                .entry(a.ip)
+                .or_insert_with(|| (a.pool.clone(), vec![]))
+                .1
+                .push(key.clone());
+        }
+    }
+    let services = services.into_iter().map(|(k, l)| (k, &l.object)).collect();
+    (services, by_ip)
+}
+
+/// In a cluster: the IPs in status of every Service that is ferrolb's, valid or not (the
+/// controller keeps an invalid Service's IPs, so they stay announced). Problems with
+/// pools and Services are the controller's to report.
+fn from_status(m: &Manifests) -> (BTreeMap<ServiceKey, &Service>, ByIp) {
+    let pools: Vec<ferrolb_api::IPAddressPool> = m.pools.iter().map(|p| p.object.clone()).collect();
+    let (configs, _) = input::pool_configs(&pools);
+    let pool_of = |ip: IpAddr| -> String {
+        let containing = || {
+            configs
+                .iter()
+                .filter(|c| c.ranges.iter().any(|r| r.contains(ip)))
+        };
+        containing()
+            .find(|c| c.usable)
+            .or_else(|| containing().next())
+            .map(|c| c.name.clone())
+            .unwrap_or_default()
+    };
+    let mut services = BTreeMap::new();
+    let mut by_ip = ByIp::new();
+    for located in &m.services {
+        let svc = &located.object;
+        if !input::is_ours(svc) {
+            continue;
+        }
+        let key = input::service_key(svc);
+        for ip in ferrolb_controller::reconcile::ingress_ips(svc) {
+            by_ip
+                .entry(ip)
+                .or_insert_with(|| (pool_of(ip), vec![]))
+                .1
+                .push(key.clone());
+        }
+        services.insert(key, svc);
+    }
+    (services, by_ip)
 }
 
 fn announces_pool(adv: &L2Advertisement, pool: &str, labels: Option<&Labels>) -> bool {

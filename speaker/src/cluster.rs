@@ -124,6 +124,11 @@ impl Cluster {
         })
     }
 
+    /// Membership's datagram counters (none before membership started).
+    pub fn stats(&self) -> Option<membership::Stats> {
+        self.membership.as_ref().map(|m| m.stats())
+    }
+
     /// Who may own IPs now. While joining: nobody (announce nothing yet).
     pub fn view(&mut self) -> ClusterView {
         let now = Instant::now();

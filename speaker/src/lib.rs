@@ -10,15 +10,22 @@
 //!   [`packet_socket`]s.
 //! * [`membership`]: which speakers are alive (SWIM over UDP, foca); [`cluster`] turns
 //!   it into the view election needs.
+//! * [`daemon`]: the main loop, from objects to announcements, forwarding and membership.
 //! * [`standalone`]: the speaker driven by a directory of manifests.
+//! * [`kubernetes`]: the speaker driven by the API server, reporting which node
+//!   announces each IP.
+//! * [`metrics`]: what it answered, announced and owned, for Prometheus.
 
 pub mod announcements;
 pub mod arp;
 pub mod cluster;
+pub mod daemon;
 pub mod election;
 pub mod forwarding;
 pub mod interfaces;
+pub mod kubernetes;
 pub mod membership;
+pub mod metrics;
 pub mod ndp;
 pub mod packet_socket;
 pub mod responder;

@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -18,7 +17,11 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, warn};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::arp::{self, Operation};
+use crate::metrics::{InterfaceLabels, Metrics};
 use crate::ndp::{self, NdpKind};
 use crate::packet_socket::{ETH_P_ARP, ETH_P_IPV6, PacketSocket, arp_filter, ndp_filter};
 
@@ -68,17 +71,17 @@ pub struct LinkSpec {
 /// The per-link tasks.
 pub struct Responder {
     settings: Settings,
-    /// How often another host answered for an IP we probed or own, across links
-    /// (reported in the conflict warnings).
-    conflicts: Arc<AtomicU64>,
+    /// Requests, replies, announcements and conflicts (the conflict count is also
+    /// reported in the conflict warnings).
+    metrics: Arc<Metrics>,
     links: BTreeMap<u32, (watch::Sender<LinkSpec>, JoinHandle<()>)>,
 }
 
 impl Responder {
-    pub fn new(settings: Settings) -> Responder {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Responder {
         Responder {
             settings,
-            conflicts: Arc::default(),
+            metrics,
             links: BTreeMap::new(),
         }
     }
@@ -110,7 +113,7 @@ impl Responder {
                 None => {
                     let (tx, rx) = watch::channel(spec);
                     let task =
-                        tokio::spawn(run_link(rx, self.settings.clone(), self.conflicts.clone()));
+                        tokio::spawn(run_link(rx, self.settings.clone(), self.metrics.clone()));
                     self.links.insert(index, (tx, task));
                 }
             }
@@ -151,18 +154,14 @@ impl State {
 struct LinkTask {
     spec: LinkSpec,
     settings: Settings,
-    conflicts: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
     arp: PacketSocket,
     ndp: PacketSocket,
     states: BTreeMap<IpAddr, State>,
     joined: BTreeSet<[u8; 6]>,
 }
 
-async fn run_link(
-    mut rx: watch::Receiver<LinkSpec>,
-    settings: Settings,
-    conflicts: Arc<AtomicU64>,
-) {
+async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, metrics: Arc<Metrics>) {
     let spec = rx.borrow_and_update().clone();
     let open = |ethertype, filter: &[socket2::SockFilter]| {
         PacketSocket::open(spec.index, ethertype, filter)
@@ -180,7 +179,7 @@ async fn run_link(
     let mut task = LinkTask {
         spec: LinkSpec::default(),
         settings,
-        conflicts,
+        metrics,
         arp,
         ndp,
         states: BTreeMap::new(),
@@ -318,6 +317,13 @@ impl LinkTask {
             IpAddr::V6(v6) => ndp::unsolicited_advertisement(v6, self.spec.mac, v6),
         };
         self.send(&frame, "announcement").await;
+        self.count(&self.metrics.announcements);
+    }
+
+    fn count(&self, family: &Family<InterfaceLabels, Counter>) {
+        family
+            .get_or_create(&Metrics::interface(&self.spec.name))
+            .inc();
     }
 
     async fn send(&self, frame: &[u8], what: &str) {
@@ -337,7 +343,8 @@ impl LinkTask {
         let Some(state) = self.states.get(&ip).copied() else {
             return;
         };
-        let conflicts = self.conflicts.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.conflicts.inc();
+        let conflicts = self.metrics.conflicts.get();
         let other = mac_string(mac);
         if let State::Probing { .. } = state {
             warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts,
@@ -378,8 +385,10 @@ impl LinkTask {
         let target = IpAddr::V4(packet.target_ip);
         match self.states.get(&target) {
             Some(s) if s.answers() && packet.operation == Operation::Request => {
+                self.count(&self.metrics.arp_requests);
                 let reply = arp::reply(&packet, self.spec.mac, packet.target_ip);
                 self.send(&reply, "ARP reply").await;
+                self.count(&self.metrics.arp_replies);
             }
             _ => {}
         }
@@ -411,8 +420,10 @@ impl LinkTask {
                 // Sourced from the target, as Linux does for its own addresses: some
                 // resolvers (ndisc6 among them) ignore a global target's answer from a
                 // link-local source.
+                self.count(&self.metrics.ns_requests);
                 let na = ndp::advertisement_for(&packet, self.spec.mac, packet.target);
                 self.send(&na, "neighbor advertisement").await;
+                self.count(&self.metrics.na_replies);
             }
             NdpKind::Solicitation { .. } => {}
         }

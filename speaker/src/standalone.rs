@@ -2,22 +2,20 @@
 //! is re-read when it changes. Every node runs the same allocator and election on the
 //! same files, so all agree on who announces what.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use ferrolb_api::manifests::Manifests;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::announcements::{NodePlan, plan_node};
-use crate::cluster::{Cluster, ClusterOptions};
-use crate::election::ClusterView;
-use crate::forwarding::{ForwardRule, Forwarder};
-use crate::interfaces::{self, Link};
-use crate::responder::{LinkSpec, Responder, Settings};
+use crate::announcements::Addresses;
+use crate::cluster::ClusterOptions;
+use crate::daemon::{self, Objects};
+use crate::metrics::Metrics;
+use crate::responder::Settings;
 
 pub struct Options {
     pub manifests: PathBuf,
@@ -27,6 +25,7 @@ pub struct Options {
     pub poll_interval: Duration,
     /// Speaker membership; `None`: every declared node counts as alive.
     pub cluster: Option<ClusterOptions>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
@@ -35,218 +34,45 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // that exists but is empty for now is fine (files may come later).
     std::fs::metadata(&opts.manifests)
         .with_context(|| format!("--manifests {}", opts.manifests.display()))?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut links = interfaces::watch()
-        .await
-        .context("watching network interfaces (rtnetlink)")?;
-    let forwarder = Forwarder::new();
-    // A predecessor killed with rules in place leaves them behind: start from nothing.
-    let mut forwarding_ok = match forwarder.reset() {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(error = %e, "nftables unavailable: NodePort forwarding is disabled until it works");
-            false
-        }
-    };
-    let mut dir = ManifestDir::new(opts.manifests.clone());
-    let mut responder = Responder::new(opts.settings.clone());
-    let mut state = Reported::default();
     info!(node = %opts.node_name, manifests = %opts.manifests.display(), "speaker started (standalone)");
+    let mut dir = ManifestDir::new(opts.manifests.clone());
+    let current = Arc::new(dir.read());
+    let objects = DirObjects {
+        dir,
+        current,
+        poll_interval: opts.poll_interval,
+    };
+    let daemon = daemon::Options {
+        node_name: opts.node_name,
+        settings: opts.settings,
+        cluster: opts.cluster,
+        addresses: Addresses::Allocated,
+        metrics: opts.metrics,
+    };
+    daemon::run(objects, daemon).await
+}
 
-    let mut manifests = dir.read();
-    let mut cluster = join(&manifests, &opts, &links.borrow()).await;
-    loop {
-        let view = match (&mut cluster, &opts.cluster) {
-            (Some(c), _) => c.view(),
-            // Configured but not started: owning anything now could mean two owners.
-            (None, Some(_)) => ClusterView {
-                members: Some(BTreeMap::new()),
-            },
-            (None, None) => ClusterView::everyone(),
-        };
-        let plan = plan_node(&manifests, &opts.node_name, &view);
-        let current_links = links.borrow_and_update().clone();
-        let specs = link_specs(&plan, &opts.node_name, &current_links, &mut state);
-        state.report(&plan);
-        responder.update(specs);
-        if plan.forwards != state.forwards || !forwarding_ok {
-            match forwarder.apply(&plan.forwards) {
-                Ok(_) => {
-                    if plan.forwards != state.forwards {
-                        info!(rules = plan.forwards.len(), "forwarding rules applied");
-                    }
-                    forwarding_ok = true;
-                    state.forwards = plan.forwards.clone();
-                }
-                Err(e) if !plan.forwards.is_empty() || forwarding_ok => {
-                    error!(error = %e, "cannot apply NodePort forwarding rules");
-                    forwarding_ok = false;
-                }
-                Err(_) => {}
-            }
-        }
-        // Wait for something to change.
-        let wake = cluster.as_ref().and_then(Cluster::wake_at);
+/// A manifest directory as the speaker's [`Objects`], checked every `poll_interval`.
+struct DirObjects {
+    dir: ManifestDir,
+    current: Arc<Manifests>,
+    poll_interval: Duration,
+}
+
+impl Objects for DirObjects {
+    fn current(&mut self) -> Arc<Manifests> {
+        self.current.clone()
+    }
+
+    async fn changed(&mut self) -> anyhow::Result<()> {
         loop {
-            tokio::select! {
-                _ = terminate.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
-                _ = interrupt.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
-                changed = links.changed() => {
-                    changed.context("the interface watcher stopped")?;
-                    if let Some(c) = &mut cluster {
-                        c.set_subnets(interfaces::reachable_subnets(&links.borrow()));
-                    }
-                    break;
-                }
-                changed = async {
-                    match &mut cluster {
-                        Some(c) => c.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    changed?;
-                    break;
-                }
-                _ = async {
-                    match wake {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => break,
-                _ = tokio::time::sleep(opts.poll_interval) => {
-                    if dir.changed() {
-                        manifests = dir.read();
-                        match &mut cluster {
-                            Some(c) => c.set_peers_from(&manifests),
-                            None => cluster = join(&manifests, &opts, &links.borrow()).await,
-                        }
-                        break;
-                    }
-                }
+            tokio::time::sleep(self.poll_interval).await;
+            if self.dir.changed() {
+                self.current = Arc::new(self.dir.read());
+                return Ok(());
             }
         }
     }
-}
-
-/// Starts membership when it is configured and this node's Node object says where to
-/// bind; otherwise says why and runs without it (retried when the manifests change).
-async fn join(manifests: &Manifests, opts: &Options, links: &[Link]) -> Option<Cluster> {
-    let settings = opts.cluster.clone()?;
-    let subnets = interfaces::reachable_subnets(links);
-    match Cluster::join(manifests, &opts.node_name, subnets, settings).await {
-        Ok(c) => Some(c),
-        Err(e) => {
-            error!("{e:#}; announcing nothing until membership can start");
-            None
-        }
-    }
-}
-
-async fn withdraw(
-    mut responder: Responder,
-    forwarder: &Forwarder,
-    state: &Reported,
-    cluster: Option<Cluster>,
-) -> anyhow::Result<()> {
-    // Peers learn we are gone first, so the new owners announce while we withdraw.
-    if let Some(mut c) = cluster {
-        c.leave().await;
-    }
-    responder.shutdown().await;
-    if let Err(e) = forwarder.remove() {
-        error!(error = %e, "cannot remove the nftables table inet ferrolb");
-    }
-    info!(
-        ips = state.owned.len(),
-        "withdrew every announcement and forwarding rule; exiting"
-    );
-    Ok(())
-}
-
-/// What was last logged, so that each change is logged once.
-#[derive(Default)]
-struct Reported {
-    problems: BTreeSet<String>,
-    owned: BTreeMap<IpAddr, Vec<String>>,
-    forwards: Vec<ForwardRule>,
-    /// Who owned each IP at the last reconcile, to tell a takeover from a first start.
-    owners: BTreeMap<IpAddr, Option<String>>,
-}
-
-impl Reported {
-    fn report(&mut self, plan: &NodePlan) {
-        let problems: BTreeSet<String> = plan.problems.iter().cloned().collect();
-        for p in problems.difference(&self.problems) {
-            warn!("{p}");
-        }
-        self.problems = problems;
-    }
-
-    fn problem(&mut self, text: String) {
-        if self.problems.insert(text.clone()) {
-            warn!("{text}");
-        }
-    }
-}
-
-/// Which link answers for which IP, from the plan and the links that exist now.
-fn link_specs(plan: &NodePlan, node: &str, links: &[Link], state: &mut Reported) -> Vec<LinkSpec> {
-    let mut specs: BTreeMap<u32, LinkSpec> = BTreeMap::new();
-    let mut owned: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
-    for a in &plan.announcements {
-        let selection = interfaces::select(links, a.ip, &a.interfaces);
-        for p in selection.problems {
-            state.problem(format!(
-                "{} (L2Advertisement {}): {p}",
-                a.ip,
-                a.advertisements.join(", ")
-            ));
-        }
-        for index in selection.links {
-            let Some(link) = links.iter().find(|l| l.index == index) else {
-                continue;
-            };
-            let Some(mac) = link.mac else { continue };
-            let spec = specs.entry(index).or_insert_with(|| LinkSpec {
-                index,
-                name: link.name.clone(),
-                mac,
-                ips: BTreeSet::new(),
-                takeovers: BTreeSet::new(),
-            });
-            spec.ips.insert(a.ip);
-            let before = state.owners.get(&a.ip).cloned().flatten();
-            if before.is_some_and(|b| b != node) {
-                spec.takeovers.insert(a.ip);
-            }
-            owned.entry(a.ip).or_default().push(link.name.clone());
-        }
-    }
-    for (ip, names) in &owned {
-        if state.owned.get(ip) != Some(names) {
-            let services: Vec<String> = plan
-                .announcements
-                .iter()
-                .filter(|a| a.ip == *ip)
-                .flat_map(|a| a.services.iter().map(ToString::to_string))
-                .collect();
-            info!(ip = %ip, interfaces = %names.join(","), services = %services.join(","), "this node owns the IP");
-        }
-    }
-    for ip in state.owned.keys().filter(|ip| !owned.contains_key(ip)) {
-        let to = plan
-            .owners
-            .get(ip)
-            .cloned()
-            .flatten()
-            .unwrap_or_else(|| "no node".into());
-        info!(ip = %ip, new_owner = %to, "this node no longer owns the IP");
-    }
-    state.owned = owned;
-    state.owners = plan.owners.clone();
-    specs.into_values().collect()
 }
 
 /// A directory of manifests, remembered file by file so that a file that becomes
@@ -349,6 +175,7 @@ mod tests {
             settings: Settings::default(),
             poll_interval: Duration::from_millis(200),
             cluster: None,
+            metrics: Arc::default(),
         };
         let result = tokio::time::timeout(Duration::from_secs(30), run(opts))
             .await

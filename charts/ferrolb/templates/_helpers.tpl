@@ -19,3 +19,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "ferrolb.controller.name" -}}
 {{- printf "%s-controller" (include "ferrolb.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{- define "ferrolb.speaker.name" -}}
+{{- printf "%s-speaker" (include "ferrolb.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}

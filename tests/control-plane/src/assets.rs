@@ -58,7 +58,7 @@ fn locate() -> Result<PathBuf> {
     }
     let script = build_script();
     eprintln!(
-        "control plane: running {} (the first build takes 10 to 15 minutes)",
+        "control plane: asking {} for the binaries (built the first time: 10 to 15 minutes)",
         script.display()
     );
     let output = Command::new("bash")

@@ -1,0 +1,348 @@
+//! The speaker's main loop, the same for files and for a cluster: objects in, this
+//! node's announcements, forwarding rules and membership out.
+//!
+//! Where the objects come from is an [`Objects`]: a directory of manifests
+//! ([`crate::standalone`]) or the API server's watches ([`crate::kubernetes`]). The loop
+//! never waits on the API server: announcements and failover run on the last objects
+//! seen and on membership alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use anyhow::Context;
+use ferrolb_api::manifests::Manifests;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::announcements::{Addresses, NodePlan, plan};
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::election::ClusterView;
+use crate::forwarding::{ForwardRule, Forwarder};
+use crate::interfaces::{self, Link};
+use crate::metrics::Metrics;
+use crate::responder::{LinkSpec, Responder, Settings};
+
+/// Where the speaker's objects come from.
+pub trait Objects {
+    /// The objects as they are now.
+    fn current(&mut self) -> Arc<Manifests>;
+    /// Resolves when the objects may have changed; an error stops the speaker.
+    fn changed(&mut self) -> impl Future<Output = anyhow::Result<()>>;
+    /// What this node owns after each change, for sources that report it.
+    fn owned(&mut self, _owned: Vec<Ownership>) {}
+}
+
+/// What this node says about one IP.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ownership {
+    pub ip: IpAddr,
+    /// The interfaces it answers on; empty: no node may announce it now (said by the
+    /// node that announced it last).
+    pub interfaces: Vec<String>,
+    pub services: Vec<ferrolb_controller::allocator::ServiceKey>,
+}
+
+pub struct Options {
+    pub node_name: String,
+    pub settings: Settings,
+    /// Speaker membership; `None`: every declared node counts as alive.
+    pub cluster: Option<ClusterOptions>,
+    /// Allocate from the objects (standalone) or take the IPs in Service status.
+    pub addresses: Addresses,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
+pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()> {
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut links = interfaces::watch()
+        .await
+        .context("watching network interfaces (rtnetlink)")?;
+    let forwarder = Forwarder::new();
+    // A predecessor killed with rules in place leaves them behind: start from nothing.
+    let mut forwarding_ok = match forwarder.reset() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "nftables unavailable: NodePort forwarding is disabled until it works");
+            false
+        }
+    };
+    let mut responder = Responder::new(opts.settings.clone(), opts.metrics.clone());
+    let mut state = Reported::default();
+    let mut manifests = objects.current();
+    let mut cluster = join(&manifests, &opts, &links.borrow()).await;
+    let mut down_at: BTreeMap<String, StdInstant> = BTreeMap::new();
+    let mut alive_before: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let view = match (&mut cluster, &opts.cluster) {
+            (Some(c), _) => c.view(),
+            // Configured but not started: owning anything now could mean two owners.
+            (None, Some(_)) => ClusterView {
+                members: Some(BTreeMap::new()),
+            },
+            (None, None) => ClusterView::everyone(),
+        };
+        if let Some(members) = &view.members {
+            let alive: BTreeSet<String> = members.keys().cloned().collect();
+            for gone in alive_before.difference(&alive) {
+                down_at.insert(gone.clone(), StdInstant::now());
+                opts.metrics.members_declared_down.inc();
+            }
+            down_at.retain(|n, t| !alive.contains(n) && t.elapsed().as_secs() < 60);
+            opts.metrics.members.set(alive.len() as i64);
+            alive_before = alive;
+        }
+        if let Some(c) = &cluster {
+            opts.metrics
+                .membership_rejected
+                .set(c.stats().map_or(0, |s| s.rejected) as i64);
+        }
+        let plan = plan(&manifests, &opts.node_name, &view, &opts.addresses);
+        let current_links = links.borrow_and_update().clone();
+        let previous = state.owned.clone();
+        let previous_owners = state.owners.clone();
+        let specs = link_specs(&plan, &opts.node_name, &current_links, &mut state);
+        state.report(&plan);
+        responder.update(specs);
+        account(&opts.metrics, &previous, &previous_owners, &state, &down_at);
+        objects.owned(ownership(&plan, &state, &previous, &opts.node_name));
+        if plan.forwards != state.forwards || !forwarding_ok {
+            match forwarder.apply(&plan.forwards) {
+                Ok(_) => {
+                    if plan.forwards != state.forwards {
+                        info!(rules = plan.forwards.len(), "forwarding rules applied");
+                    }
+                    forwarding_ok = true;
+                    state.forwards = plan.forwards.clone();
+                }
+                Err(e) if !plan.forwards.is_empty() || forwarding_ok => {
+                    error!(error = %e, "cannot apply NodePort forwarding rules");
+                    forwarding_ok = false;
+                }
+                Err(_) => {}
+            }
+        }
+        // Wait for something to change.
+        let wake = cluster.as_ref().and_then(Cluster::wake_at);
+        tokio::select! {
+            _ = terminate.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
+            _ = interrupt.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
+            changed = links.changed() => {
+                changed.context("the interface watcher stopped")?;
+                if let Some(c) = &mut cluster {
+                    c.set_subnets(interfaces::reachable_subnets(&links.borrow()));
+                }
+            }
+            changed = async {
+                match &mut cluster {
+                    Some(c) => c.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => changed?,
+            _ = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            changed = objects.changed() => {
+                changed?;
+                manifests = objects.current();
+                match &mut cluster {
+                    Some(c) => c.set_peers_from(&manifests),
+                    None => cluster = join(&manifests, &opts, &links.borrow()).await,
+                }
+            }
+        }
+    }
+}
+
+/// Counts ownership changes, and times takeovers from peers declared down.
+fn account(
+    metrics: &Metrics,
+    before: &BTreeMap<IpAddr, Vec<String>>,
+    owners_before: &BTreeMap<IpAddr, Option<String>>,
+    state: &Reported,
+    down_at: &BTreeMap<String, StdInstant>,
+) {
+    let gained: Vec<&IpAddr> = state
+        .owned
+        .keys()
+        .filter(|ip| !before.contains_key(*ip))
+        .collect();
+    let lost = before
+        .keys()
+        .filter(|ip| !state.owned.contains_key(*ip))
+        .count();
+    metrics
+        .ownership_changes
+        .inc_by((gained.len() + lost) as u64);
+    for ip in gained {
+        if let Some(Some(previous)) = owners_before.get(ip)
+            && let Some(at) = down_at.get(previous)
+        {
+            metrics.failover_seconds.observe(at.elapsed().as_secs_f64());
+        }
+    }
+    metrics.set_announced(state.owned.iter());
+}
+
+/// What to report: every IP this node answers for, and the IPs it answered for until
+/// now that no node may announce any more.
+fn ownership(
+    plan: &NodePlan,
+    state: &Reported,
+    before: &BTreeMap<IpAddr, Vec<String>>,
+    _node: &str,
+) -> Vec<Ownership> {
+    let services = |ip: &IpAddr| {
+        plan.announcements
+            .iter()
+            .filter(|a| a.ip == *ip)
+            .flat_map(|a| a.services.iter().cloned())
+            .collect::<Vec<_>>()
+    };
+    let mut out: Vec<Ownership> = state
+        .owned
+        .iter()
+        .map(|(ip, interfaces)| Ownership {
+            ip: *ip,
+            interfaces: interfaces.clone(),
+            services: services(ip),
+        })
+        .collect();
+    for ip in before.keys().filter(|ip| !state.owned.contains_key(*ip)) {
+        if plan.owners.get(ip) == Some(&None) {
+            out.push(Ownership {
+                ip: *ip,
+                interfaces: Vec::new(),
+                services: plan.orphans.get(ip).cloned().unwrap_or_default(),
+            });
+        }
+    }
+    out
+}
+
+/// Starts membership when it is configured and this node's Node object says where to
+/// bind; otherwise says why and runs without it (retried when the objects change).
+async fn join(manifests: &Manifests, opts: &Options, links: &[Link]) -> Option<Cluster> {
+    let settings = opts.cluster.clone()?;
+    let subnets = interfaces::reachable_subnets(links);
+    match Cluster::join(manifests, &opts.node_name, subnets, settings).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            error!("{e:#}; announcing nothing until membership can start");
+            None
+        }
+    }
+}
+
+async fn withdraw(
+    mut responder: Responder,
+    forwarder: &Forwarder,
+    state: &Reported,
+    cluster: Option<Cluster>,
+) -> anyhow::Result<()> {
+    // Peers learn we are gone first, so the new owners announce while we withdraw.
+    if let Some(mut c) = cluster {
+        c.leave().await;
+    }
+    responder.shutdown().await;
+    if let Err(e) = forwarder.remove() {
+        error!(error = %e, "cannot remove the nftables table inet ferrolb");
+    }
+    info!(
+        ips = state.owned.len(),
+        "withdrew every announcement and forwarding rule; exiting"
+    );
+    Ok(())
+}
+
+/// What was last logged, so that each change is logged once.
+#[derive(Default)]
+struct Reported {
+    problems: BTreeSet<String>,
+    owned: BTreeMap<IpAddr, Vec<String>>,
+    forwards: Vec<ForwardRule>,
+    /// Who owned each IP at the last reconcile, to tell a takeover from a first start.
+    owners: BTreeMap<IpAddr, Option<String>>,
+}
+
+impl Reported {
+    fn report(&mut self, plan: &NodePlan) {
+        let problems: BTreeSet<String> = plan.problems.iter().cloned().collect();
+        for p in problems.difference(&self.problems) {
+            warn!("{p}");
+        }
+        self.problems = problems;
+    }
+
+    fn problem(&mut self, text: String) {
+        if self.problems.insert(text.clone()) {
+            warn!("{text}");
+        }
+    }
+}
+
+/// Which link answers for which IP, from the plan and the links that exist now.
+fn link_specs(plan: &NodePlan, node: &str, links: &[Link], state: &mut Reported) -> Vec<LinkSpec> {
+    let mut specs: BTreeMap<u32, LinkSpec> = BTreeMap::new();
+    let mut owned: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    for a in &plan.announcements {
+        let selection = interfaces::select(links, a.ip, &a.interfaces);
+        for p in selection.problems {
+            state.problem(format!(
+                "{} (L2Advertisement {}): {p}",
+                a.ip,
+                a.advertisements.join(", ")
+            ));
+        }
+        for index in selection.links {
+            let Some(link) = links.iter().find(|l| l.index == index) else {
+                continue;
+            };
+            let Some(mac) = link.mac else { continue };
+            let spec = specs.entry(index).or_insert_with(|| LinkSpec {
+                index,
+                name: link.name.clone(),
+                mac,
+                ips: BTreeSet::new(),
+                takeovers: BTreeSet::new(),
+            });
+            spec.ips.insert(a.ip);
+            let before = state.owners.get(&a.ip).cloned().flatten();
+            if before.is_some_and(|b| b != node) {
+                spec.takeovers.insert(a.ip);
+            }
+            owned.entry(a.ip).or_default().push(link.name.clone());
+        }
+    }
+    for (ip, names) in &owned {
+        if state.owned.get(ip) != Some(names) {
+            let services: Vec<String> = plan
+                .announcements
+                .iter()
+                .filter(|a| a.ip == *ip)
+                .flat_map(|a| a.services.iter().map(ToString::to_string))
+                .collect();
+            info!(ip = %ip, interfaces = %names.join(","), services = %services.join(","), "this node owns the IP");
+        }
+    }
+    for ip in state.owned.keys().filter(|ip| !owned.contains_key(ip)) {
+        let to = plan
+            .owners
+            .get(ip)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| "no node".into());
+        info!(ip = %ip, new_owner = %to, "this node no longer owns the IP");
+    }
+    state.owned = owned;
+    state.owners = plan.owners.clone();
+    specs.into_values().collect()
+}

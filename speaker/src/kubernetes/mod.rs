@@ -1,0 +1,98 @@
+//! The speaker in a cluster: the API server's objects feed the same loop as files do
+//! ([`crate::daemon`]), the IPs announced are those the controller wrote in Service
+//! status, and the node that takes an IP over says so on the Service.
+//!
+//! * [`objects`]: watches folded into a [`Manifests`](ferrolb_api::manifests::Manifests)
+//!   snapshot.
+//! * [`report`]: the `ferrolb.io/AnnouncedIPv4`/`IPv6` condition and `NodeAssigned`
+//!   Events, written on ownership changes only.
+//!
+//! The API server is needed to learn of changes, never to keep announcing: when it is
+//! unreachable the speaker keeps the last objects, keeps answering and keeps failing
+//! over on membership, and catches up when it returns.
+
+pub mod objects;
+pub mod report;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Result;
+use ferrolb_api::manifests::Manifests;
+use kube::Client;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::announcements::Addresses;
+use crate::daemon::{self, Objects, Ownership};
+use crate::metrics::Metrics;
+use objects::WatchHealth;
+use report::Reports;
+
+/// How `ferrolb speaker` runs in a cluster.
+pub struct Options {
+    pub daemon: daemon::Options,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_address: SocketAddr,
+}
+
+/// The cluster as an [`Objects`] source.
+struct ClusterObjects {
+    snapshots: watch::Receiver<Arc<Manifests>>,
+    reports: Reports,
+}
+
+impl Objects for ClusterObjects {
+    fn current(&mut self) -> Arc<Manifests> {
+        self.snapshots.borrow_and_update().clone()
+    }
+
+    async fn changed(&mut self) -> Result<()> {
+        self.snapshots
+            .changed()
+            .await
+            .map_err(|_| anyhow::anyhow!("the watches stopped"))
+    }
+
+    fn owned(&mut self, owned: Vec<Ownership>) {
+        self.reports.update(owned);
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
+pub async fn run(client: Client, options: Options) -> Result<()> {
+    let (snapshots, health) = objects::watch(client.clone());
+    let metrics = options.daemon.metrics.clone();
+    let served = serve(options.metrics_address, metrics, health).await?;
+    info!(address = %served, node = %options.daemon.node_name, "speaker started (cluster); serving /metrics, /healthz and /readyz");
+    let reports = Reports::start(client, options.daemon.node_name.clone(), snapshots.clone());
+    let objects = ClusterObjects { snapshots, reports };
+    let mut daemon = options.daemon;
+    daemon.addresses = Addresses::FromStatus;
+    daemon::run(objects, daemon).await
+}
+
+async fn serve(
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: watch::Receiver<WatchHealth>,
+) -> Result<SocketAddr> {
+    let ready = move || {
+        let h = health.borrow();
+        if !h.errors.is_empty() {
+            let lines: Vec<String> = h.errors.iter().map(|(r, e)| format!("{r}: {e}")).collect();
+            // Still answering on the last objects seen: ready for traffic, but say why
+            // it may be stale.
+            return Err(format!("watch failing: {}", lines.join("; ")));
+        }
+        if h.synced {
+            Ok(())
+        } else {
+            Err("watches have not listed yet".into())
+        }
+    };
+    let render = move || metrics.encode();
+    ferrolb_controller::kubernetes::http::serve(address, Arc::new(render), Arc::new(ready))
+        .await
+        .map_err(|e| anyhow::anyhow!("serving metrics on {address}: {e}"))
+}
