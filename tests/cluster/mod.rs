@@ -1,8 +1,10 @@
-//! What the Kubernetes end-to-end tests share: a real control plane with ferrolb's CRDs
-//! and the Helm chart's RBAC installed, `ferrolb controller` processes running with the
+//! What the Kubernetes end-to-end tests share: a real control plane with ferrolb's Helm
+//! chart installed (`helm install`), `ferrolb controller` processes running with the
 //! chart's ServiceAccount token (not as admin), and polling helpers.
 
 #![allow(dead_code)] // each test file uses its own part
+
+pub mod lab;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,8 +20,7 @@ use kube::api::{ListParams, PostParams};
 
 /// The namespace ferrolb is installed in, as with `helm install -n ferrolb-system`.
 pub const NAMESPACE: &str = "ferrolb-system";
-pub const CRDS: &str = include_str!("../../charts/ferrolb/crds/crds.yaml");
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/ferrolb");
+pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/ferrolb");
 
 pub struct Cluster {
     pub cp: ControlPlane,
@@ -35,23 +36,38 @@ impl Cluster {
         let cp = ControlPlane::start_with(options)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
-        cp.apply(CRDS).unwrap();
-        cp.kubectl_run(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=30s",
-                "crd/ipaddresspools.ferrolb.io",
-                "crd/l2advertisements.ferrolb.io",
-            ],
-            None,
-        )
-        .unwrap();
-        cp.kubectl_run(&["create", "namespace", NAMESPACE], None)
-            .unwrap();
         let cluster = Cluster { cp };
-        cluster.apply(&cluster.chart("templates/controller-rbac.yaml"));
+        // The chart as users install it: CRDs, RBAC, the membership Secret, and the
+        // workloads (which never run here: there is no kubelet; the tests run the same
+        // binary with the chart's ServiceAccounts instead).
+        cluster.helm(&[
+            "install",
+            "ferrolb",
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--create-namespace",
+        ]);
+        cluster.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/ipaddresspools.ferrolb.io",
+            "crd/l2advertisements.ferrolb.io",
+        ]);
         cluster
+    }
+
+    /// Runs `helm ARGS` as the admin; its stdout, or a panic with its stderr.
+    pub fn helm(&self, args: &[&str]) -> String {
+        let out = ferrolb_control_plane::run(self.cp.helm().unwrap().args(args), None).unwrap();
+        assert!(
+            out.status.success(),
+            "helm {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 
     /// One template of the chart, rendered as `helm install ferrolb -n ferrolb-system`

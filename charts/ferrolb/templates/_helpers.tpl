@@ -23,3 +23,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "ferrolb.speaker.name" -}}
 {{- printf "%s-speaker" (include "ferrolb.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{- define "ferrolb.selector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ferrolb.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "ferrolb.memberlistSecretName" -}}
+{{- if .Values.speaker.memberlist.existingSecret -}}
+{{- .Values.speaker.memberlist.existingSecret -}}
+{{- else -}}
+{{- printf "%s-memberlist" (include "ferrolb.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,252 @@
+//! The Helm chart with the real helm and the real API server: lint and template with
+//! every feature, a schema that refuses typos, and install (every object accepted; the
+//! chart's ServiceAccounts are enough to run the controller and the speakers, and a
+//! Service gets an IP that answers), upgrade (the membership key and every IP stay) and
+//! uninstall (nothing of ours left but the CRDs).
+
+mod cluster;
+
+use std::process::Command;
+use std::time::Duration;
+
+use cluster::lab::World;
+use cluster::{CHART, NAMESPACE, eventually};
+
+fn helm(args: &[&str]) -> std::process::Output {
+    let helm = ferrolb_control_plane::binary("helm").unwrap_or_else(|e| panic!("{e:#}"));
+    let home = tempfile::tempdir().unwrap();
+    Command::new(helm)
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every optional feature on.
+const ALL_FEATURES: &str = r#"
+pools:
+  - name: lab
+    addresses: [192.0.2.200-192.0.2.209]
+    avoidBuggyIPs: true
+l2Advertisements:
+  - name: lab
+    ipAddressPools: [lab]
+    forwarding: nodePort
+  - name: everywhere
+prometheus:
+  serviceMonitor: {enabled: true, labels: {release: prom}}
+  podMonitor: {enabled: true}
+  prometheusRule: {enabled: true, poolUsedPercent: 80}
+speaker:
+  memberlist: {existingSecret: my-key}
+  priorityClassName: system-node-critical
+controller:
+  priorityClassName: system-cluster-critical
+  nodeSelector: {kubernetes.io/os: linux}
+loadBalancerClass: example.com/ferrolb
+logFormat: text
+"#;
+
+fn values_file(text: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    f
+}
+
+fn kinds(rendered: &str) -> Vec<String> {
+    let mut kinds: Vec<String> = rendered
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .map(str::to_string)
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+#[test]
+fn lint_and_template_with_defaults_and_every_feature() {
+    ok(helm(&["lint", CHART, "--strict"]));
+    let all = values_file(ALL_FEATURES);
+    let all = all.path().to_str().unwrap();
+    ok(helm(&["lint", CHART, "--strict", "-f", all]));
+
+    let default = ok(helm(&["template", "ferrolb", CHART, "-n", NAMESPACE]));
+    assert_eq!(
+        kinds(&default),
+        [
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Secret",
+            "ServiceAccount",
+            "ServiceAccount",
+        ]
+    );
+    // The speaker gets exactly NET_RAW and NET_ADMIN, unprivileged, on the host network.
+    let speaker = default
+        .split("\n---")
+        .find(|d| d.contains("kind: DaemonSet"))
+        .unwrap();
+    for line in [
+        "hostNetwork: true",
+        "privileged: false",
+        "allowPrivilegeEscalation: false",
+        "readOnlyRootFilesystem: true",
+        "drop: [ALL]",
+        "add: [NET_RAW, NET_ADMIN]",
+        "fieldPath: spec.nodeName",
+    ] {
+        assert!(speaker.contains(line), "no `{line}` in\n{speaker}");
+    }
+
+    let everything = ok(helm(&[
+        "template", "ferrolb", CHART, "-n", NAMESPACE, "-f", all,
+    ]));
+    for kind in [
+        "IPAddressPool",
+        "L2Advertisement",
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "Service",
+    ] {
+        assert!(kinds(&everything).iter().any(|k| k == kind), "no {kind}");
+    }
+    // Bringing one's own key: no Secret generated, and the speakers use it.
+    assert!(!kinds(&everything).iter().any(|k| k == "Secret"));
+    assert!(everything.contains("secretName: my-key"));
+    assert!(everything.contains("--load-balancer-class=example.com/ferrolb"));
+}
+
+#[test]
+fn the_schema_refuses_typos_and_wrong_types() {
+    for (values, want) in [
+        (
+            "controler:\n  replicas: 2\n",
+            "additional properties 'controler' not allowed",
+        ),
+        ("controller:\n  replicas: two\n", "controller/replicas"),
+        ("logFormat: yaml\n", "logFormat"),
+        (
+            "speaker:\n  memberlist:\n    port: 70000\n",
+            "speaker/memberlist/port",
+        ),
+        (
+            "pools:\n  - addresses: [192.0.2.0/24]\n",
+            "missing property 'name'",
+        ),
+    ] {
+        let f = values_file(values);
+        let out = helm(&[
+            "template",
+            "ferrolb",
+            CHART,
+            "-f",
+            f.path().to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{values} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{values}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn install_runs_with_the_charts_accounts_upgrade_keeps_everything_uninstall_cleans_up() {
+    // World::start installs the chart (helm install) and runs the controller and three
+    // speakers with tokens of the chart's own ServiceAccounts.
+    let mut w = World::start().await;
+    let status = w
+        .cluster
+        .helm(&["status", "ferrolb", "-n", NAMESPACE, "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["info"]["status"], "deployed");
+    for object in [
+        "deployment/ferrolb-controller",
+        "daemonset/ferrolb-speaker",
+        "poddisruptionbudget/ferrolb-controller",
+        "secret/ferrolb-memberlist",
+    ] {
+        w.cluster.kubectl(&["get", "-n", NAMESPACE, object]);
+    }
+    let (vip, _) = w.service("web", "").await;
+    let owner = w.owner(vip);
+    eventually(Duration::from_secs(20), "TCP through the VIP", || async {
+        w.connects(vip).then_some(())
+    })
+    .await;
+    let key = || {
+        w.cluster.kubectl(&[
+            "get",
+            "secret",
+            "-n",
+            NAMESPACE,
+            "ferrolb-memberlist",
+            "-o",
+            "jsonpath={.data.secretkey}",
+        ])
+    };
+    let key_before = key();
+    assert_eq!(key_before.len(), 88, "64 random characters, base64");
+
+    w.cluster.helm(&[
+        "upgrade",
+        "ferrolb",
+        CHART,
+        "-n",
+        NAMESPACE,
+        "--set",
+        "logLevel=debug",
+    ]);
+    assert_eq!(key(), key_before, "helm upgrade changed the membership key");
+    let ip = w.cluster.kubectl(&[
+        "get",
+        "svc",
+        "web",
+        "-o",
+        "jsonpath={.status.loadBalancer.ingress[0].ip}",
+    ]);
+    assert_eq!(ip, vip.to_string());
+    assert_eq!(w.owner(vip), owner);
+    let args = w.cluster.kubectl(&[
+        "get",
+        "-n",
+        NAMESPACE,
+        "daemonset/ferrolb-speaker",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].env[0].value}",
+    ]);
+    assert_eq!(args, "debug");
+
+    w.cluster.helm(&["uninstall", "ferrolb", "-n", NAMESPACE]);
+    let left = w.cluster.kubectl(&[
+        "get",
+        "all,secrets,serviceaccounts,roles,rolebindings,poddisruptionbudgets,clusterroles,clusterrolebindings",
+        "-A",
+        "-l",
+        "app.kubernetes.io/instance=ferrolb",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(left.trim(), "", "left behind by helm uninstall");
+    // Helm's convention: CRDs (and so the user's pools) stay.
+    w.cluster
+        .kubectl(&["get", "crd", "ipaddresspools.ferrolb.io"]);
+    w.cluster.kubectl(&["get", "ippool", "lab"]);
+}
