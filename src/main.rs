@@ -4,6 +4,7 @@ mod controller_command;
 mod files;
 mod logging;
 mod plan;
+mod why;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +50,14 @@ enum Command {
     /// writes status.loadBalancer.ingress, Events and pool status. Run two replicas: one
     /// is active through a Lease. SIGTERM releases the Lease and exits 0.
     Controller(controller_command::ControllerArgs),
+    /// Why a LoadBalancer Service is pending or unreachable, and what to do about it.
+    ///
+    /// Walks the path an allocation and a packet take (class, controller, pool,
+    /// L2Advertisement, eligible nodes, speakers, the announcing node, Pods, readiness,
+    /// ports) and stops at the first broken link, with the evidence and the next thing to
+    /// do. Reads the current cluster, or manifests with -f. Exits 0 only when the Service
+    /// is healthy, so scripts can call it after `helm install`.
+    Why(why::WhyArgs),
     /// Print the CustomResourceDefinitions as YAML (what the Helm chart installs).
     Crds,
     /// Failover shown in a network-namespace lab: three nodes, a client, the owner killed.
@@ -154,6 +163,7 @@ fn main() -> ExitCode {
             plan::run(&files, output, start)
         }
         Command::Controller(args) => controller_command::run(args),
+        Command::Why(args) => why::run(args),
         Command::Crds => print_crds(),
         Command::Speaker(args) => speaker(args),
         Command::Lab(args) => ferrolb::lab_command::run(args),

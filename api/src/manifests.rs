@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -63,6 +63,8 @@ pub struct Manifests {
     pub namespaces: Vec<Located<Namespace>>,
     pub nodes: Vec<Located<Node>>,
     pub endpoint_slices: Vec<Located<EndpointSlice>>,
+    /// Read for `ferrolb why` (whether a Service's selector finds ready Pods).
+    pub pods: Vec<Located<Pod>>,
     /// Documents skipped on purpose (kinds ferrolb does not read), one line each.
     pub warnings: Vec<String>,
 }
@@ -176,6 +178,7 @@ impl Manifests {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 push(&mut self.endpoint_slices, origin, doc).map_err(fail)
             }
+            ("v1", "Pod") => push(&mut self.pods, origin, doc).map_err(fail),
             (group, "IPAddressPool" | "L2Advertisement") if group.starts_with("metallb.io/") => {
                 Err(fail(format!(
                     "apiVersion {group} is MetalLB's; change it to ferrolb.io/v1beta1 (the fields are the same)"

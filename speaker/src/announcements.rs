@@ -262,7 +262,8 @@ fn from_status(m: &Manifests) -> (BTreeMap<ServiceKey, &Service>, ByIp) {
     (services, by_ip)
 }
 
-fn announces_pool(adv: &L2Advertisement, pool: &str, labels: Option<&Labels>) -> bool {
+/// Whether `adv` announces the IPs of `pool` (whose labels are `labels`).
+pub fn announces_pool(adv: &L2Advertisement, pool: &str, labels: Option<&Labels>) -> bool {
     let spec = &adv.spec;
     if spec.ip_address_pools.is_empty() && spec.ip_address_pool_selectors.is_empty() {
         return true;
@@ -292,7 +293,7 @@ fn node_eligible(node: &Node, advs: &[&L2Advertisement]) -> bool {
 }
 
 /// Whether an EndpointSlice of the Service lists a ready endpoint on `node`.
-fn has_ready_endpoint(slices: &[&EndpointSlice], svc: &Service, node: &str) -> bool {
+pub fn has_ready_endpoint(slices: &[&EndpointSlice], svc: &Service, node: &str) -> bool {
     let name = svc.metadata.name.as_deref();
     let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
     slices

@@ -294,6 +294,7 @@ impl State {
             namespaces: Vec::new(),
             nodes: located(&self.nodes),
             endpoint_slices: located(&self.slices),
+            pods: Vec::new(),
             warnings: Vec::new(),
         }
     }

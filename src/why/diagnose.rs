@@ -1,0 +1,580 @@
+//! Why a LoadBalancer Service is pending or unreachable: the path an allocation and a
+//! packet take, walked in order, stopping at the first broken link. Pure: the facts are
+//! gathered by the caller (from the cluster or from files).
+//!
+//! The links: the Service is a LoadBalancer of ferrolb's class; an active controller;
+//! a pool gives it an IP; an L2Advertisement announces that pool; a node may announce it
+//! and a speaker runs there; a node does announce it; the selector finds Pods; some are
+//! Ready; with `externalTrafficPolicy: Local`, one is on the announcing node; the
+//! targetPort is one the Pods expose; forwarding has a NodePort to go to.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ferrolb_api::manifests::Manifests;
+use ferrolb_api::selector::{self, Labels};
+use ferrolb_api::{Forwarding, L2Advertisement};
+use ferrolb_controller::allocator::{self, Outcome, ServiceKey, Start};
+use ferrolb_controller::input::{self, Translation};
+use ferrolb_speaker::announcements::{EXCLUDE_LABEL, announces_pool, has_ready_endpoint};
+use ferrolb_speaker::election;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+/// What the cluster says about ferrolb's own components (absent when reading files).
+#[derive(Clone, Debug)]
+pub struct Components {
+    /// The controller's Lease: its holder, when it is still valid, else why not.
+    pub controller: Result<String, String>,
+    /// Nodes with a speaker Pod, and whether it is Ready.
+    pub speakers: BTreeMap<String, bool>,
+}
+
+/// Everything the diagnosis reads.
+pub struct Facts {
+    pub manifests: Manifests,
+    /// The `loadBalancerClass` ferrolb serves besides none.
+    pub class: String,
+    /// `None` when reading files: what would run there is assumed to.
+    pub components: Option<Components>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Diagnosis {
+    pub service: String,
+    pub healthy: bool,
+    /// One sentence: what is wrong, or that nothing is.
+    pub headline: String,
+    /// What was looked at on the way.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<String>,
+    /// What to do next.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl Diagnosis {
+    fn stop(mut self, headline: String, next: impl Into<String>) -> Diagnosis {
+        self.headline = headline;
+        self.next = Some(next.into());
+        self
+    }
+}
+
+pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
+    let d = Diagnosis {
+        service: key.to_string(),
+        ..Default::default()
+    };
+    let m = &f.manifests;
+    let Some(svc) = m
+        .services
+        .iter()
+        .map(|l| &l.object)
+        .find(|s| input::service_key(s) == *key)
+    else {
+        return d.stop(
+            format!("there is no Service {key}"),
+            format!("kubectl get svc -A | grep {}", key.name),
+        );
+    };
+    let spec = svc.spec.clone().unwrap_or_default();
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if kind != "LoadBalancer" {
+        return d.stop(
+            format!("{key} is of type {kind}, not LoadBalancer: ferrolb serves LoadBalancer Services only"),
+            "set spec.type: LoadBalancer",
+        );
+    }
+    if let Some(class) = spec.load_balancer_class.as_deref()
+        && class != f.class
+    {
+        return d.stop(
+            format!(
+                "{key} has loadBalancerClass {class}: that class's controller serves it, not ferrolb (which serves Services with no class or {})",
+                f.class
+            ),
+            "spec.loadBalancerClass cannot be changed: recreate the Service without it, or run that class's controller",
+        );
+    }
+    let mut d = d;
+    let status_ips = ferrolb_controller::reconcile::ingress_ips(svc);
+    let ips = if status_ips.is_empty() {
+        match pending(f, svc, key, &mut d) {
+            Ok(ips) => ips,
+            Err(stopped) => return *stopped,
+        }
+    } else {
+        d.evidence.push(format!(
+            "status.loadBalancer.ingress: {}",
+            list(&status_ips)
+        ));
+        status_ips
+    };
+    d.ips = ips.clone();
+    let mut owners = Vec::new();
+    for ip in &ips {
+        match announced(f, svc, *ip, &mut d) {
+            Ok(owner) => owners.push(owner),
+            Err(stopped) => return *stopped,
+        }
+    }
+    let owner = owners.first().cloned();
+    d.node = owner.as_ref().map(|(n, _)| n.clone());
+    if let Err(stopped) = traffic(
+        f,
+        svc,
+        owner.as_ref().map(|(n, _)| n.as_str()),
+        &ips,
+        &mut d,
+    ) {
+        return *stopped;
+    }
+    let announced: Vec<String> = ips
+        .iter()
+        .zip(&owners)
+        .map(|(ip, (node, how))| format!("{ip} announced by {node}{how}"))
+        .collect();
+    d.healthy = true;
+    d.headline = format!("{key} is healthy: {}", announced.join("; "));
+    d
+}
+
+/// No IP in status: why, or the IPs it would get (reading files, where nobody assigns).
+fn pending(
+    f: &Facts,
+    svc: &Service,
+    key: &ServiceKey,
+    d: &mut Diagnosis,
+) -> Result<Vec<IpAddr>, Box<Diagnosis>> {
+    let stop =
+        |d: &Diagnosis, headline: String, next: &str| Box::new(d.clone().stop(headline, next));
+    if let Translation::Invalid { reason, .. } = input::translate_for_class(svc, &f.class) {
+        return Err(stop(
+            d,
+            format!("{key} is pending: {reason}"),
+            "fix the Service's annotations or spec",
+        ));
+    }
+    let m = &f.manifests;
+    let prepared = input::prepare(m);
+    let plan = allocator::plan(
+        prepared.pools,
+        prepared.namespaces,
+        &prepared.requests,
+        Start::Lowest,
+    );
+    for p in &plan.pools {
+        let checked = prepared.checked.iter().find(|c| c.name == p.name);
+        let state = match checked.and_then(|c| c.problems.first()) {
+            Some(problem) => format!("not usable: {}", problem.message),
+            None => format!(
+                "{} of {} IPv4 and {} of {} IPv6 addresses in use",
+                p.assigned.ipv4,
+                p.assigned.ipv4 + p.available.ipv4,
+                p.assigned.ipv6,
+                p.assigned.ipv6 + p.available.ipv6
+            ),
+        };
+        d.evidence.push(format!("pool {}: {state}", p.name));
+    }
+    match plan.services.get(key) {
+        Some(Outcome::Pending { reason }) => {
+            let next = if m.pools.is_empty() {
+                "create an IPAddressPool (docs/api.md)"
+            } else if reason.contains("exhausted") {
+                "add addresses to the pool, or another pool open to this Service"
+            } else if reason.contains("requested") {
+                "request a free address of a pool open to this Service, or remove the request"
+            } else {
+                "open a pool to this Service (spec.serviceAllocation, autoAssign) or name one with ferrolb.io/address-pool"
+            };
+            Err(stop(d, format!("{key} is pending: {reason}"), next))
+        }
+        Some(outcome) => {
+            let ips: Vec<IpAddr> = outcome.assignments().iter().map(|a| a.ip).collect();
+            match &f.components {
+                // In a cluster: a pool has an IP for it, so the controller is not acting.
+                Some(c) => Err(match &c.controller {
+                    Err(why) => stop(
+                        d,
+                        format!("{key} is pending because no ferrolb controller is active: {why}"),
+                        "kubectl -n ferrolb-system get pods -l app.kubernetes.io/component=controller; kubectl -n ferrolb-system logs deploy/ferrolb-controller",
+                    ),
+                    Ok(holder) => stop(
+                        d,
+                        format!(
+                            "{key} is pending, though a pool has {} for it: the active controller ({holder}) has not assigned it yet",
+                            list(&ips)
+                        ),
+                        "kubectl -n ferrolb-system logs deploy/ferrolb-controller",
+                    ),
+                }),
+                None => {
+                    d.evidence.push(format!(
+                        "no IP in status; ferrolb would assign {}",
+                        list(&ips)
+                    ));
+                    Ok(ips)
+                }
+            }
+        }
+        None => Err(stop(
+            d,
+            format!("{key} is pending"),
+            "ferrolb plan -f ... shows the allocation",
+        )),
+    }
+}
+
+/// Who announces `ip`: (node, " on IFACE" or ""), or where the announcement breaks.
+fn announced(
+    f: &Facts,
+    svc: &Service,
+    ip: IpAddr,
+    d: &mut Diagnosis,
+) -> Result<(String, String), Box<Diagnosis>> {
+    let stop =
+        |d: &Diagnosis, headline: String, next: &str| Box::new(d.clone().stop(headline, next));
+    let m = &f.manifests;
+    let (configs, _) =
+        input::pool_configs(&m.pools.iter().map(|p| p.object.clone()).collect::<Vec<_>>());
+    let pool = configs
+        .iter()
+        .find(|c| c.ranges.iter().any(|r| r.contains(ip)))
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    let labels = m
+        .pools
+        .iter()
+        .find(|p| p.object.metadata.name.as_deref() == Some(pool.as_str()))
+        .and_then(|p| p.object.metadata.labels.clone());
+    let advs: Vec<&L2Advertisement> = m
+        .l2_advertisements
+        .iter()
+        .map(|a| &a.object)
+        .filter(|a| announces_pool(a, &pool, labels.as_ref()))
+        .collect();
+    let pool_text = if pool.is_empty() {
+        "is in no pool".to_string()
+    } else {
+        format!("is in pool {pool}")
+    };
+    if advs.is_empty() {
+        return Err(stop(
+            d,
+            format!(
+                "{ip} is assigned but nobody answers for it: no L2Advertisement announces pool {pool}"
+            ),
+            "create an L2Advertisement naming the pool (ipAddressPools), or one with an empty spec to announce every pool",
+        ));
+    }
+    let names: Vec<String> = advs
+        .iter()
+        .filter_map(|a| a.metadata.name.clone())
+        .collect();
+    d.evidence.push(format!(
+        "{ip} {pool_text}, announced by L2Advertisement {}",
+        names.join(", ")
+    ));
+
+    let local = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.external_traffic_policy.as_deref())
+        == Some("Local");
+    let slices: Vec<_> = m.endpoint_slices.iter().map(|s| &s.object).collect();
+    let mut eligible = Vec::new();
+    let mut excluded = Vec::new();
+    for node in m.nodes.iter().map(|n| &n.object) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        match ineligible(node, &advs) {
+            Some(why) => excluded.push(format!("{name}: {why}")),
+            None if local && !has_ready_endpoint(&slices, svc, &name) => excluded.push(format!(
+                "{name}: no ready endpoint here (externalTrafficPolicy: Local)"
+            )),
+            None => eligible.push(name),
+        }
+    }
+    if eligible.is_empty() {
+        let why = if m.nodes.is_empty() {
+            "there are no Nodes".to_string()
+        } else {
+            excluded.join("; ")
+        };
+        return Err(stop(
+            d,
+            format!("{ip} is assigned but no node may announce it: {why}"),
+            if local {
+                "make a Pod of the Service Ready (externalTrafficPolicy: Local needs a ready endpoint on the announcing node)"
+            } else {
+                "check the L2Advertisement's nodeSelectors, the node label node.kubernetes.io/exclude-from-external-load-balancers, and node readiness"
+            },
+        ));
+    }
+    if !excluded.is_empty() {
+        d.evidence
+            .push(format!("not eligible: {}", excluded.join("; ")));
+    }
+    let Some(components) = &f.components else {
+        // Reading files: the election, with every eligible node alive.
+        let owner = election::owner(ip, eligible.iter().map(String::as_str)).unwrap_or_default();
+        d.evidence.push(format!(
+            "eligible: {} (with every speaker up, {owner} announces)",
+            eligible.join(", ")
+        ));
+        return Ok((owner.to_string(), String::new()));
+    };
+    let running: Vec<&String> = eligible
+        .iter()
+        .filter(|n| components.speakers.get(*n) == Some(&true))
+        .collect();
+    if running.is_empty() {
+        return Err(stop(
+            d,
+            format!(
+                "{ip} is assigned but no ready speaker runs on the nodes that may announce it ({})",
+                eligible.join(", ")
+            ),
+            "kubectl -n ferrolb-system get pods -o wide -l app.kubernetes.io/component=speaker (check the DaemonSet's nodeSelector and tolerations)",
+        ));
+    }
+    let type_ = ferrolb_speaker::kubernetes::report::condition_type(ip);
+    let condition = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == type_ && c.message.starts_with(&format!("{ip} ")));
+    match condition {
+        Some(c) if c.status == "True" => {
+            let rest = c
+                .message
+                .split(" is announced by ")
+                .nth(1)
+                .unwrap_or_default();
+            let (node, iface) = rest.split_once(" on ").unwrap_or((rest, ""));
+            d.evidence.push(format!("condition {type_}: {}", c.message));
+            Ok((
+                node.to_string(),
+                if iface.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on {iface}")
+                },
+            ))
+        }
+        Some(c) => Err(stop(
+            d,
+            format!("nobody answers for {ip}: {}", c.message),
+            "see the speakers' logs",
+        )),
+        None => Err(stop(
+            d,
+            format!(
+                "{ip} is assigned and may be announced by {}, but no speaker has reported announcing it",
+                eligible.join(", ")
+            ),
+            "kubectl -n ferrolb-system logs -l app.kubernetes.io/component=speaker (does the node have an interface on the IP's subnet?)",
+        )),
+    }
+}
+
+/// Why a node may not announce for these advertisements, if it may not.
+fn ineligible(node: &Node, advs: &[&L2Advertisement]) -> Option<String> {
+    let labels: Labels = node.metadata.labels.clone().unwrap_or_default();
+    if labels.contains_key(EXCLUDE_LABEL) {
+        return Some(format!("labelled {EXCLUDE_LABEL}"));
+    }
+    let not_ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status != "True");
+    if not_ready {
+        return Some("NotReady".into());
+    }
+    let selected = advs.iter().any(|a| {
+        a.spec.node_selectors.is_empty() || selector::any_matches(&a.spec.node_selectors, &labels)
+    });
+    (!selected).then(|| "not matched by the L2Advertisement's nodeSelectors".to_string())
+}
+
+/// Where the traffic goes once it reaches the announcing node.
+fn traffic(
+    f: &Facts,
+    svc: &Service,
+    owner: Option<&str>,
+    ips: &[IpAddr],
+    d: &mut Diagnosis,
+) -> Result<(), Box<Diagnosis>> {
+    let stop =
+        |d: &Diagnosis, headline: String, next: &str| Box::new(d.clone().stop(headline, next));
+    let m = &f.manifests;
+    let spec = svc.spec.clone().unwrap_or_default();
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let at = match owner {
+        Some(node) => format!("{} is announced by {node}", list(ips)),
+        None => format!("{} is announced", list(ips)),
+    };
+    let forwarding = m
+        .l2_advertisements
+        .iter()
+        .any(|a| a.object.spec.forwarding == Forwarding::NodePort);
+    if forwarding {
+        let without: Vec<String> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.node_port.is_none())
+            .map(|p| p.port.to_string())
+            .collect();
+        if !without.is_empty() {
+            return Err(stop(
+                d,
+                format!(
+                    "{at}, but forwarding: nodePort has no NodePort to send port {} to",
+                    without.join(", ")
+                ),
+                "remove spec.allocateLoadBalancerNodePorts: false, or use forwarding: none with a kube-proxy that handles LoadBalancer IPs",
+            ));
+        }
+    }
+    let Some(selector) = spec.selector.clone().filter(|s| !s.is_empty()) else {
+        d.evidence
+            .push("no selector: its endpoints are managed by hand".into());
+        return Ok(());
+    };
+    let text = selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods: Vec<&Pod> = m
+        .pods
+        .iter()
+        .map(|p| &p.object)
+        .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == namespace)
+        .filter(|p| {
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .collect();
+    if pods.is_empty() {
+        return Err(stop(
+            d,
+            format!("{at}, but the selector {text} matches no Pod in namespace {namespace}"),
+            &format!(
+                "kubectl get pods -n {namespace} --show-labels (compare with the Service's spec.selector)"
+            ),
+        ));
+    }
+    let ready: Vec<&&Pod> = pods.iter().filter(|p| pod_ready(p)).collect();
+    if ready.is_empty() {
+        return Err(stop(
+            d,
+            format!(
+                "{at}, but none of the {} Pods matching {text} is Ready",
+                pods.len()
+            ),
+            &format!(
+                "kubectl describe pods -n {namespace} -l {text} (readiness probes, crashes, scheduling)"
+            ),
+        ));
+    }
+    if spec.external_traffic_policy.as_deref() == Some("Local")
+        && let Some(node) = owner
+        && !ready
+            .iter()
+            .any(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+    {
+        return Err(stop(
+            d,
+            format!("{at}, but with externalTrafficPolicy: Local no ready Pod runs on {node}"),
+            "run a ready Pod on the announcing node, or use externalTrafficPolicy: Cluster",
+        ));
+    }
+    for port in spec.ports.iter().flatten() {
+        let exposed = |target: &IntOrString| {
+            pods.iter().any(|p| {
+                p.spec
+                    .iter()
+                    .flat_map(|s| s.containers.iter())
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .any(|cp| match target {
+                        IntOrString::Int(n) => cp.container_port == *n,
+                        IntOrString::String(name) => cp.name.as_deref() == Some(name.as_str()),
+                    })
+            })
+        };
+        let target = port
+            .target_port
+            .clone()
+            .unwrap_or(IntOrString::Int(port.port));
+        let declares_ports = pods.iter().any(|p| {
+            p.spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .any(|c| c.ports.as_ref().is_some_and(|v| !v.is_empty()))
+        });
+        if declares_ports && !exposed(&target) {
+            let target_text = match &target {
+                IntOrString::Int(n) => n.to_string(),
+                IntOrString::String(s) => s.clone(),
+            };
+            let theirs: std::collections::BTreeSet<String> = pods
+                .iter()
+                .flat_map(|p| p.spec.iter().flat_map(|s| s.containers.iter()))
+                .flat_map(|c| c.ports.iter().flatten())
+                .map(|cp| match &cp.name {
+                    Some(n) => format!("{} ({n})", cp.container_port),
+                    None => cp.container_port.to_string(),
+                })
+                .collect();
+            return Err(stop(
+                d,
+                format!(
+                    "{at}, but targetPort {target_text} of port {} is not a port the Pods expose ({})",
+                    port.port,
+                    theirs.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+                "set the Service's targetPort to the port the container listens on",
+            ));
+        }
+    }
+    let names: Vec<String> = ready
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    d.evidence
+        .push(format!("ready endpoints: {}", names.join(", ")));
+    Ok(())
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+fn list(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,223 @@
+//! `ferrolb why`: why a LoadBalancer Service is pending or unreachable, and what to do.
+//! Gathers the facts from the cluster (or from files) and prints [`diagnose`]'s answer;
+//! exits 0 only when the Service is healthy.
+
+mod diagnose;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use ferrolb_api::manifests::{Located, Manifests, Origin};
+use ferrolb_api::{IPAddressPool, L2Advertisement};
+use ferrolb_controller::allocator::ServiceKey;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::ListParams;
+
+pub use diagnose::{Components, Diagnosis, Facts, diagnose};
+
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WhyArgs {
+    /// The Service: NAME or svc/NAME.
+    service: String,
+    /// Its namespace.
+    #[arg(short, long, default_value = "default")]
+    namespace: String,
+    /// Read manifests (files or directories, as `ferrolb plan` does) instead of a cluster.
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// Kubeconfig to use; without it, $KUBECONFIG or ~/.kube/config, as kubectl does.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The namespace ferrolb is installed in (its Lease and speaker Pods).
+    #[arg(long, default_value = "ferrolb-system")]
+    ferrolb_namespace: String,
+    /// The loadBalancerClass ferrolb serves besides none.
+    #[arg(long, default_value = ferrolb_api::annotations::LOAD_BALANCER_CLASS)]
+    load_balancer_class: String,
+}
+
+pub fn run(args: WhyArgs) -> Result<ExitCode> {
+    let name = args
+        .service
+        .strip_prefix("svc/")
+        .or_else(|| args.service.strip_prefix("service/"))
+        .unwrap_or(&args.service);
+    let key = ServiceKey::new(args.namespace.clone(), name);
+    let facts = if args.files.is_empty() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(from_cluster(&args, &key))?
+    } else {
+        from_files(&args)?
+    };
+    let d = diagnose(&facts, &key);
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&d)?),
+        Format::Text => print!("{}", text(&d)),
+    }
+    Ok(if d.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn text(d: &Diagnosis) -> String {
+    let mut out = format!("{}\n", d.headline);
+    for e in &d.evidence {
+        out.push_str(&format!("  - {e}\n"));
+    }
+    if let Some(next) = &d.next {
+        out.push_str(&format!("next: {next}\n"));
+    }
+    out
+}
+
+fn from_files(args: &WhyArgs) -> Result<Facts> {
+    let input = crate::files::read(&args.files)?;
+    for e in &input.errors {
+        eprintln!("warning: {e}");
+    }
+    Ok(Facts {
+        manifests: input.manifests,
+        class: args.load_balancer_class.clone(),
+        components: None,
+    })
+}
+
+async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
+    let client = crate::controller_command::client(args.kubeconfig.as_deref()).await?;
+    let all = ListParams::default();
+    let mut services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default().fields("spec.type=LoadBalancer"))
+        .await
+        .context("listing LoadBalancer Services")?
+        .items;
+    if !services
+        .iter()
+        .any(|s| ferrolb_controller::input::service_key(s) == *key)
+        && let Some(svc) = Api::<Service>::namespaced(client.clone(), &key.namespace)
+            .get_opt(&key.name)
+            .await
+            .with_context(|| format!("reading Service {key}"))?
+    {
+        services.push(svc);
+    }
+    let pools = Api::<IPAddressPool>::all(client.clone())
+        .list(&all)
+        .await
+        .context("listing IPAddressPools (are ferrolb's CRDs installed? `ferrolb crds | kubectl apply -f -`)")?
+        .items;
+    let advertisements = Api::<L2Advertisement>::all(client.clone())
+        .list(&all)
+        .await
+        .context("listing L2Advertisements")?
+        .items;
+    let namespaces = Api::<Namespace>::all(client.clone())
+        .list(&all)
+        .await?
+        .items;
+    let nodes = Api::<Node>::all(client.clone()).list(&all).await?.items;
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), &key.namespace)
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={}", key.name)))
+        .await?
+        .items;
+    let pods = Api::<Pod>::namespaced(client.clone(), &key.namespace)
+        .list(&all)
+        .await?
+        .items;
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &args.ferrolb_namespace);
+    let lease_name = "ferrolb-controller";
+    let controller = match leases.get_opt(lease_name).await? {
+        None => Err(format!(
+            "there is no Lease {}/{lease_name}: no controller has run there",
+            args.ferrolb_namespace
+        )),
+        Some(lease) => {
+            let spec = lease.spec.unwrap_or_default();
+            let holder = spec.holder_identity.unwrap_or_default();
+            let age = spec
+                .renew_time
+                .map(|t| Timestamp::now().duration_since(t.0).as_secs_f64());
+            let valid = spec.lease_duration_seconds.unwrap_or(0) as f64;
+            match age {
+                Some(age) if !holder.is_empty() && age <= valid => Ok(holder),
+                Some(age) => Err(format!(
+                    "its Lease {}/{lease_name} was last renewed {age:.0} s ago{}",
+                    args.ferrolb_namespace,
+                    if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by {holder}")
+                    }
+                )),
+                None => Err(format!(
+                    "its Lease {}/{lease_name} has never been held",
+                    args.ferrolb_namespace
+                )),
+            }
+        }
+    };
+    let speakers: BTreeMap<String, bool> = Api::<Pod>::namespaced(client, &args.ferrolb_namespace)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=speaker"))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| {
+            let node = p.spec.as_ref()?.node_name.clone()?;
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .into_iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Some((node, ready))
+        })
+        .collect();
+
+    fn located<T>(items: Vec<T>) -> Vec<Located<T>> {
+        items
+            .into_iter()
+            .map(|object| Located {
+                origin: Origin::cluster(),
+                object,
+            })
+            .collect()
+    }
+    Ok(Facts {
+        manifests: Manifests {
+            pools: located(pools),
+            l2_advertisements: located(advertisements),
+            services: located(services),
+            namespaces: located(namespaces),
+            nodes: located(nodes),
+            endpoint_slices: located(slices),
+            pods: located(pods),
+            warnings: Vec::new(),
+        },
+        class: args.load_balancer_class.clone(),
+        components: Some(Components {
+            controller,
+            speakers,
+        }),
+    })
+}
