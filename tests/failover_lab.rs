@@ -104,7 +104,14 @@ fn a_node_cut_off_is_replaced_and_takes_its_ips_back_once_when_it_returns() {
     let mut samples: Vec<(Duration, Vec<usize>)> = Vec::new();
     let back = Instant::now();
     while back.elapsed() < Duration::from_secs(6) {
-        samples.push((back.elapsed(), w.answering(vip)));
+        let at = back.elapsed();
+        let mut answers = w.answering(vip);
+        if answers.is_empty() {
+            // On a loaded machine a reply can miss the 100 ms window; ask once more,
+            // waiting longer, before calling it a gap.
+            answers = w.answering_within(vip, Duration::from_millis(500));
+        }
+        samples.push((at, answers));
     }
     let singles: Vec<(usize, usize)> = samples
         .iter()

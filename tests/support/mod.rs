@@ -78,7 +78,12 @@ impl World {
 
     /// The nodes answering ARP for `ip` right now, one entry per reply.
     pub fn answering(&self, ip: IpAddr) -> Vec<usize> {
-        arp_replies(self.lab.client(), ip, Duration::from_millis(100))
+        self.answering_within(ip, Duration::from_millis(100))
+    }
+
+    /// [`World::answering`], waiting `window` for replies.
+    pub fn answering_within(&self, ip: IpAddr, window: Duration) -> Vec<usize> {
+        arp_replies(self.lab.client(), ip, window)
             .iter()
             .filter_map(|mac| self.lab.node_with_mac(*mac))
             .collect()
