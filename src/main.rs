@@ -11,6 +11,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc returns freed memory to the system and fragments less than glibc's malloc
+/// under many small, short-lived allocations (every watch event is parsed into one):
+/// the controller at 10,000 Services stays far smaller with it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ferrolb",

@@ -92,7 +92,8 @@ struct Record {
     observed: Vec<IpAddr>,
     /// The request as last read (its `current` empty), or why it cannot be honoured.
     request: Result<ServiceRequest, String>,
-    /// The last request that could be honoured: what an invalid Service keeps holding by.
+    /// While `request` is invalid, the last one that was valid: what the Service keeps
+    /// holding its IPs by.
     last_valid: Option<ServiceRequest>,
     /// Families in the Service's order, for the order of ingress entries.
     families: Vec<Family>,
@@ -416,9 +417,13 @@ impl Reconciler {
             Ok(r) => r.families.clone(),
             Err(_) => previous.map(|p| p.families.clone()).unwrap_or_default(),
         };
+        // Kept only while the Service is invalid: what it holds its IPs by.
         let last_valid = match &request {
-            Ok(r) => Some(r.clone()),
-            Err(_) => previous.and_then(|p| p.last_valid.clone()),
+            Ok(_) => None,
+            Err(_) => previous.and_then(|p| match &p.request {
+                Ok(r) => Some(r.clone()),
+                Err(_) => p.last_valid.clone(),
+            }),
         };
         Some(Record {
             uid: svc.metadata.uid.clone(),
