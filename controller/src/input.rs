@@ -29,6 +29,11 @@ pub struct Prepared<'a> {
 
 /// Reads pools, namespaces and Services out of manifests for [`crate::allocator::plan`].
 pub fn prepare(m: &Manifests) -> Prepared<'_> {
+    prepare_for_class(m, annotations::LOAD_BALANCER_CLASS)
+}
+
+/// Like [`prepare`], serving `class` besides no class.
+pub fn prepare_for_class<'a>(m: &'a Manifests, class: &str) -> Prepared<'a> {
     let mut problems = Vec::new();
     let pool_objects: Vec<IPAddressPool> = m.pools.iter().map(|p| p.object.clone()).collect();
     let (pools, checked) = pool_configs(&pool_objects);
@@ -50,7 +55,7 @@ pub fn prepare(m: &Manifests) -> Prepared<'_> {
     let mut invalid = BTreeMap::new();
     let mut services = BTreeMap::new();
     for located in &m.services {
-        match translate(&located.object) {
+        match translate_for_class(&located.object, class) {
             Translation::NotOurs => {}
             Translation::Request(r) => {
                 services.insert(r.key.clone(), located);

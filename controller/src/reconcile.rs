@@ -82,6 +82,8 @@ enum Report {
     Pending(String),
     /// Invalid, keeping these IPs.
     Invalid(Vec<IpAddr>, String),
+    /// The last Event (or the status it told of) could not be written: tell it again.
+    Untold,
 }
 
 #[derive(Clone, Debug)]
@@ -198,8 +200,9 @@ impl Reconciler {
         if self.services.remove(key).is_none() {
             return Vec::new();
         }
+        let freed = !self.allocator.assignments(key).is_empty();
         self.allocator.release(key);
-        if !self.started {
+        if !self.started || !freed {
             return Vec::new();
         }
         self.retry_pending(key)
@@ -209,9 +212,14 @@ impl Reconciler {
     /// as a new generation), a new pool or a deleted one re-runs allocation; status
     /// updates (ours) do not.
     pub fn pools_applied(&mut self, pools: &[IPAddressPool]) -> Vec<Action> {
-        let specs = |m: &BTreeMap<String, PoolRecord>| -> Vec<(String, Option<i64>)> {
+        // A pool deleted and created again under its name has a new uid, generation 1.
+        type Spec = (String, Option<String>, Option<i64>);
+        let specs = |m: &BTreeMap<String, PoolRecord>| -> Vec<Spec> {
             m.iter()
-                .map(|(n, p)| (n.clone(), p.object.metadata.generation))
+                .map(|(n, p)| {
+                    let meta = &p.object.metadata;
+                    (n.clone(), meta.uid.clone(), meta.generation)
+                })
                 .collect()
         };
         let before = specs(&self.pools);
@@ -229,7 +237,15 @@ impl Reconciler {
             return Vec::new();
         }
         self.namespaces = labels;
-        if !self.started {
+        // Namespace labels matter only to pools that select namespaces by label.
+        let selects = self.pools.values().any(|p| {
+            p.object
+                .spec
+                .service_allocation
+                .as_ref()
+                .is_some_and(|a| !a.namespace_selectors.is_empty())
+        });
+        if !self.started || !selects {
             return Vec::new();
         }
         self.reallocate()
@@ -240,6 +256,14 @@ impl Reconciler {
         if let Some(r) = self.services.get_mut(&input::service_key(service)) {
             r.observed = ingress_ips(service);
             r.resource_version = service.metadata.resource_version.clone();
+        }
+    }
+
+    /// A write for the Service failed (its status, or an Event): what its Events said is
+    /// forgotten, so that the retry tells it again.
+    pub fn write_failed(&mut self, key: &ServiceKey) {
+        if let Some(r) = self.services.get_mut(key) {
+            r.reported = Some(Report::Untold);
         }
     }
 
@@ -374,8 +398,8 @@ impl Reconciler {
     pub fn counts(&self) -> (usize, usize) {
         let pending = self
             .services
-            .values()
-            .filter(|r| matches!(r.outcome, Some(Outcome::Pending { .. })) || r.outcome.is_none())
+            .keys()
+            .filter(|k| self.allocator.assignments(k).is_empty())
             .count();
         let stranded = self
             .services
@@ -448,7 +472,9 @@ impl Reconciler {
             .iter()
             .map(|a| a.ip)
             .collect();
-        let held = if held.is_empty() {
+        // Status speaks for the Service only until the controller has decided it: after
+        // that, an IP it gave up stays given up even while the clearing write is pending.
+        let held = if held.is_empty() && record.outcome.is_none() && record.reported.is_none() {
             record.observed.clone()
         } else {
             held
@@ -506,18 +532,22 @@ impl Reconciler {
                 .map(|p| p.object.clone())
                 .collect::<Vec<_>>(),
         );
-        self.allocator = Allocator::new(configs, self.namespaces.clone(), Start::Lowest);
+        let previous = std::mem::replace(
+            &mut self.allocator,
+            Allocator::new(configs, self.namespaces.clone(), Start::Lowest),
+        );
         let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
         let mut requests = Vec::new();
         let mut invalid_holders = Vec::new();
         for key in &keys {
             let record = &self.services[key];
-            let held: Vec<IpAddr> = record
-                .outcome
-                .as_ref()
-                .map(|o| o.assignments().iter().map(|a| a.ip).collect())
-                .filter(|h: &Vec<IpAddr>| !h.is_empty())
-                .unwrap_or_else(|| record.observed.clone());
+            let held: Vec<IpAddr> = match (&record.outcome, &record.reported) {
+                (Some(o), _) => o.assignments().iter().map(|a| a.ip).collect(),
+                // Invalid holders have no outcome: what the allocator held for them.
+                (None, Some(_)) => previous.assignments(key).iter().map(|a| a.ip).collect(),
+                // Not decided yet: what status says.
+                (None, None) => record.observed.clone(),
+            };
             match &record.request {
                 Ok(r) => requests.push(ServiceRequest {
                     current: held,
@@ -733,6 +763,8 @@ impl Reconciler {
                     Some(failure),
                 ));
             }
+            // Only ever remembered, never decided.
+            Report::Untold => {}
             Report::Invalid(kept, reason) => {
                 actions.push(event(
                     true,

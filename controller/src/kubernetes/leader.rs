@@ -7,6 +7,9 @@
 //! 7 s of a crash and cost one write every 4 s.
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
@@ -56,4 +59,46 @@ pub async fn elect(
         }
     });
     Ok((receiver, task))
+}
+
+/// Reads the Lease back: Ok while it names `identity` and has not expired, else why not.
+/// An unreachable API server is no reason to stop (nobody else can take the Lease then,
+/// and every write fails anyway).
+pub async fn still_held(
+    client: &Client,
+    options: &LeaseOptions,
+    identity: &str,
+) -> Result<(), String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
+    let lease = match leases.get(&options.name).await {
+        Ok(lease) => lease,
+        Err(kube::Error::Api(s)) => {
+            return Err(format!(
+                "reading Lease {}/{}: {}",
+                options.namespace, options.name, s.message
+            ));
+        }
+        Err(_) => return Ok(()),
+    };
+    let spec = lease.spec.unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return Err(format!(
+            "Lease {}/{} is held by {}",
+            options.namespace,
+            options.name,
+            spec.holder_identity.as_deref().unwrap_or("nobody")
+        ));
+    }
+    let expires = spec
+        .renew_time
+        .map(|t| t.0.as_second() + spec.lease_duration_seconds.unwrap_or(0) as i64);
+    match expires {
+        Some(at) if at < Timestamp::now().as_second() => Err(format!(
+            "Lease {}/{} expired {} s ago without renewal",
+            options.namespace,
+            options.name,
+            Timestamp::now().as_second() - at
+        )),
+        _ => Ok(()),
+    }
 }

@@ -149,6 +149,14 @@ impl Metrics {
         }
     }
 
+    /// What only the active replica knows: cleared when it stops being active.
+    pub fn clear_active(&self) {
+        self.addresses_in_use.clear();
+        self.addresses_total.clear();
+        self.pending_services.set(0);
+        self.stranded_services.set(0);
+    }
+
     pub fn api_error(&self, resource: &str, verb: &str, error: &kube::Error) {
         let code = match error {
             kube::Error::Api(s) => s.code.to_string(),

@@ -121,7 +121,14 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
             r = active(client.clone(), &options, &metrics, &health, Some(leading.clone())) => r,
             _ = &mut shutdown => break,
         };
+        // A standby reports nothing of the watches or addresses it no longer has.
         health.synced.store(false, Ordering::Relaxed);
+        health
+            .watch_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        metrics.clear_active();
         if let Err(e) = result {
             warn!("stopped acting: {e:#}");
         }
@@ -149,37 +156,65 @@ async fn active(
     let mut pools: Mirror<String, ferrolb_api::IPAddressPool> = Mirror::keeping();
     let mut namespaces: Mirror<String, k8s_openapi::api::core::v1::Namespace> = Mirror::keeping();
     let mut changes = watch::changes(client.clone());
+    let fence_client = client.clone();
     let writer = writes::Writer::new(client, &options.identity, metrics);
     let mut retries = writes::Retries::default();
     let mut pool_flush = tokio::time::interval(Duration::from_millis(250));
     pool_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    loop {
-        let lost = async {
-            match leading.as_mut() {
-                Some(l) => {
-                    let _ = l.wait_for(|l| !*l).await;
-                }
-                None => std::future::pending().await,
-            }
+    // Resolves when this replica must stop acting: the Lease task says it lost the
+    // Lease, or the Lease itself, read back, names another holder or has expired (the
+    // Lease task only logs failed renewals, so it alone could keep acting too long).
+    let lost = async {
+        let Some(l) = leading.as_mut() else {
+            return std::future::pending().await;
         };
+        let lease = options.lease.as_ref().expect("leading comes with a Lease");
+        let mut check = tokio::time::interval(Duration::from_secs(lease.grace.max(1)));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = l.wait_for(|l| !*l) => return,
+                _ = check.tick() => {
+                    if let Err(why) = leader::still_held(&fence_client, lease, &options.identity).await {
+                        warn!("stopping: {why}");
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::pin!(lost);
+    loop {
         let mut batch = Vec::new();
         tokio::select! {
             biased;
-            _ = lost => return Ok(()),
+            _ = &mut lost => return Ok(()),
             change = changes.next() => match change {
                 Some(c) => batch.push(c),
                 None => anyhow::bail!("the watches ended"),
             },
             key = retries.next() => {
                 let actions = reconciler.resync(&key);
-                writer.carry_out(actions, &mut reconciler, &mut retries).await;
+                if !actions.iter().any(|a| matches!(a, Action::ServiceStatus { .. } | Action::Event(_))) {
+                    // Nothing left to write for it (deleted, or the watch caught up).
+                    retries.succeeded(&key);
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut lost => return Ok(()),
+                    _ = writer.carry_out(actions, &mut reconciler, &mut retries) => {}
+                }
                 continue;
             }
             _ = pool_flush.tick() => {
                 let now = Time(Timestamp::now());
                 let actions = reconciler.pool_statuses(&now);
-                writer.carry_out(actions, &mut reconciler, &mut retries).await;
+                tokio::select! {
+                    biased;
+                    _ = &mut lost => return Ok(()),
+                    _ = writer.carry_out(actions, &mut reconciler, &mut retries) => {}
+                }
                 continue;
             }
         }
@@ -253,9 +288,11 @@ async fn active(
             .reconcile_duration
             .observe(started.elapsed().as_secs_f64());
         Metrics::count(&metrics.reconciles, trigger);
-        writer
-            .carry_out(actions, &mut reconciler, &mut retries)
-            .await;
+        tokio::select! {
+            biased;
+            _ = &mut lost => return Ok(()),
+            _ = writer.carry_out(actions, &mut reconciler, &mut retries) => {}
+        }
         metrics.set_usage(&reconciler.usage());
         let (pending, stranded) = reconciler.counts();
         metrics.pending_services.set(pending as i64);

@@ -37,7 +37,7 @@ pub struct Writer<'a> {
 enum Done {
     Service(ServiceKey, Box<Result<Service, kube::Error>>),
     Pool(String, IPAddressPoolStatus, Result<(), kube::Error>),
-    Event(Result<(), kube::Error>),
+    Event(ServiceKey, Result<(), kube::Error>),
 }
 
 impl<'a> Writer<'a> {
@@ -100,10 +100,12 @@ impl<'a> Writer<'a> {
                         }
                         kube::Error::Api(s) if s.code == 409 => {
                             debug!(service = %key, "the Service changed meanwhile; deciding again");
+                            reconciler.write_failed(&key);
                             retries.schedule(key, true);
                         }
                         _ => {
                             error!(service = %key, "cannot write status.loadBalancer: {}", explain(&e, "patch", "services/status"));
+                            reconciler.write_failed(&key);
                             retries.schedule(key, false);
                         }
                     },
@@ -113,12 +115,11 @@ impl<'a> Writer<'a> {
                     // The next flush computes the status again and retries.
                     warn!(pool = %name, "cannot write the pool's status: {}", explain(&e, "patch", "ipaddresspools/status"));
                 }
-                Done::Event(Ok(())) => {}
-                Done::Event(Err(e)) => {
-                    warn!(
-                        "cannot record an Event: {}",
-                        explain(&e, "create", "events")
-                    );
+                Done::Event(_, Ok(())) => {}
+                Done::Event(key, Err(e)) => {
+                    warn!(service = %key, "cannot record an Event: {}", explain(&e, "create", "events"));
+                    reconciler.write_failed(&key);
+                    retries.schedule(key, false);
                 }
             }
         }
@@ -155,7 +156,7 @@ impl<'a> Writer<'a> {
                         })
                         .inc();
                 }
-                Done::Event(result)
+                Done::Event(event.key, result)
             }
             Action::PoolStatus { name, status } => {
                 let api: Api<IPAddressPool> = Api::all(self.client.clone());
@@ -246,13 +247,14 @@ impl Retries {
     pub fn schedule(&mut self, key: ServiceKey, conflict: bool) {
         let attempts = self.attempts.entry(key.clone()).or_default();
         *attempts += 1;
-        let delay = if conflict {
-            Duration::from_millis(50)
+        // A conflict is usually resolved by the newer object the watch is delivering:
+        // try again soon, but back off too should the watch be down.
+        let (first, most) = if conflict {
+            (Duration::from_millis(50), Duration::from_secs(5))
         } else {
-            Duration::from_millis(100)
-                .saturating_mul(1 << (*attempts - 1).min(9))
-                .min(Duration::from_secs(30))
+            (Duration::from_millis(100), Duration::from_secs(30))
         };
+        let delay = first.saturating_mul(1 << (*attempts - 1).min(9)).min(most);
         self.due.insert(key, Some(Instant::now() + delay));
     }
 
