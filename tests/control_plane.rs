@@ -115,6 +115,8 @@ async fn the_server_enforces_every_cel_rule_with_its_message() {
         ("10.0.0.1-fd00::1", "must be a CIDR"),
         ("10.0.0.256", "must be a CIDR"),
         ("192.168.10.5/24", "host bits set"),
+        // What plan refuses too, though client-side CEL (kube-cel) takes it.
+        ("10.0.0.024/32", "must be a CIDR"),
         ("0.0.0.0/0", "covers the whole address family"),
     ];
     for (entry, message) in cases {

@@ -104,6 +104,12 @@ fn forwarding_is_an_enum_the_server_checks() {
 /// the CRD's rules take; whatever they take, the parser takes too, except ranges that
 /// end below their start (CEL cannot compare addresses; the pool is then Invalid).
 fn agree(entry: &str) -> Result<(), String> {
+    // kube-cel's isCIDR takes an octet with a leading zero ("10.0.0.024/32"); the API
+    // server's (Go's netip) refuses it, as plan does. tests/control_plane.rs checks that
+    // on the real server.
+    if leading_zero_octet(entry) {
+        return Ok(());
+    }
     let cel = errors(&[entry]);
     match parse_range(entry) {
         Ok(_) if cel.is_empty() => Ok(()),
@@ -116,6 +122,13 @@ fn agree(entry: &str) -> Result<(), String> {
         )),
         Err(_) => Ok(()),
     }
+}
+
+fn leading_zero_octet(entry: &str) -> bool {
+    entry
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|part| part.len() > 1 && part.starts_with('0'))
+        && entry.contains('.')
 }
 
 #[test]
