@@ -57,7 +57,7 @@ pub struct NodePlan {
 }
 
 /// Where the IPs to announce come from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Addresses {
     /// Standalone: the allocator over the declared pools and Services (each new Service
     /// starts at a point of its pool hashed from its name: no status to remember).
@@ -65,8 +65,9 @@ pub enum Addresses {
     Allocated,
     /// In a cluster: the IPs the controller wrote in Service status, and no others. A
     /// Service the controller has not served yet is not announced, and an IP that a pool
-    /// change stranded keeps being announced, as the controller keeps it.
-    FromStatus,
+    /// change stranded keeps being announced, as the controller keeps it. `class` is the
+    /// `loadBalancerClass` served besides none, as the controller is told.
+    FromStatus { class: String },
 }
 
 /// What `node` announces in standalone mode. See [`plan`].
@@ -79,7 +80,7 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
     let mut out = NodePlan::default();
     let (services, by_ip) = match addresses {
         Addresses::Allocated => allocated(m, &mut out),
-        Addresses::FromStatus => from_status(m),
+        Addresses::FromStatus { class } => from_status(m, class),
     };
 
     let Some(me) = m
@@ -227,7 +228,7 @@ fn allocated<'m>(
 /// In a cluster: the IPs in status of every Service that is ferrolb's, valid or not (the
 /// controller keeps an invalid Service's IPs, so they stay announced). Problems with
 /// pools and Services are the controller's to report.
-fn from_status(m: &Manifests) -> (BTreeMap<ServiceKey, &Service>, ByIp) {
+fn from_status<'m>(m: &'m Manifests, class: &str) -> (BTreeMap<ServiceKey, &'m Service>, ByIp) {
     let pools: Vec<ferrolb_api::IPAddressPool> = m.pools.iter().map(|p| p.object.clone()).collect();
     let (configs, _) = input::pool_configs(&pools);
     let pool_of = |ip: IpAddr| -> String {
@@ -246,7 +247,7 @@ fn from_status(m: &Manifests) -> (BTreeMap<ServiceKey, &Service>, ByIp) {
     let mut by_ip = ByIp::new();
     for located in &m.services {
         let svc = &located.object;
-        if !input::is_ours(svc) {
+        if !input::is_ours_for_class(svc, class) {
             continue;
         }
         let key = input::service_key(svc);

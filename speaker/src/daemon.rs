@@ -103,14 +103,22 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
                 .set(c.stats().map_or(0, |s| s.rejected) as i64);
         }
         let plan = plan(&manifests, &opts.node_name, &view, &opts.addresses);
+        state
+            .orphans
+            .retain(|ip, _| plan.owners.get(ip) == Some(&None));
         let current_links = links.borrow_and_update().clone();
         let previous = state.owned.clone();
         let previous_owners = state.owners.clone();
         let specs = link_specs(&plan, &opts.node_name, &current_links, &mut state);
+        for ip in previous.keys().filter(|ip| !state.owned.contains_key(*ip)) {
+            if let Some(services) = plan.orphans.get(ip) {
+                state.orphans.insert(*ip, services.clone());
+            }
+        }
         state.report(&plan);
         responder.update(specs);
         account(&opts.metrics, &previous, &previous_owners, &state, &down_at);
-        objects.owned(ownership(&plan, &state, &previous, &opts.node_name));
+        objects.owned(ownership(&plan, &state));
         if plan.forwards != state.forwards || !forwarding_ok {
             match forwarder.apply(&plan.forwards) {
                 Ok(_) => {
@@ -194,12 +202,7 @@ fn account(
 
 /// What to report: every IP this node answers for, and the IPs it answered for until
 /// now that no node may announce any more.
-fn ownership(
-    plan: &NodePlan,
-    state: &Reported,
-    before: &BTreeMap<IpAddr, Vec<String>>,
-    _node: &str,
-) -> Vec<Ownership> {
+fn ownership(plan: &NodePlan, state: &Reported) -> Vec<Ownership> {
     let services = |ip: &IpAddr| {
         plan.announcements
             .iter()
@@ -216,15 +219,11 @@ fn ownership(
             services: services(ip),
         })
         .collect();
-    for ip in before.keys().filter(|ip| !state.owned.contains_key(*ip)) {
-        if plan.owners.get(ip) == Some(&None) {
-            out.push(Ownership {
-                ip: *ip,
-                interfaces: Vec::new(),
-                services: plan.orphans.get(ip).cloned().unwrap_or_default(),
-            });
-        }
-    }
+    out.extend(state.orphans.iter().map(|(ip, services)| Ownership {
+        ip: *ip,
+        interfaces: Vec::new(),
+        services: services.clone(),
+    }));
     out
 }
 
@@ -271,6 +270,9 @@ struct Reported {
     forwards: Vec<ForwardRule>,
     /// Who owned each IP at the last reconcile, to tell a takeover from a first start.
     owners: BTreeMap<IpAddr, Option<String>>,
+    /// IPs this node announced last and that no node may announce now: reported as such
+    /// until a node may again, or the IP goes.
+    orphans: BTreeMap<IpAddr, Vec<ferrolb_controller::allocator::ServiceKey>>,
 }
 
 impl Reported {

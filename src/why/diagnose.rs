@@ -34,6 +34,8 @@ pub struct Components {
 /// Everything the diagnosis reads.
 pub struct Facts {
     pub manifests: Manifests,
+    /// Where ferrolb runs (for the commands suggested).
+    pub ferrolb_namespace: String,
     /// The `loadBalancerClass` ferrolb serves besides none.
     pub class: String,
     /// `None` when reading files: what would run there is assumed to.
@@ -118,9 +120,13 @@ pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
     };
     d.ips = ips.clone();
     let mut owners = Vec::new();
+    let mut forwarding = false;
     for ip in &ips {
         match announced(f, svc, *ip, &mut d) {
-            Ok(owner) => owners.push(owner),
+            Ok((node, how, forwards)) => {
+                owners.push((node, how));
+                forwarding |= forwards;
+            }
             Err(stopped) => return *stopped,
         }
     }
@@ -131,6 +137,7 @@ pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
         svc,
         owner.as_ref().map(|(n, _)| n.as_str()),
         &ips,
+        forwarding,
         &mut d,
     ) {
         return *stopped;
@@ -162,7 +169,7 @@ fn pending(
         ));
     }
     let m = &f.manifests;
-    let prepared = input::prepare(m);
+    let prepared = input::prepare_for_class(m, &f.class);
     let plan = allocator::plan(
         prepared.pools,
         prepared.namespaces,
@@ -204,7 +211,10 @@ fn pending(
                     Err(why) => stop(
                         d,
                         format!("{key} is pending because no ferrolb controller is active: {why}"),
-                        "kubectl -n ferrolb-system get pods -l app.kubernetes.io/component=controller; kubectl -n ferrolb-system logs deploy/ferrolb-controller",
+                        &format!(
+                            "kubectl -n {0} get pods -l app.kubernetes.io/component=controller; kubectl -n {0} logs -l app.kubernetes.io/component=controller",
+                            f.ferrolb_namespace
+                        ),
                     ),
                     Ok(holder) => stop(
                         d,
@@ -212,7 +222,7 @@ fn pending(
                             "{key} is pending, though a pool has {} for it: the active controller ({holder}) has not assigned it yet",
                             list(&ips)
                         ),
-                        "kubectl -n ferrolb-system logs deploy/ferrolb-controller",
+                        &format!("kubectl -n {} logs {holder}", f.ferrolb_namespace),
                     ),
                 }),
                 None => {
@@ -238,15 +248,22 @@ fn announced(
     svc: &Service,
     ip: IpAddr,
     d: &mut Diagnosis,
-) -> Result<(String, String), Box<Diagnosis>> {
+) -> Result<(String, String, bool), Box<Diagnosis>> {
     let stop =
         |d: &Diagnosis, headline: String, next: &str| Box::new(d.clone().stop(headline, next));
+    let ns = &f.ferrolb_namespace;
     let m = &f.manifests;
     let (configs, _) =
         input::pool_configs(&m.pools.iter().map(|p| p.object.clone()).collect::<Vec<_>>());
-    let pool = configs
-        .iter()
-        .find(|c| c.ranges.iter().any(|r| r.contains(ip)))
+    // As the speaker does: a usable pool holding the IP first.
+    let containing = || {
+        configs
+            .iter()
+            .filter(|c| c.ranges.iter().any(|r| r.contains(ip)))
+    };
+    let pool = containing()
+        .find(|c| c.usable)
+        .or_else(|| containing().next())
         .map(|c| c.name.clone())
         .unwrap_or_default();
     let labels = m
@@ -274,6 +291,9 @@ fn announced(
             "create an L2Advertisement naming the pool (ipAddressPools), or one with an empty spec to announce every pool",
         ));
     }
+    let forwards = advs
+        .iter()
+        .any(|a| a.spec.forwarding == Forwarding::NodePort);
     let names: Vec<String> = advs
         .iter()
         .filter_map(|a| a.metadata.name.clone())
@@ -328,7 +348,7 @@ fn announced(
             "eligible: {} (with every speaker up, {owner} announces)",
             eligible.join(", ")
         ));
-        return Ok((owner.to_string(), String::new()));
+        return Ok((owner.to_string(), String::new(), forwards));
     };
     let running: Vec<&String> = eligible
         .iter()
@@ -341,7 +361,9 @@ fn announced(
                 "{ip} is assigned but no ready speaker runs on the nodes that may announce it ({})",
                 eligible.join(", ")
             ),
-            "kubectl -n ferrolb-system get pods -o wide -l app.kubernetes.io/component=speaker (check the DaemonSet's nodeSelector and tolerations)",
+            &format!(
+                "kubectl -n {ns} get pods -o wide -l app.kubernetes.io/component=speaker (check the DaemonSet's nodeSelector and tolerations)"
+            ),
         ));
     }
     let type_ = ferrolb_speaker::kubernetes::report::condition_type(ip);
@@ -368,6 +390,7 @@ fn announced(
                 } else {
                     format!(" on {iface}")
                 },
+                forwards,
             ))
         }
         Some(c) => Err(stop(
@@ -381,7 +404,9 @@ fn announced(
                 "{ip} is assigned and may be announced by {}, but no speaker has reported announcing it",
                 eligible.join(", ")
             ),
-            "kubectl -n ferrolb-system logs -l app.kubernetes.io/component=speaker (does the node have an interface on the IP's subnet?)",
+            &format!(
+                "kubectl -n {ns} logs -l app.kubernetes.io/component=speaker (does the node have an interface on the IP's subnet?)"
+            ),
         )),
     }
 }
@@ -414,6 +439,7 @@ fn traffic(
     svc: &Service,
     owner: Option<&str>,
     ips: &[IpAddr],
+    forwarding: bool,
     d: &mut Diagnosis,
 ) -> Result<(), Box<Diagnosis>> {
     let stop =
@@ -429,10 +455,6 @@ fn traffic(
         Some(node) => format!("{} is announced by {node}", list(ips)),
         None => format!("{} is announced", list(ips)),
     };
-    let forwarding = m
-        .l2_advertisements
-        .iter()
-        .any(|a| a.object.spec.forwarding == Forwarding::NodePort);
     if forwarding {
         let without: Vec<String> = spec
             .ports

@@ -47,6 +47,10 @@ pub struct WhyArgs {
     /// The namespace ferrolb is installed in (its Lease and speaker Pods).
     #[arg(long, default_value = "ferrolb-system")]
     ferrolb_namespace: String,
+    /// The controller's Lease (the chart names it RELEASE-ferrolb-controller, or
+    /// ferrolb-controller for a release named ferrolb).
+    #[arg(long, default_value = "ferrolb-controller")]
+    lease_name: String,
     /// The loadBalancerClass ferrolb serves besides none.
     #[arg(long, default_value = ferrolb_api::annotations::LOAD_BALANCER_CLASS)]
     load_balancer_class: String,
@@ -97,6 +101,7 @@ fn from_files(args: &WhyArgs) -> Result<Facts> {
     }
     Ok(Facts {
         manifests: input.manifests,
+        ferrolb_namespace: args.ferrolb_namespace.clone(),
         class: args.load_balancer_class.clone(),
         components: None,
     })
@@ -145,7 +150,7 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
         .items;
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &args.ferrolb_namespace);
-    let lease_name = "ferrolb-controller";
+    let lease_name = args.lease_name.as_str();
     let controller = match leases.get_opt(lease_name).await? {
         None => Err(format!(
             "there is no Lease {}/{lease_name}: no controller has run there",
@@ -215,6 +220,7 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
             warnings: Vec::new(),
         },
         class: args.load_balancer_class.clone(),
+        ferrolb_namespace: args.ferrolb_namespace.clone(),
         components: Some(Components {
             controller,
             speakers,

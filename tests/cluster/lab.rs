@@ -33,7 +33,9 @@ impl World {
     }
 
     /// With control-plane `options` (the lab's address is added to them).
-    pub async fn start_with(mut options: Options) -> World {
+    /// The control plane with the chart installed, the lab, the relay and the Node
+    /// objects; nothing of ferrolb running yet.
+    pub async fn bare(mut options: Options) -> World {
         if let Err(missing) = Lab::check_prerequisites() {
             panic!("{missing}");
         }
@@ -69,20 +71,24 @@ impl World {
             .unwrap();
         let secret = cluster.cp.dir().join("memberlist-secret");
         std::fs::write(&secret, "lab secret").unwrap();
-        let controller = cluster.controller("controller-a", &[]).await;
-        let mut world = World {
+        World {
             cluster,
             lab,
             _relay: relay,
-            controller: Some(controller),
-            speakers: Vec::new(),
+            controller: None,
+            speakers: vec![None, None, None],
             speaker_kubeconfig,
             secret,
             backends: Vec::new(),
-        };
+        }
+    }
+
+    /// [`World::bare`] with ferrolb's controller and a speaker on every node.
+    pub async fn start_with(options: Options) -> World {
+        let mut world = World::bare(options).await;
+        world.controller = Some(world.cluster.controller("controller-a", &[]).await);
         for i in 0..3 {
-            let s = world.spawn_speaker(i);
-            world.speakers.push(Some(s));
+            world.speakers[i] = Some(world.spawn_speaker(i));
         }
         world
     }

@@ -23,7 +23,6 @@ use kube::Client;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::announcements::Addresses;
 use crate::daemon::{self, Objects, Ownership};
 use crate::metrics::Metrics;
 use objects::WatchHealth;
@@ -67,9 +66,7 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
     info!(address = %served, node = %options.daemon.node_name, "speaker started (cluster); serving /metrics, /healthz and /readyz");
     let reports = Reports::start(client, options.daemon.node_name.clone(), snapshots.clone());
     let objects = ClusterObjects { snapshots, reports };
-    let mut daemon = options.daemon;
-    daemon.addresses = Addresses::FromStatus;
-    daemon::run(objects, daemon).await
+    daemon::run(objects, options.daemon).await
 }
 
 async fn serve(

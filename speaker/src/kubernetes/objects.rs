@@ -85,7 +85,10 @@ async fn run(
     let mut state = State::default();
     while let Some(change) = changes.next().await {
         let mut batch = vec![change];
-        while let Some(Some(more)) = futures::FutureExt::now_or_never(changes.next()) {
+        // Changes come in bursts (a Service, then its status, then its condition): fold
+        // a burst into one snapshot rather than copying every object for each change.
+        let until = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
+        while let Ok(Some(more)) = tokio::time::timeout_at(until, changes.next()).await {
             batch.push(more);
         }
         let mut changed = false;

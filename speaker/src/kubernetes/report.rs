@@ -123,9 +123,13 @@ async fn run(
             for key in &o.services {
                 let type_ = condition_type(o.ip);
                 let (status, reason, message) = condition_text(o, &node);
-                if written.get(&(key.clone(), type_)) == Some(&message)
-                    || says(&snapshot, key, type_, &message)
-                {
+                if written.get(&(key.clone(), type_)) == Some(&message) {
+                    continue;
+                }
+                if says(&snapshot, key, type_, &message) {
+                    // Already true (a restart into the same ownership): remember it, so
+                    // the Services are not searched again on every change.
+                    written.insert((key.clone(), type_), message);
                     continue;
                 }
                 match write(&client, &events, key, o, type_, status, reason, &message).await {
