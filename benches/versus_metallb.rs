@@ -199,7 +199,7 @@ async fn run() {
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ),
         "ferrolb",
-        "MetalLB 0.16.2"
+        "MetalLB 0.15.2"
     );
     for (k, a, b) in rows {
         println!("{k:width$}  {a:>22}  {b:>22}");
@@ -449,13 +449,7 @@ async fn start_controller(
                     "--webhook-mode",
                     "disabled",
                 ])
-                .args([
-                    "--disable-cert-rotation",
-                    "--port",
-                    "0",
-                    "--health-probe-port",
-                ])
-                .arg(cluster::free_port().port().to_string())
+                .args(["--disable-cert-rotation", "--port", "0"])
                 .env("METALLB_POD_NAME", name)
                 .stdin(std::process::Stdio::null())
                 .stdout(log.try_clone().unwrap())
@@ -493,8 +487,6 @@ fn spawn_speaker(project: Project, w: &World, metallb: &Path, i: usize) -> LabPr
                     key.to_str().unwrap(),
                     "--port",
                     "0",
-                    "--health-probe-port",
-                    "7474",
                 ],
             );
             cmd.env("METALLB_POD_NAME", format!("speaker-{}", node.name()));

@@ -96,7 +96,7 @@ struct Record {
     request: Result<ServiceRequest, String>,
     /// While `request` is invalid, the last one that was valid: what the Service keeps
     /// holding its IPs by.
-    last_valid: Option<ServiceRequest>,
+    last_valid: Option<Box<ServiceRequest>>,
     /// Families in the Service's order, for the order of ingress entries.
     families: Vec<Family>,
     outcome: Option<Outcome>,
@@ -445,7 +445,7 @@ impl Reconciler {
         let last_valid = match &request {
             Ok(_) => None,
             Err(_) => previous.and_then(|p| match &p.request {
-                Ok(r) => Some(r.clone()),
+                Ok(r) => Some(Box::new(r.clone())),
                 Err(_) => p.last_valid.clone(),
             }),
         };
@@ -491,7 +491,7 @@ impl Reconciler {
                 Some(r) => ServiceRequest {
                     current: held,
                     requested: Vec::new(),
-                    ..r.clone()
+                    ..(**r).clone()
                 },
                 None => hold_request(key, held),
             }),
@@ -557,7 +557,7 @@ impl Reconciler {
                     Some(r) => ServiceRequest {
                         current: held,
                         requested: Vec::new(),
-                        ..r.clone()
+                        ..(**r).clone()
                     },
                     None => hold_request(key, held),
                 }),

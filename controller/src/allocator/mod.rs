@@ -309,6 +309,37 @@ fn position(svc: &ServiceRequest) -> u128 {
     }
 }
 
+/// The Services holding one IP, sorted by key. Nearly always one, so a vector, not a
+/// tree: at 10,000 IPs a tree node per IP would cost more than everything else.
+#[derive(Clone, Debug, Default)]
+struct Holders(Vec<(ServiceKey, Holder)>);
+
+impl Holders {
+    fn iter(&self) -> impl Iterator<Item = (&ServiceKey, &Holder)> {
+        self.0.iter().map(|(k, h)| (k, h))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Holder> {
+        self.0.iter().map(|(_, h)| h)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn insert(&mut self, key: ServiceKey, holder: Holder) {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => self.0[i].1 = holder,
+            Err(i) => self.0.insert(i, (key, holder)),
+        }
+    }
+
+    fn remove(&mut self, key: &ServiceKey) -> Option<Holder> {
+        let i = self.0.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+        Some(self.0.remove(i).1)
+    }
+}
+
 /// What a holder of an IP brings to the sharing rules.
 #[derive(Clone, Debug)]
 struct Holder {
@@ -324,7 +355,7 @@ pub struct Allocator {
     pools: Vec<PoolState>,
     namespaces: BTreeMap<String, Labels>,
     start: Start,
-    holders: HashMap<IpAddr, BTreeMap<ServiceKey, Holder>>,
+    holders: HashMap<IpAddr, Holders>,
     by_service: HashMap<ServiceKey, Vec<Assignment>>,
     /// IPs held under each sharing key, ordered so that joining one is deterministic.
     by_sharing_key: HashMap<String, BTreeSet<IpAddr>>,
