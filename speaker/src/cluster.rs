@@ -64,6 +64,9 @@ pub struct Cluster {
     meta: NodeMeta,
     peers: Vec<(String, SocketAddr)>,
     joined: bool,
+    /// Until when a node whose link came back holds off, as if joining (see
+    /// [`Cluster::set_subnets`]).
+    rejoining_until: Option<Instant>,
     warned_cut_off: bool,
 }
 
@@ -120,6 +123,7 @@ impl Cluster {
             meta,
             peers,
             joined: false,
+            rejoining_until: None,
             warned_cut_off: false,
         })
     }
@@ -134,11 +138,7 @@ impl Cluster {
         let now = Instant::now();
         let members = self.members.borrow_and_update().clone();
         if !self.joined {
-            let heard_all = self
-                .peers
-                .iter()
-                .all(|(n, _)| *n == self.node || members.alive.get(n).is_some_and(|m| m.reported));
-            if !heard_all && now < self.started + self.opts.join_grace {
+            if !self.heard_all(&members) && now < self.started + self.opts.join_grace {
                 return ClusterView {
                     members: Some(BTreeMap::new()),
                 };
@@ -165,6 +165,15 @@ impl Cluster {
                 "joined the cluster"
             );
         }
+        if let Some(until) = self.rejoining_until {
+            if now >= until || self.heard_all(&members) {
+                self.rejoining_until = None;
+            } else {
+                return ClusterView {
+                    members: Some(BTreeMap::new()),
+                };
+            }
+        }
         if self.cut_off(now, &members) {
             return ClusterView {
                 members: Some(BTreeMap::new()),
@@ -172,6 +181,10 @@ impl Cluster {
         }
         if !self.meta.settled && now >= self.hold_from + self.opts.hold {
             self.meta.settled = true;
+            info!(
+                hold = ?self.opts.hold,
+                "settled: this node may take IPs back from others"
+            );
             self.publish_meta();
         }
         let mut alive: BTreeMap<String, MemberView> = members
@@ -202,15 +215,28 @@ impl Cluster {
         }
     }
 
-    /// When the view changes without a message: the end of the join grace or the hold.
+    /// Whether every declared peer is alive in `members` with its metadata.
+    fn heard_all(&self, members: &Members) -> bool {
+        self.peers
+            .iter()
+            .all(|(n, _)| *n == self.node || members.alive.get(n).is_some_and(|m| m.reported))
+    }
+
+    /// When the view changes without a message: the end of the join grace, of a rejoin
+    /// after the link came back, or of the hold.
     pub fn wake_at(&self) -> Option<Instant> {
         if !self.joined {
-            Some(self.started + self.opts.join_grace)
-        } else if !self.meta.settled {
+            return Some(self.started + self.opts.join_grace);
+        }
+        let later = if !self.meta.settled {
             Some(self.hold_from + self.opts.hold)
         } else {
             // Re-check isolation while rejected datagrams keep coming.
             self.rejected.1.map(|at| at + REJECT_MEMORY)
+        };
+        match (self.rejoining_until, later) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -221,12 +247,25 @@ impl Cluster {
 
     /// Our links changed: tell the others which subnets we can still reach. Losing one
     /// restarts our hold-down, so a flapping link never drags IPs back and forth.
+    ///
+    /// Gaining one back means we were the node cut off: what we think of the others is
+    /// stale (while the link was down we declared them down, and they us). Alone in that
+    /// view we would claim every IP at once, beside the nodes that took them over, so we
+    /// hold off as a joining node does until every peer is back or `join_grace` passes.
     pub fn set_subnets(&mut self, subnets: Vec<IpNetwork>) {
         if subnets != self.meta.subnets {
             if self.meta.subnets.iter().any(|s| !subnets.contains(s)) {
                 self.meta.settled = false;
                 self.hold_from = Instant::now();
             }
+            if self.joined && subnets.iter().any(|s| !self.meta.subnets.contains(s)) {
+                self.rejoining_until = Some(Instant::now() + self.opts.join_grace);
+            }
+            info!(
+                subnets = ?subnets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                settled = self.meta.settled,
+                "reachable subnets changed"
+            );
             self.meta.subnets = subnets;
             self.publish_meta();
         }
@@ -318,4 +357,94 @@ fn node_addresses(m: &Manifests, port: u16) -> Vec<(String, SocketAddr)> {
         .collect();
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAN: &str = "192.0.2.0/24";
+
+    /// node0 of three, joined, with `alive` as its membership view.
+    fn node0(alive: &[&str]) -> (Cluster, watch::Sender<Members>) {
+        let view = |names: &[&str]| Members {
+            alive: names
+                .iter()
+                .map(|n| {
+                    let meta = NodeMeta {
+                        subnets: vec![LAN.parse().unwrap()],
+                        settled: true,
+                        started_at_ms: 0,
+                        reported: true,
+                    };
+                    (n.to_string(), meta)
+                })
+                .collect(),
+        };
+        let (tx, members) = watch::channel(view(alive));
+        let peers = (0..3)
+            .map(|i| {
+                (
+                    format!("node{i}"),
+                    SocketAddr::from(([192, 0, 2, 10 + i], 7946)),
+                )
+            })
+            .collect();
+        let cluster = Cluster {
+            membership: None,
+            members,
+            node: "node0".into(),
+            started: Instant::now(),
+            hold_from: Instant::now(),
+            rejected: (0, None),
+            opts: ClusterOptions::default(),
+            meta: NodeMeta {
+                subnets: vec![LAN.parse().unwrap()],
+                settled: true,
+                started_at_ms: 0,
+                reported: true,
+            },
+            peers,
+            joined: true,
+            rejoining_until: None,
+            warned_cut_off: false,
+        };
+        (cluster, tx)
+    }
+
+    fn names(view: &ClusterView) -> Vec<String> {
+        view.members.as_ref().unwrap().keys().cloned().collect()
+    }
+
+    #[test]
+    fn alone_after_the_link_returns_it_claims_nothing_until_the_peers_are_back() {
+        let (mut c, tx) = node0(&["node0", "node1", "node2"]);
+        c.set_subnets(vec![]);
+        c.set_subnets(vec![LAN.parse().unwrap()]);
+        // While the link was down it declared the others down: alone, it waits.
+        tx.send_modify(|m| m.alive.retain(|n, _| n == "node0"));
+        assert!(names(&c.view()).is_empty(), "a stale view claims nothing");
+        assert!(
+            c.wake_at()
+                .is_some_and(|at| at <= Instant::now() + c.opts.join_grace)
+        );
+        // The peers are back: the view is whole again, and node0 waits out its hold.
+        tx.send_modify(|m| {
+            for n in ["node1", "node2"] {
+                let mut meta = m.alive["node0"].clone();
+                meta.settled = true;
+                m.alive.insert(n.into(), meta);
+            }
+        });
+        let view = c.view();
+        assert_eq!(names(&view), ["node0", "node1", "node2"]);
+        assert!(!view.members.unwrap()["node0"].settled);
+    }
+
+    #[test]
+    fn a_last_survivor_whose_link_never_went_down_takes_over_at_once() {
+        let (mut c, tx) = node0(&["node0", "node1", "node2"]);
+        tx.send_modify(|m| m.alive.retain(|n, _| n == "node0"));
+        assert_eq!(names(&c.view()), ["node0"]);
+    }
 }

@@ -89,6 +89,9 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         };
         if let Some(members) = &view.members {
             let alive: BTreeSet<String> = members.keys().cloned().collect();
+            if alive != alive_before {
+                info!(alive = ?alive, "members that may own IPs changed");
+            }
             for gone in alive_before.difference(&alive) {
                 down_at.insert(gone.clone(), StdInstant::now());
                 opts.metrics.members_declared_down.inc();
