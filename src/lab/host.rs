@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -168,9 +169,16 @@ impl Host {
     /// The MACs that answered one `arping` (Thomas Habets' arping) from this host for
     /// `ip`, one entry per reply, within a second.
     pub fn arping(&self, ip: impl Into<IpAddr>) -> Vec<[u8; 6]> {
+        self.arping_within(ip, Duration::from_secs(1))
+    }
+
+    /// [`Host::arping`] waiting at most `wait` for a reply: a short wait polls finely
+    /// while nobody answers.
+    pub fn arping_within(&self, ip: impl Into<IpAddr>, wait: Duration) -> Vec<[u8; 6]> {
         let ip = ip.into().to_string();
+        let wait = format!("{:.3}", wait.as_secs_f64());
         let Ok(out) = self
-            .command("arping", ["-c", "1", "-w", "1", "-i", IFNAME, &ip])
+            .command("arping", ["-c", "1", "-w", &wait, "-i", IFNAME, &ip])
             .output()
         else {
             return vec![];
