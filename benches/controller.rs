@@ -9,10 +9,9 @@
 #[path = "../tests/cluster/mod.rs"]
 mod cluster;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cluster::{Cluster, Controller, eventually};
+use cluster::{Cluster, Controller, bench, eventually};
 use ferrolb_control_plane::Options;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -24,22 +23,11 @@ const CONTROLLER_USER: &str = "system:serviceaccount:ferrolb-system:ferrolb-cont
 const SAMPLES: usize = 100;
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return; // `cargo test --benches` builds it; only `cargo bench` runs it.
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    bench::main(run);
 }
 
 async fn run() {
-    let large: usize = std::env::var("FERROLB_BENCH_SERVICES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let large = bench::large_count();
     let cluster = Cluster::start_with(Options {
         audit: true,
         ..Options::default()
@@ -56,11 +44,11 @@ async fn run() {
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut assigned = 0;
     for target in [1_000, large] {
-        let before = audit_counts(&cluster);
+        let before = bench::requests(&cluster.cp, CONTROLLER_USER);
         let started = Instant::now();
         bulk(&cluster, assigned, target).await;
         let took = started.elapsed();
-        let after = audit_counts(&cluster);
+        let after = bench::requests(&cluster.cp, CONTROLLER_USER);
         let created = target - assigned;
         assigned = target;
         rows.push((
@@ -83,23 +71,23 @@ async fn run() {
     }
     rows.push((
         format!("controller resident memory, {large} Services"),
-        format!("{:.1} MiB", rss_mib(controller.pid())),
+        format!("{:.1} MiB", bench::rss_mib(controller.pid())),
     ));
 
     // Let the last pool status flush, then count a quiet minute.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = audit_counts(&cluster);
+    let before = bench::requests(&cluster.cp, CONTROLLER_USER);
     let rest = Duration::from_secs(60);
     tokio::time::sleep(rest).await;
-    let after = audit_counts(&cluster);
+    let after = bench::requests(&cluster.cp, CONTROLLER_USER);
     rows.push((
         "controller requests per minute at rest".into(),
-        describe(&diff(&before, &after)),
+        bench::describe(&bench::since(&before, &after)),
     ));
 
     let snapshot = cluster.ips("bulk").await;
     controller.kill();
-    let before = audit_counts(&cluster);
+    let before = bench::requests(&cluster.cp, CONTROLLER_USER);
     let started = Instant::now();
     let restarted: Controller = cluster
         .controller("bench-2", &["--leader-elect=false"])
@@ -108,18 +96,18 @@ async fn run() {
     let adopted = started.elapsed();
     // Let it settle, then see that it wrote nothing.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = audit_counts(&cluster);
+    let after = bench::requests(&cluster.cp, CONTROLLER_USER);
     rows.push((
         format!("restart: start to ready, {large} assignments adopted"),
         format!("{:.2} s", adopted.as_secs_f64()),
     ));
     rows.push((
         "restart: requests in its first 5 s after ready".into(),
-        describe(&diff(&before, &after)),
+        bench::describe(&bench::since(&before, &after)),
     ));
     rows.push((
         format!("controller resident memory after restart, {large} Services"),
-        format!("{:.1} MiB", rss_mib(restarted.pid())),
+        format!("{:.1} MiB", bench::rss_mib(restarted.pid())),
     ));
     let now = cluster.ips("bulk").await;
     let moved = snapshot
@@ -203,80 +191,16 @@ async fn latency(cluster: &Cluster) -> (f64, f64) {
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     samples.sort_by(f64::total_cmp);
-    let at =
-        |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+    let at = |q| bench::quantile(&samples, q).expect("samples were taken");
     (at(0.5), at(0.99))
 }
 
-/// The controller's requests so far, by verb and resource, from the audit log.
-fn audit_counts(cluster: &Cluster) -> BTreeMap<(String, String), usize> {
-    let text = std::fs::read_to_string(cluster.cp.audit_log()).unwrap_or_default();
-    let mut counts = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if event["user"]["username"] != CONTROLLER_USER || event["stage"] != "ResponseComplete" {
-            continue;
-        }
-        let verb = event["verb"].as_str().unwrap_or_default().to_string();
-        let mut resource = event["objectRef"]["resource"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if let Some(sub) = event["objectRef"]["subresource"].as_str() {
-            resource = format!("{resource}/{sub}");
-        }
-        *counts.entry((verb, resource)).or_default() += 1;
-    }
-    counts
-}
-
-fn diff(
-    before: &BTreeMap<(String, String), usize>,
-    after: &BTreeMap<(String, String), usize>,
-) -> BTreeMap<(String, String), usize> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, v)| *v > 0)
-        .collect()
-}
-
-fn describe(counts: &BTreeMap<(String, String), usize>) -> String {
-    if counts.is_empty() {
-        return "none".into();
-    }
-    counts
-        .iter()
-        .map(|((verb, resource), n)| format!("{n} {verb} {resource}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn per_service(
-    before: &BTreeMap<(String, String), usize>,
-    after: &BTreeMap<(String, String), usize>,
-    services: usize,
-) -> String {
-    let d = diff(before, after);
-    let writes: usize = d
-        .iter()
-        .filter(|((verb, _), _)| matches!(verb.as_str(), "create" | "update" | "patch" | "delete"))
-        .map(|(_, n)| n)
-        .sum();
+fn per_service(before: &bench::Requests, after: &bench::Requests, services: usize) -> String {
+    let d = bench::since(before, after);
+    let writes = bench::writes(&d);
     format!(
         "{:.2} writes ({})",
         writes as f64 / services as f64,
-        describe(&d)
+        bench::describe(&d)
     )
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use cluster::eventually;
 use cluster::lab::{VIP_PORT, World};
+use cluster::{bench, eventually};
 use ferrolb::lab::{LabProcess, format_duration, measure_tcp_outage};
 use ferrolb_control_plane::Options;
 use futures::StreamExt;
@@ -29,15 +29,7 @@ const SPEAKER_USER: &str = "system:serviceaccount:ferrolb-system:ferrolb-speaker
 const KILLS: usize = 10;
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return; // `cargo test --benches` builds it; only `cargo bench` runs it.
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    bench::main(run);
 }
 
 async fn run() {
@@ -56,12 +48,12 @@ async fn run() {
     let mut rows: Vec<(String, String)> = Vec::new();
 
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = audit(&w);
+    let before = bench::requests(&w.cluster.cp, SPEAKER_USER);
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let rest = diff(&before, &audit(&w));
+    let rest = bench::since(&before, &bench::requests(&w.cluster.cp, SPEAKER_USER));
     rows.push((
         "speaker requests per minute at rest, 3 speakers, 100 Services".into(),
-        describe(&rest),
+        bench::describe(&rest),
     ));
 
     // Cluster mode: kill the owner's speaker, measure, bring it back, wait until it owns
@@ -71,7 +63,7 @@ async fn run() {
     for round in 0..KILLS {
         let owner = w.owner(vip);
         let owned = owned_by(&w, owner).await;
-        let before = audit(&w);
+        let before = bench::requests(&w.cluster.cp, SPEAKER_USER);
         let killed = w.speakers[owner].take().unwrap();
         let node = w.lab.node(owner).clone();
         let outage = measure_tcp_outage(
@@ -93,7 +85,7 @@ async fn run() {
             || async { (owned_by(&w, owner).await == 0).then_some(()) },
         )
         .await;
-        let writes: usize = diff(&before, &audit(&w))
+        let writes: usize = bench::since(&before, &bench::requests(&w.cluster.cp, SPEAKER_USER))
             .iter()
             .filter(|((verb, _), _)| verb == "patch" || verb == "create")
             .map(|(_, n)| n)
@@ -114,7 +106,7 @@ async fn run() {
     }
     rows.push((
         "failover outage, cluster mode (median / max of 10)".into(),
-        spread(&outages),
+        bench::spread(&outages),
     ));
     rows.push((
         "speaker writes per IP moved by a failover".into(),
@@ -130,7 +122,7 @@ async fn run() {
         .speakers
         .iter()
         .flatten()
-        .map(|s| rss_mib(s.pid()))
+        .map(|s| bench::rss_mib(s.pid()))
         .collect();
     rows.push((
         "speaker resident memory, 1,000 Services".into(),
@@ -198,7 +190,7 @@ async fn run() {
     }
     rows.push((
         "failover outage, standalone mode (median / max of 10)".into(),
-        spread(&standalone),
+        bench::spread(&standalone),
     ));
 
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -269,70 +261,6 @@ async fn conditions(w: &World) -> BTreeMap<String, String> {
 async fn owned_by(w: &World, node: usize) -> usize {
     let name = w.lab.node(node).name().to_string();
     conditions(w).await.values().filter(|n| **n == name).count()
-}
-
-fn audit(w: &World) -> BTreeMap<(String, String), usize> {
-    let text = std::fs::read_to_string(w.cluster.cp.audit_log()).unwrap_or_default();
-    let mut counts = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if e["user"]["username"] != SPEAKER_USER || e["stage"] != "ResponseComplete" {
-            continue;
-        }
-        let mut resource = e["objectRef"]["resource"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if let Some(sub) = e["objectRef"]["subresource"].as_str() {
-            resource = format!("{resource}/{sub}");
-        }
-        let verb = e["verb"].as_str().unwrap_or_default().to_string();
-        *counts.entry((verb, resource)).or_default() += 1;
-    }
-    counts
-}
-
-fn diff(
-    before: &BTreeMap<(String, String), usize>,
-    after: &BTreeMap<(String, String), usize>,
-) -> BTreeMap<(String, String), usize> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, v)| *v > 0)
-        .collect()
-}
-
-fn describe(counts: &BTreeMap<(String, String), usize>) -> String {
-    if counts.is_empty() {
-        return "none".into();
-    }
-    counts
-        .iter()
-        .map(|((verb, resource), n)| format!("{n} {verb} {resource}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn spread(outages: &[Duration]) -> String {
-    let mut sorted = outages.to_vec();
-    sorted.sort();
-    format!(
-        "{} / {}",
-        format_duration(sorted[sorted.len() / 2]),
-        format_duration(*sorted.last().unwrap())
-    )
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn standalone_objects(vip: IpAddr, node_port: u16) -> String {

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cluster::lab::{VIP_PORT, World};
-use cluster::{Controller, eventually};
+use cluster::{Controller, bench, eventually};
 use ferrolb::lab::{LabProcess, format_duration, measure_tcp_outage};
 use ferrolb_control_plane::Options;
 use futures::StreamExt;
@@ -126,22 +126,11 @@ struct Figures {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    bench::main(run);
 }
 
 async fn run() {
-    let large: usize = std::env::var("FERROLB_BENCH_SERVICES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let large = bench::large_count();
     let metallb = build_metallb();
     let mut results = Vec::new();
     // FERROLB_BENCH_ONLY=metallb (or ferrolb) measures one project, to debug the bench.
@@ -165,8 +154,8 @@ async fn run() {
     let rows: Vec<(String, String, String)> = vec![
         row(
             "failover after kill -9 of the owner's speaker (median / max of 10)",
-            spread(&f.kill),
-            spread(&m.kill),
+            bench::spread(&f.kill),
+            bench::spread(&m.kill),
         ),
         row(
             "another node answers ARP after that kill (median / max of 10)",
@@ -175,8 +164,8 @@ async fn run() {
         ),
         row(
             "failover after cutting the owner's link (median / max of 10)",
-            spread(&f.cut),
-            spread(&m.cut),
+            bench::spread(&f.cut),
+            bench::spread(&m.cut),
         ),
         row(
             "of those 20 rounds, VIP not back on its first owner within 60 s",
@@ -371,33 +360,44 @@ async fn measure(project: Project, metallb: &Path, large: usize) -> Figures {
     bulk_pool(project, &w, "198.18.0.0/15");
     wait_assigned(&w, 1000).await;
     fig.latency.insert(1000, latency(&w, "probe-1k").await);
-    let writes_before = audit(&w, project.controller_user());
+    let writes_before = bench::requests(&w.cluster.cp, project.controller_user());
     create(&w, 1000, large).await;
     wait_assigned(&w, large).await;
-    let written = writes(&diff(&writes_before, &audit(&w, project.controller_user())));
+    let written = bench::writes(&bench::since(
+        &writes_before,
+        &bench::requests(&w.cluster.cp, project.controller_user()),
+    ));
     fig.writes_per_service = written as f64 / (large - 1000) as f64;
     fig.latency.insert(large, latency(&w, "probe-large").await);
-    fig.controller_rss = rss_mib(controller.pid());
+    fig.controller_rss = bench::rss_mib(controller.pid());
     fig.speaker_rss = w
         .speakers
         .iter()
         .flatten()
-        .map(|s| rss_mib(s.pid()))
+        .map(|s| bench::rss_mib(s.pid()))
         .fold(0.0, f64::max);
 
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let c0 = audit(&w, project.controller_user());
-    let s0 = audit(&w, project.speaker_user());
+    let c0 = bench::requests(&w.cluster.cp, project.controller_user());
+    let s0 = bench::requests(&w.cluster.cp, project.speaker_user());
     tokio::time::sleep(Duration::from_secs(60)).await;
-    fig.controller_rest = diff(&c0, &audit(&w, project.controller_user()))
+    fig.controller_rest = bench::since(
+        &c0,
+        &bench::requests(&w.cluster.cp, project.controller_user()),
+    )
+    .values()
+    .sum();
+    fig.speaker_rest = bench::since(&s0, &bench::requests(&w.cluster.cp, project.speaker_user()))
         .values()
         .sum();
-    fig.speaker_rest = diff(&s0, &audit(&w, project.speaker_user())).values().sum();
     eprintln!(
         "{} at rest: controller {:?}, speakers {:?}",
         project.name(),
-        diff(&c0, &audit(&w, project.controller_user())),
-        diff(&s0, &audit(&w, project.speaker_user()))
+        bench::since(
+            &c0,
+            &bench::requests(&w.cluster.cp, project.controller_user())
+        ),
+        bench::since(&s0, &bench::requests(&w.cluster.cp, project.speaker_user()))
     );
     drop(controller);
     fig
@@ -742,14 +742,9 @@ async fn latency(w: &World, prefix: &str) -> Latency {
         }
     }
     samples.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        (!samples.is_empty()).then(|| {
-            samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1]
-        })
-    };
     Latency {
-        median: at(0.5),
-        p99: at(0.99),
+        median: bench::quantile(&samples, 0.5),
+        p99: bench::quantile(&samples, 0.99),
         timed_out,
     }
 }
@@ -763,54 +758,6 @@ struct Latency {
     timed_out: usize,
 }
 
-fn audit(w: &World, user: &str) -> BTreeMap<(String, String), usize> {
-    let text = std::fs::read_to_string(w.cluster.cp.audit_log()).unwrap_or_default();
-    let mut counts = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if e["user"]["username"] != user || e["stage"] != "ResponseComplete" {
-            continue;
-        }
-        let mut resource = e["objectRef"]["resource"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if let Some(sub) = e["objectRef"]["subresource"].as_str() {
-            resource = format!("{resource}/{sub}");
-        }
-        *counts
-            .entry((e["verb"].as_str().unwrap_or_default().to_string(), resource))
-            .or_default() += 1;
-    }
-    counts
-}
-
-fn diff(
-    before: &BTreeMap<(String, String), usize>,
-    after: &BTreeMap<(String, String), usize>,
-) -> BTreeMap<(String, String), usize> {
-    after
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.saturating_sub(before.get(k).copied().unwrap_or(0)),
-            )
-        })
-        .filter(|(_, v)| *v > 0)
-        .collect()
-}
-
-fn writes(counts: &BTreeMap<(String, String), usize>) -> usize {
-    counts
-        .iter()
-        .filter(|((verb, _), _)| matches!(verb.as_str(), "create" | "update" | "patch" | "delete"))
-        .map(|(_, n)| n)
-        .sum()
-}
-
 fn build_metallb() -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/metallb/build");
     let out = std::process::Command::new("bash")
@@ -822,26 +769,13 @@ fn build_metallb() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
 }
 
-fn spread(outages: &[Duration]) -> String {
-    if outages.is_empty() {
-        return "-".into();
-    }
-    let mut sorted = outages.to_vec();
-    sorted.sort();
-    format!(
-        "{} / {}",
-        format_duration(sorted[sorted.len() / 2]),
-        format_duration(*sorted.last().unwrap())
-    )
-}
-
 /// [`spread`] of the takeovers, saying how many never happened.
 fn takeover(takeovers: &[Option<Duration>]) -> String {
     let happened: Vec<Duration> = takeovers.iter().flatten().copied().collect();
     let never = takeovers.len() - happened.len();
     match never {
-        0 => spread(&happened),
-        _ => format!("{never} never; {}", spread(&happened)),
+        0 => bench::spread(&happened),
+        _ => format!("{never} never; {}", bench::spread(&happened)),
     }
 }
 
@@ -859,13 +793,4 @@ fn ms(figures: Option<&Latency>) -> String {
 
 fn mib(v: f64) -> String {
     format!("{v:.1} MiB")
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod bench;
 pub mod lab;
 
 use std::collections::BTreeMap;
