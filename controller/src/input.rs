@@ -35,7 +35,7 @@ pub fn prepare(m: &Manifests) -> Prepared<'_> {
 /// Like [`prepare`], serving `class` besides no class.
 pub fn prepare_for_class<'a>(m: &'a Manifests, class: &str) -> Prepared<'a> {
     let mut problems = Vec::new();
-    let pool_objects: Vec<IPAddressPool> = m.pools.iter().map(|p| p.object.clone()).collect();
+    let pool_objects: Vec<IPAddressPool> = m.pools.iter().map(|p| (*p.object).clone()).collect();
     let (pools, checked) = pool_configs(&pool_objects);
     for c in &checked {
         let origin = m
@@ -50,7 +50,8 @@ pub fn prepare_for_class<'a>(m: &'a Manifests, class: &str) -> Prepared<'a> {
                 .map(|p| format!("{origin}: {}", p.message)),
         );
     }
-    let namespace_objects: Vec<Namespace> = m.namespaces.iter().map(|n| n.object.clone()).collect();
+    let namespace_objects: Vec<Namespace> =
+        m.namespaces.iter().map(|n| (*n.object).clone()).collect();
     let mut requests = Vec::new();
     let mut invalid = BTreeMap::new();
     let mut services = BTreeMap::new();

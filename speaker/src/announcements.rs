@@ -31,6 +31,9 @@ use crate::forwarding::{ForwardRule, Protocol};
 /// The label Kubernetes uses to keep a node out of load balancing.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 
+/// The label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
 /// One IP this node announces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Announcement {
@@ -54,6 +57,13 @@ pub struct NodePlan {
     pub problems: Vec<String>,
     /// IPs no node may announce now (no eligible node), with their Services.
     pub orphans: BTreeMap<IpAddr, Vec<ServiceKey>>,
+}
+
+impl NodePlan {
+    /// Each announcement by its IP (a plan announces an IP once).
+    pub fn by_ip(&self) -> BTreeMap<IpAddr, &Announcement> {
+        self.announcements.iter().map(|a| (a.ip, a)).collect()
+    }
 }
 
 /// Where the IPs to announce come from.
@@ -93,7 +103,7 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
         ));
         return out;
     };
-    let nodes: Vec<&Node> = m.nodes.iter().map(|n| &n.object).collect();
+    let nodes: Vec<&Node> = m.nodes.iter().map(|n| &*n.object).collect();
     let pool_labels: BTreeMap<&str, Labels> = m
         .pools
         .iter()
@@ -104,13 +114,25 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
             )
         })
         .collect();
-    let slices: Vec<&EndpointSlice> = m.endpoint_slices.iter().map(|s| &s.object).collect();
+    // Each Service's slices, looked up once per Local Service rather than searched.
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in &m.endpoint_slices {
+        let meta = &s.object.metadata;
+        if let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            let namespace = meta.namespace.as_deref().unwrap_or("default");
+            slices
+                .entry((namespace, service.as_str()))
+                .or_default()
+                .push(&*s.object);
+        }
+    }
+    let no_slices = Vec::new();
 
     for (ip, (pool, keys)) in by_ip {
         let advs: Vec<&L2Advertisement> = m
             .l2_advertisements
             .iter()
-            .map(|a| &a.object)
+            .map(|a| &*a.object)
             .filter(|a| announces_pool(a, &pool, pool_labels.get(pool.as_str())))
             .collect();
         if advs.is_empty() {
@@ -136,7 +158,13 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
             .filter(|n| node_eligible(n, &advs))
             .filter(|n| {
                 let name = n.metadata.name.as_deref().unwrap_or_default();
-                local.iter().all(|s| has_ready_endpoint(&slices, s, name))
+                local.iter().all(|s| {
+                    let key = (
+                        s.metadata.namespace.as_deref().unwrap_or("default"),
+                        s.metadata.name.as_deref().unwrap_or_default(),
+                    );
+                    has_ready_endpoint(slices.get(&key).unwrap_or(&no_slices), s, name)
+                })
             })
             .filter_map(|n| n.metadata.name.as_deref())
             .collect();
@@ -221,7 +249,7 @@ fn allocated<'m>(
                 .push(key.clone());
         }
     }
-    let services = services.into_iter().map(|(k, l)| (k, &l.object)).collect();
+    let services = services.into_iter().map(|(k, l)| (k, &*l.object)).collect();
     (services, by_ip)
 }
 
@@ -229,7 +257,8 @@ fn allocated<'m>(
 /// controller keeps an invalid Service's IPs, so they stay announced). Problems with
 /// pools and Services are the controller's to report.
 fn from_status<'m>(m: &'m Manifests, class: &str) -> (BTreeMap<ServiceKey, &'m Service>, ByIp) {
-    let pools: Vec<ferrolb_api::IPAddressPool> = m.pools.iter().map(|p| p.object.clone()).collect();
+    let pools: Vec<ferrolb_api::IPAddressPool> =
+        m.pools.iter().map(|p| (*p.object).clone()).collect();
     let (configs, _) = input::pool_configs(&pools);
     let pool_of = |ip: IpAddr| -> String {
         let containing = || {
@@ -258,7 +287,7 @@ fn from_status<'m>(m: &'m Manifests, class: &str) -> (BTreeMap<ServiceKey, &'m S
                 .1
                 .push(key.clone());
         }
-        services.insert(key, svc);
+        services.insert(key, &**svc);
     }
     (services, by_ip)
 }
@@ -274,7 +303,8 @@ pub fn announces_pool(adv: &L2Advertisement, pool: &str, labels: Option<&Labels>
 }
 
 fn node_eligible(node: &Node, advs: &[&L2Advertisement]) -> bool {
-    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let no_labels = Labels::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&no_labels);
     if labels.contains_key(EXCLUDE_LABEL) {
         return false;
     }
@@ -289,7 +319,7 @@ fn node_eligible(node: &Node, advs: &[&L2Advertisement]) -> bool {
         return false;
     }
     advs.iter().any(|a| {
-        a.spec.node_selectors.is_empty() || selector::any_matches(&a.spec.node_selectors, &labels)
+        a.spec.node_selectors.is_empty() || selector::any_matches(&a.spec.node_selectors, labels)
     })
 }
 
@@ -304,7 +334,7 @@ pub fn has_ready_endpoint(slices: &[&EndpointSlice], svc: &Service, node: &str) 
             s.metadata
                 .labels
                 .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
                 .map(String::as_str)
                 == name
         })

@@ -55,6 +55,9 @@ pub struct Options {
     pub metrics: Arc<Metrics>,
 }
 
+/// The longest a change of objects waits for the previous pass's cost to be paid off.
+const MAX_OBJECTS_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
 pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()> {
     let mut terminate =
@@ -105,6 +108,7 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
                 .membership_rejected
                 .set(c.stats().map_or(0, |s| s.rejected) as i64);
         }
+        let pass = StdInstant::now();
         let plan = plan(&manifests, &opts.node_name, &view, &opts.addresses);
         state
             .orphans
@@ -138,6 +142,13 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
                 Err(_) => {}
             }
         }
+        let cost = pass.elapsed();
+        opts.metrics.plan_seconds.observe(cost.as_secs_f64());
+        // With many Services a pass takes milliseconds, and while they are being created
+        // the objects change all the time: take the next change of objects only after
+        // four times the last pass, so planning uses at most a fifth of a core. Membership
+        // and link changes (failover) are never held back.
+        let objects_after = tokio::time::Instant::now() + (cost * 4).min(MAX_OBJECTS_HOLD);
         // Wait for something to change.
         let wake = cluster.as_ref().and_then(Cluster::wake_at);
         tokio::select! {
@@ -161,7 +172,10 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
                     None => std::future::pending().await,
                 }
             } => {}
-            changed = objects.changed() => {
+            changed = async {
+                tokio::time::sleep_until(objects_after).await;
+                objects.changed().await
+            } => {
                 changed?;
                 manifests = objects.current();
                 match &mut cluster {
@@ -206,20 +220,17 @@ fn account(
 /// What to report: every IP this node answers for, and the IPs it answered for until
 /// now that no node may announce any more.
 fn ownership(plan: &NodePlan, state: &Reported) -> Vec<Ownership> {
-    let services = |ip: &IpAddr| {
-        plan.announcements
-            .iter()
-            .filter(|a| a.ip == *ip)
-            .flat_map(|a| a.services.iter().cloned())
-            .collect::<Vec<_>>()
-    };
+    let announced = plan.by_ip();
     let mut out: Vec<Ownership> = state
         .owned
         .iter()
         .map(|(ip, interfaces)| Ownership {
             ip: *ip,
             interfaces: interfaces.clone(),
-            services: services(ip),
+            services: announced
+                .get(ip)
+                .map(|a| a.services.clone())
+                .unwrap_or_default(),
         })
         .collect();
     out.extend(state.orphans.iter().map(|(ip, services)| Ownership {
@@ -327,12 +338,12 @@ fn link_specs(plan: &NodePlan, node: &str, links: &[Link], state: &mut Reported)
             owned.entry(a.ip).or_default().push(link.name.clone());
         }
     }
+    let announced = plan.by_ip();
     for (ip, names) in &owned {
         if state.owned.get(ip) != Some(names) {
-            let services: Vec<String> = plan
-                .announcements
-                .iter()
-                .filter(|a| a.ip == *ip)
+            let services: Vec<String> = announced
+                .get(ip)
+                .into_iter()
                 .flat_map(|a| a.services.iter().map(ToString::to_string))
                 .collect();
             info!(ip = %ip, interfaces = %names.join(","), services = %services.join(","), "this node owns the IP");

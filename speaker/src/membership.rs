@@ -36,7 +36,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// The UDP port speakers use for membership unless configured otherwise (memberlist's).
@@ -223,11 +222,12 @@ enum Command {
 pub struct Membership {
     commands: mpsc::UnboundedSender<Command>,
     counters: Arc<Counters>,
-    task: JoinHandle<()>,
+    /// Ends when `commands` is dropped (like a crash) or after a leave.
+    _thread: std::thread::JoinHandle<()>,
 }
 
 impl Membership {
-    /// Binds `config.bind` and starts the membership task on the current tokio runtime,
+    /// Binds `config.bind` and starts the membership task on a thread of its own,
     /// announcing ourselves to every peer. The receiver sees the live members (at first
     /// only ourselves).
     pub async fn start(config: Config) -> anyhow::Result<(Membership, watch::Receiver<Members>)> {
@@ -238,8 +238,8 @@ impl Membership {
             config.bind
         );
         encode_meta(&config.node_name, 0, 0, &config.meta)?;
-        let socket = UdpSocket::bind(config.bind)
-            .await
+        let socket = std::net::UdpSocket::bind(config.bind)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .with_context(|| format!("binding membership socket {}", config.bind))?;
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -266,7 +266,9 @@ impl Membership {
         let (members_tx, members_rx) = watch::channel(Members { alive });
         let counters = Arc::new(Counters::default());
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        let mut driver = Driver {
+        let rejoin_interval = config.settings.rejoin_interval;
+        let driver_counters = Arc::clone(&counters);
+        let driver = move |socket| Driver {
             foca,
             runtime: AccumulatingRuntime::new(),
             socket,
@@ -280,18 +282,47 @@ impl Membership {
             meta: config.meta,
             metas,
             members: members_tx,
-            counters: Arc::clone(&counters),
+            counters: driver_counters,
             last_auth_warn: None,
-            rejoin_interval: config.settings.rejoin_interval,
+            rejoin_interval,
         };
-        driver.set_peers(config.peers);
-        driver.publish_meta(false);
-        let task = tokio::spawn(driver.run(commands_rx));
+        let peers = config.peers;
+        // A thread and runtime of its own: however long planning 10,000 Services or
+        // writing their status keeps the speaker's runtime busy, probes are answered on
+        // time, so a busy node is never taken for a dead one.
+        let thread = std::thread::Builder::new()
+            .name("membership".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot start the membership runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let socket = match UdpSocket::from_std(socket) {
+                        Ok(s) => s,
+                        Err(error) => {
+                            tracing::error!(%error, "cannot use the membership socket");
+                            return;
+                        }
+                    };
+                    let mut driver = driver(socket);
+                    driver.set_peers(peers);
+                    driver.publish_meta(false);
+                    driver.run(commands_rx).await;
+                });
+            })
+            .context("starting the membership thread")?;
         Ok((
             Membership {
                 commands,
                 counters,
-                task,
+                _thread: thread,
             },
             members_rx,
         ))
@@ -330,12 +361,6 @@ impl Membership {
         if self.commands.send(Command::Leave(done)).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
         }
-    }
-}
-
-impl Drop for Membership {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub ownership_changes: Counter,
     /// From a peer being declared down to this node answering for its IPs.
     pub failover_seconds: Histogram,
+    /// One pass from the objects and membership to this node's announcements.
+    pub plan_seconds: Histogram,
     pub members: Gauge,
     pub members_declared_down: Counter,
     pub membership_rejected: Gauge,
@@ -57,6 +59,7 @@ impl Default for Metrics {
             announced: Family::default(),
             ownership_changes: Counter::default(),
             failover_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            plan_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             members: Gauge::default(),
             members_declared_down: Counter::default(),
             membership_rejected: Gauge::default(),
@@ -102,6 +105,11 @@ impl Default for Metrics {
             "failover_seconds",
             "From a peer declared down to this node answering for its IPs",
             m.failover_seconds.clone(),
+        );
+        r.register(
+            "plan_seconds",
+            "One pass from the objects and membership to this node's announcements",
+            m.plan_seconds.clone(),
         );
         r.register(
             "members",

@@ -77,7 +77,7 @@ pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
     let Some(svc) = m
         .services
         .iter()
-        .map(|l| &l.object)
+        .map(|l| &*l.object)
         .find(|s| input::service_key(s) == *key)
     else {
         return d.stop(
@@ -253,8 +253,12 @@ fn announced(
         |d: &Diagnosis, headline: String, next: &str| Box::new(d.clone().stop(headline, next));
     let ns = &f.ferrolb_namespace;
     let m = &f.manifests;
-    let (configs, _) =
-        input::pool_configs(&m.pools.iter().map(|p| p.object.clone()).collect::<Vec<_>>());
+    let (configs, _) = input::pool_configs(
+        &m.pools
+            .iter()
+            .map(|p| (*p.object).clone())
+            .collect::<Vec<_>>(),
+    );
     // As the speaker does: a usable pool holding the IP first.
     let containing = || {
         configs
@@ -274,7 +278,7 @@ fn announced(
     let advs: Vec<&L2Advertisement> = m
         .l2_advertisements
         .iter()
-        .map(|a| &a.object)
+        .map(|a| &*a.object)
         .filter(|a| announces_pool(a, &pool, labels.as_ref()))
         .collect();
     let pool_text = if pool.is_empty() {
@@ -308,10 +312,10 @@ fn announced(
         .as_ref()
         .and_then(|s| s.external_traffic_policy.as_deref())
         == Some("Local");
-    let slices: Vec<_> = m.endpoint_slices.iter().map(|s| &s.object).collect();
+    let slices: Vec<_> = m.endpoint_slices.iter().map(|s| &*s.object).collect();
     let mut eligible = Vec::new();
     let mut excluded = Vec::new();
-    for node in m.nodes.iter().map(|n| &n.object) {
+    for node in m.nodes.iter().map(|n| &*n.object) {
         let name = node.metadata.name.clone().unwrap_or_default();
         match ineligible(node, &advs) {
             Some(why) => excluded.push(format!("{name}: {why}")),
@@ -487,7 +491,7 @@ fn traffic(
     let pods: Vec<&Pod> = m
         .pods
         .iter()
-        .map(|p| &p.object)
+        .map(|p| &*p.object)
         .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == namespace)
         .filter(|p| {
             let labels = p.metadata.labels.clone().unwrap_or_default();

@@ -202,10 +202,7 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
     fn located<T>(items: Vec<T>) -> Vec<Located<T>> {
         items
             .into_iter()
-            .map(|object| Located {
-                origin: Origin::cluster(),
-                object,
-            })
+            .map(|object| Located::new(Origin::cluster(), object))
             .collect()
     }
     Ok(Facts {

@@ -15,12 +15,17 @@ use std::sync::Arc;
 use ferrolb_api::manifests::{Located, Manifests, Origin};
 use ferrolb_api::{IPAddressPool, L2Advertisement};
 use futures::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, NodeStatus, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{
+    Node, NodeStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use tokio::sync::watch as channel;
 use tracing::{error, info};
+
+use crate::announcements::SERVICE_NAME_LABEL;
 
 /// Which watch a change came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -183,10 +188,11 @@ fn explain(kind: Kind, e: &watcher::Error) -> String {
     format!("{e}{hint}")
 }
 
-/// Objects by namespace/name, with relists accounted for.
+/// Objects by namespace/name, with relists accounted for. Each is kept behind an `Arc`,
+/// so that a snapshot shares them instead of copying them.
 struct Store<T> {
-    objects: BTreeMap<(String, String), T>,
-    relist: Option<BTreeMap<(String, String), T>>,
+    objects: BTreeMap<(String, String), Arc<T>>,
+    relist: Option<BTreeMap<(String, String), Arc<T>>>,
 }
 
 impl<T> Default for Store<T> {
@@ -209,7 +215,7 @@ impl<T: kube::Resource> Store<T> {
         };
         match event {
             watcher::Event::Apply(o) => {
-                self.objects.insert(key(&o), trim(o));
+                self.objects.insert(key(&o), Arc::new(trim(o)));
                 (true, false)
             }
             watcher::Event::Delete(o) => {
@@ -223,7 +229,7 @@ impl<T: kube::Resource> Store<T> {
             watcher::Event::InitApply(o) => {
                 self.relist
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(key(&o), trim(o));
+                    .insert(key(&o), Arc::new(trim(o)));
                 (false, false)
             }
             watcher::Event::InitDone => {
@@ -280,13 +286,13 @@ impl State {
     }
 
     fn manifests(&self) -> Manifests {
-        fn located<T: Clone>(store: &Store<T>) -> Vec<Located<T>> {
+        fn located<T>(store: &Store<T>) -> Vec<Located<T>> {
             store
                 .objects
                 .values()
                 .map(|o| Located {
                     origin: Origin::cluster(),
-                    object: o.clone(),
+                    object: Arc::clone(o),
                 })
                 .collect()
         }
@@ -308,27 +314,78 @@ fn trim_meta<T: kube::Resource>(mut o: T) -> T {
     o
 }
 
+/// Only what announcing reads: the type and class that make a Service ours, its traffic
+/// policy and ports, the IPs in status and ferrolb's own conditions. Everything else
+/// (selectors, cluster IPs, labels, annotations, other controllers' conditions) would
+/// only take memory, 10,000 times over.
 fn trim_service(s: Service) -> Service {
-    let mut s = trim_meta(s);
-    s.annotations_mut()
-        .remove("kubectl.kubernetes.io/last-applied-configuration");
-    s
+    let spec = s.spec.map(|spec| ServiceSpec {
+        type_: spec.type_,
+        load_balancer_class: spec.load_balancer_class,
+        external_traffic_policy: spec.external_traffic_policy,
+        ports: spec.ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|p| ServicePort {
+                    port: p.port,
+                    protocol: p.protocol,
+                    node_port: p.node_port,
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        ..Default::default()
+    });
+    let status = s.status.map(|status| ServiceStatus {
+        load_balancer: status.load_balancer,
+        conditions: status.conditions.map(|c| {
+            c.into_iter()
+                .filter(|c| c.type_.starts_with("ferrolb.io/"))
+                .collect()
+        }),
+    });
+    Service {
+        metadata: ObjectMeta {
+            name: s.metadata.name,
+            namespace: s.metadata.namespace,
+            ..Default::default()
+        },
+        spec,
+        status,
+    }
 }
 
-/// Only what eligibility reads: the node each endpoint is on, and whether it is ready.
+/// Only what eligibility reads: the Service a slice belongs to, and the node of each
+/// endpoint and whether it is ready.
 fn trim_slice(s: EndpointSlice) -> EndpointSlice {
-    let mut s = trim_meta(s);
-    s.metadata.annotations = None;
-    s.ports = None;
-    for e in s.endpoints.iter_mut().flatten() {
-        e.addresses.clear();
-        e.target_ref = None;
-        e.hints = None;
-        e.hostname = None;
-        e.zone = None;
-        e.deprecated_topology = None;
+    let service = s
+        .metadata
+        .labels
+        .and_then(|mut l| l.remove_entry(SERVICE_NAME_LABEL))
+        .map(|entry| [entry].into());
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: s.metadata.name,
+            namespace: s.metadata.namespace,
+            labels: service,
+            ..Default::default()
+        },
+        address_type: s.address_type,
+        endpoints: s.endpoints.map(|endpoints| {
+            endpoints
+                .into_iter()
+                .map(|e| Endpoint {
+                    node_name: e.node_name,
+                    conditions: e.conditions.map(|c| EndpointConditions {
+                        ready: c.ready,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        ports: None,
     }
-    s
 }
 
 /// Only labels, the Ready condition and the addresses: a Node's images and capacity are
@@ -345,4 +402,129 @@ fn trim_node(n: Node) -> Node {
         ..Default::default()
     });
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::announcements::{Addresses, plan};
+    use crate::election::ClusterView;
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {zone: a}, annotations: {note: big}}
+status:
+  addresses: [{type: InternalIP, address: 10.0.0.1}]
+  conditions: [{type: Ready, status: "True"}, {type: MemoryPressure, status: "False"}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2, labels: {zone: b}}
+status:
+  addresses: [{type: InternalIP, address: 10.0.0.2}]
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n3, labels: {zone: b, node.kubernetes.io/exclude-from-external-load-balancers: ""}}
+status: {addresses: [{type: InternalIP, address: 10.0.0.3}]}
+---
+apiVersion: ferrolb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: p, labels: {tier: web}}
+spec: {addresses: [192.0.2.200-192.0.2.209]}
+---
+apiVersion: ferrolb.io/v1beta1
+kind: L2Advertisement
+metadata: {name: adv}
+spec: {ipAddressPoolSelectors: [{matchLabels: {tier: web}}], forwarding: nodePort}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {app: web}, annotations: {a: b}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]
+status:
+  loadBalancer: {ingress: [{ip: 192.0.2.200}]}
+  conditions:
+  - {type: ferrolb.io/AnnouncedIPv4, status: "True", reason: NodeAssigned, message: "192.0.2.200 is announced by n2 on eth0", lastTransitionTime: "2026-01-01T00:00:00Z"}
+  - {type: other.io/Thing, status: "True", reason: R, message: m, lastTransitionTime: "2026-01-01T00:00:00Z"}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  type: LoadBalancer
+  ports: [{port: 53, nodePort: 30053, protocol: UDP}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.201}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web, other: x}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.1.0.1], nodeName: n1, conditions: {ready: false}}
+- {addresses: [10.1.0.2], nodeName: n2, conditions: {ready: true}, zone: a}
+"#;
+
+    fn trimmed(m: &Manifests) -> Manifests {
+        fn each<T: Clone>(items: &[Located<T>], trim: impl Fn(T) -> T) -> Vec<Located<T>> {
+            items
+                .iter()
+                .map(|l| Located::new(l.origin.clone(), trim((*l.object).clone())))
+                .collect()
+        }
+        Manifests {
+            pools: each(&m.pools, trim_meta),
+            l2_advertisements: each(&m.l2_advertisements, trim_meta),
+            services: each(&m.services, trim_service),
+            nodes: each(&m.nodes, trim_node),
+            endpoint_slices: each(&m.endpoint_slices, trim_slice),
+            ..Manifests::default()
+        }
+    }
+
+    /// Trimming keeps everything announcing reads: every node plans the same from the
+    /// trimmed objects as from the whole ones (owner, ready local endpoint, exclusion,
+    /// pool selected by label, NodePort rules of both protocols).
+    #[test]
+    fn trimmed_objects_plan_the_same() {
+        let mut whole = Manifests::default();
+        let errors = whole.add_text("objects.yaml", OBJECTS);
+        assert!(errors.is_empty(), "{errors:?}");
+        let trimmed = trimmed(&whole);
+        let addresses = Addresses::FromStatus {
+            class: ferrolb_api::annotations::LOAD_BALANCER_CLASS.into(),
+        };
+        let mut announced = 0;
+        for node in ["n1", "n2", "n3"] {
+            let view = ClusterView::everyone();
+            let expected = plan(&whole, node, &view, &addresses);
+            announced += expected.announcements.len();
+            assert_eq!(plan(&trimmed, node, &view, &addresses), expected, "{node}");
+        }
+        assert_eq!(announced, 2, "the fixture should announce both IPs");
+    }
+
+    /// What the speaker writes is decided from its own condition, which is kept; other
+    /// controllers' conditions are not.
+    #[test]
+    fn only_ferrolb_conditions_are_kept() {
+        let mut whole = Manifests::default();
+        assert!(whole.add_text("objects.yaml", OBJECTS).is_empty());
+        let web = trim_service((*whole.services[0].object).clone());
+        let types: Vec<String> = web
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.type_)
+            .collect();
+        assert_eq!(types, ["ferrolb.io/AnnouncedIPv4"]);
+    }
 }

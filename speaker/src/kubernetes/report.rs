@@ -14,7 +14,7 @@
 //! apply takes the condition over from the old one without touching the other family's,
 //! the controller's `status.loadBalancer`, or anyone else's conditions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,7 +98,7 @@ async fn run(
     client: Client,
     node: String,
     mut owned: watch::Receiver<Vec<Ownership>>,
-    mut snapshots: watch::Receiver<Arc<Manifests>>,
+    snapshots: watch::Receiver<Arc<Manifests>>,
 ) {
     let events = Events::new(client.clone(), "ferrolb-speaker", &node);
     // What this task wrote, so that a write is not repeated before the watch shows it.
@@ -110,14 +110,14 @@ async fn run(
                 _ = owned.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
-        } else {
-            tokio::select! {
-                r = owned.changed() => if r.is_err() { return },
-                r = snapshots.changed() => if r.is_err() { return },
-            }
+        } else if owned.changed().await.is_err() {
+            return;
         }
         let wanted = owned.borrow_and_update().clone();
-        let snapshot = snapshots.borrow_and_update().clone();
+        // Ownership is planned from a snapshot, so the newest one is at least as new.
+        let snapshot = snapshots.borrow().clone();
+        // The Services by key, built the first time one must be looked at.
+        let mut services: Option<BTreeMap<(&str, &str), &Service>> = None;
         retry = false;
         for o in &wanted {
             for key in &o.services {
@@ -126,7 +126,8 @@ async fn run(
                 if written.get(&(key.clone(), type_)) == Some(&message) {
                     continue;
                 }
-                if says(&snapshot, key, type_, &message) {
+                let services = services.get_or_insert_with(|| by_key(&snapshot));
+                if says(services, key, type_, &message) {
                     // Already true (a restart into the same ownership): remember it, so
                     // the Services are not searched again on every change.
                     written.insert((key.clone(), type_), message);
@@ -144,28 +145,42 @@ async fn run(
             }
         }
         // Forget what is no longer ours, so that owning it again is reported again.
-        written.retain(|(key, type_), _| {
-            wanted
-                .iter()
-                .any(|o| condition_type(o.ip) == *type_ && o.services.contains(key))
-        });
+        let still: BTreeSet<(&ServiceKey, &str)> = wanted
+            .iter()
+            .flat_map(|o| o.services.iter().map(|k| (k, condition_type(o.ip))))
+            .collect();
+        written.retain(|(key, type_), _| still.contains(&(key, *type_)));
     }
 }
 
+fn by_key(m: &Manifests) -> BTreeMap<(&str, &str), &Service> {
+    m.services
+        .iter()
+        .map(|s| {
+            let meta = &s.object.metadata;
+            let key = (
+                meta.namespace.as_deref().unwrap_or("default"),
+                meta.name.as_deref().unwrap_or_default(),
+            );
+            (key, &*s.object)
+        })
+        .collect()
+}
+
 /// Whether the Service's condition already says `message`.
-fn says(m: &Manifests, key: &ServiceKey, type_: &str, message: &str) -> bool {
-    m.services.iter().any(|s| {
-        let svc = &s.object;
-        svc.metadata.name.as_deref() == Some(key.name.as_str())
-            && svc.metadata.namespace.as_deref() == Some(key.namespace.as_str())
-            && svc
-                .status
-                .as_ref()
-                .and_then(|st| st.conditions.as_ref())
-                .into_iter()
-                .flatten()
-                .any(|c| c.type_ == type_ && c.message == message)
-    })
+fn says(
+    services: &BTreeMap<(&str, &str), &Service>,
+    key: &ServiceKey,
+    type_: &str,
+    message: &str,
+) -> bool {
+    services
+        .get(&(key.namespace.as_str(), key.name.as_str()))
+        .and_then(|svc| svc.status.as_ref())
+        .and_then(|st| st.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == type_ && c.message == message)
 }
 
 #[allow(clippy::too_many_arguments)]
