@@ -41,12 +41,38 @@ async fn run() {
     let (vip, node_port) = w.service("web", "").await;
     w.cluster.apply(&cluster::pool(
         "bulk",
-        &["192.0.2.128-192.0.2.199", "198.18.0.0/20"],
+        // 198.18.0.0/15, the benchmarking range: room for any FERROLB_BENCH_SERVICES.
+        &["192.0.2.128-192.0.2.199", "198.18.0.0/15"],
     ));
     create(&w, 1, 100).await;
     wait_reported(&w, 100).await;
     let mut rows: Vec<(String, String)> = Vec::new();
+    // FERROLB_BENCH_ONLY=scale measures only the speakers under many Services.
+    let only_scale = std::env::var("FERROLB_BENCH_ONLY").is_ok_and(|v| v == "scale");
+    if !only_scale {
+        failovers(&mut w, vip, &mut rows).await;
+    }
 
+    create(&w, 100, 1000).await;
+    wait_reported(&w, 1000).await;
+    rows.push(("speaker resident memory, 1,000 Services".into(), rss(&w)));
+    scale(&w, &mut rows).await;
+
+    if !only_scale {
+        standalone(&mut w, vip, node_port, &mut rows).await;
+    }
+
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    println!(
+        "\nferrolb speaker in a cluster (3 nodes, the owner's link cut and its speaker killed)"
+    );
+    for (k, v) in rows {
+        println!("  {k:width$}  {v}");
+    }
+}
+
+/// Requests at rest, then the owner killed 10 times in cluster mode.
+async fn failovers(w: &mut World, vip: IpAddr, rows: &mut Vec<(String, String)>) {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = bench::requests(&w.cluster.cp, SPEAKER_USER);
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -62,7 +88,7 @@ async fn run() {
     let mut writes_per_ip = Vec::new();
     for round in 0..KILLS {
         let owner = w.owner(vip);
-        let owned = owned_by(&w, owner).await;
+        let owned = owned_by(w, owner).await;
         let before = bench::requests(&w.cluster.cp, SPEAKER_USER);
         let killed = w.speakers[owner].take().unwrap();
         let node = w.lab.node(owner).clone();
@@ -82,7 +108,7 @@ async fn run() {
         eventually(
             Duration::from_secs(30),
             "every moved IP reported",
-            || async { (owned_by(&w, owner).await == 0).then_some(()) },
+            || async { (owned_by(w, owner).await == 0).then_some(()) },
         )
         .await;
         let writes: usize = bench::since(&before, &bench::requests(&w.cluster.cp, SPEAKER_USER))
@@ -115,23 +141,10 @@ async fn run() {
             writes_per_ip.iter().sum::<f64>() / writes_per_ip.len() as f64
         ),
     ));
+}
 
-    create(&w, 100, 1000).await;
-    wait_reported(&w, 1000).await;
-    let rss: Vec<f64> = w
-        .speakers
-        .iter()
-        .flatten()
-        .map(|s| bench::rss_mib(s.pid()))
-        .collect();
-    rows.push((
-        "speaker resident memory, 1,000 Services".into(),
-        rss.iter()
-            .map(|r| format!("{r:.1} MiB"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    ));
-
+/// The same owner kills with the speakers reading files.
+async fn standalone(w: &mut World, vip: IpAddr, node_port: u16, rows: &mut Vec<(String, String)>) {
     // Standalone mode on the same lab and backends: the same VIP from files.
     for s in w.speakers.iter_mut() {
         if let Some(s) = s.take() {
@@ -153,7 +166,7 @@ async fn run() {
             .unwrap()
     };
     for i in 0..3 {
-        w.speakers[i] = Some(spawn(&w, i));
+        w.speakers[i] = Some(spawn(w, i));
     }
     let mut standalone = Vec::new();
     for round in 0..KILLS {
@@ -180,7 +193,7 @@ async fn run() {
             round + 1,
             format_duration(outage.duration)
         );
-        w.speakers[owner] = Some(spawn(&w, owner));
+        w.speakers[owner] = Some(spawn(w, owner));
         eventually(
             Duration::from_secs(30),
             "the VIP back on its first owner",
@@ -192,14 +205,67 @@ async fn run() {
         "failover outage, standalone mode (median / max of 10)".into(),
         bench::spread(&standalone),
     ));
+}
 
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    println!(
-        "\nferrolb speaker in a cluster (3 nodes, the owner's link cut and its speaker killed)"
-    );
-    for (k, v) in rows {
-        println!("  {k:width$}  {v}");
+fn rss(w: &World) -> String {
+    w.speakers
+        .iter()
+        .flatten()
+        .map(|s| format!("{:.1} MiB", bench::rss_mib(s.pid())))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// From 1,000 Services to `FERROLB_BENCH_SERVICES` (10,000): how long until every new
+/// Service is announced and reported, what it cost the speakers in CPU, API writes and
+/// memory, and whether membership held (a busy speaker taken for a dead one moves IPs).
+async fn scale(w: &World, rows: &mut Vec<(String, String)>) {
+    let total = bench::large_count();
+    if total <= 1000 {
+        return;
     }
+    let pids: Vec<u32> = w.speakers.iter().flatten().map(LabProcess::pid).collect();
+    let cpu_before: Vec<Duration> = pids.iter().map(|p| bench::cpu_time(*p)).collect();
+    let changes_before = membership_changes(w);
+    let requests_before = bench::requests(&w.cluster.cp, SPEAKER_USER);
+    let start = std::time::Instant::now();
+    create(w, 1000, total).await;
+    let created = start.elapsed();
+    wait_reported(w, total).await;
+    let reported = start.elapsed();
+    let writes = bench::writes(&bench::since(
+        &requests_before,
+        &bench::requests(&w.cluster.cp, SPEAKER_USER),
+    ));
+    let cpu: Vec<String> = pids
+        .iter()
+        .zip(&cpu_before)
+        .map(|(p, before)| format!("{:.1} s", (bench::cpu_time(*p) - *before).as_secs_f64()))
+        .collect();
+    let added = total - 1000;
+    rows.push((
+        format!("{added} more Services: all reported after"),
+        format!(
+            "{} (created by then: {})",
+            format_duration(reported),
+            format_duration(created)
+        ),
+    ));
+    rows.push(("  speaker CPU time meanwhile".into(), cpu.join(", ")));
+    rows.push((
+        "  speaker writes per Service".into(),
+        format!("{:.2}", writes as f64 / added as f64),
+    ));
+    rows.push((
+        "  membership changes seen meanwhile (0: no false suspicion)".into(),
+        (membership_changes(w) - changes_before).to_string(),
+    ));
+    rows.push((format!("speaker resident memory, {total} Services"), rss(w)));
+}
+
+/// How many times the speakers logged a change in the members that may own IPs.
+fn membership_changes(w: &World) -> usize {
+    w.logs().matches("members that may own IPs changed").count()
 }
 
 /// LoadBalancer Services bulk-N for N in `from..to`, without NodePorts.
@@ -219,17 +285,22 @@ async fn create(w: &World, from: usize, to: usize) {
         .await;
 }
 
-/// Waits until `count` Services carry the announcing node's condition.
+/// Waits until `count` Services carry the announcing node's condition (listing them once
+/// a second: listing 10,000 Services more often would load the API server the speakers
+/// are measured against).
 async fn wait_reported(w: &World, count: usize) {
-    eventually(
-        Duration::from_secs(300),
-        &format!("{count} Services reported"),
-        || async {
-            let n = conditions(w).await.len();
-            (n >= count).then_some(())
-        },
-    )
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    loop {
+        let n = conditions(w).await.len();
+        if n >= count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {n} of {count} Services reported after 900 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Service name to the node its IPv4 condition names.
