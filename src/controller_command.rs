@@ -38,10 +38,10 @@ pub struct ControllerArgs {
     lease_namespace: Option<String>,
     /// Seconds the Lease stays valid after a renewal: how long a standby waits after the
     /// active replica dies.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 15)]
     lease_duration: u64,
     /// Seconds before expiry at which the active replica renews.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 5)]
     lease_grace: u64,
     /// This replica's name in the Lease and in Events; default: $POD_NAME, else the
     /// host name and process id.

@@ -3,17 +3,22 @@
 //!
 //! The holder renews the Lease `grace` seconds before it expires; a standby takes it
 //! once it has expired (a holder that dies without releasing it) or at once (a holder
-//! that shut down and released it). The defaults, 6 s and 2 s, hand over within about
-//! 7 s of a crash and cost one write every 4 s.
+//! that shut down and released it). The defaults, 15 s and 5 s (client-go's lease
+//! duration), hand over within about 16 s of a crash and cost one write every 10 s. Only
+//! new assignments wait for a handover: speakers keep announcing what is assigned.
 
 use anyhow::{Context, Result};
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::Client;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube_lease_manager::LeaseManagerBuilder;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct LeaseOptions {
@@ -59,6 +64,77 @@ pub async fn elect(
         }
     });
     Ok((receiver, task))
+}
+
+/// Resolves, with the reason, once this replica must stop acting: the Lease, watched,
+/// names another holder, or it went unrenewed past its expiry and reading it back
+/// confirms that (the Lease task only logs failed renewals, so it alone could keep a
+/// replica acting too long). Watching costs no request at rest: the Lease is read only
+/// when a renewal is missing, or every `grace` seconds while the watch itself fails.
+pub async fn lost(client: Client, options: LeaseOptions, identity: String) -> String {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", options.name));
+    let mut leases = watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    let recheck = Duration::from_secs(options.grace.max(1));
+    // Until the watch shows the Lease, as if a renewal were missing.
+    let mut check_at = Instant::now() + Duration::from_secs(options.duration);
+    let mut watch_failing = false;
+    loop {
+        tokio::select! {
+            event = leases.next() => match event {
+                Some(Ok(lease)) => {
+                    watch_failing = false;
+                    match expiry(&lease, &options, &identity) {
+                        // A second of margin for clocks and the renewal's own trip.
+                        Ok(at) => check_at = at + Duration::from_secs(1),
+                        Err(why) => return why,
+                    }
+                }
+                Some(Err(e)) => {
+                    if !watch_failing {
+                        tracing::warn!(
+                            "cannot watch Lease {}/{} ({e}); reading it every {} s instead (the controller needs list and watch on it)",
+                            options.namespace,
+                            options.name,
+                            recheck.as_secs()
+                        );
+                    }
+                    watch_failing = true;
+                    check_at = check_at.min(Instant::now() + recheck);
+                }
+                None => return "the Lease watch ended".into(),
+            },
+            () = tokio::time::sleep_until(check_at) => {
+                if let Err(why) = still_held(&client, &options, &identity).await {
+                    return why;
+                }
+                check_at = Instant::now() + recheck;
+            }
+        }
+    }
+}
+
+/// When the Lease, as seen, expires unless renewed; an error when it names another
+/// holder.
+fn expiry(lease: &Lease, options: &LeaseOptions, identity: &str) -> Result<Instant, String> {
+    let spec = lease.spec.clone().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return Err(format!(
+            "Lease {}/{} is held by {}",
+            options.namespace,
+            options.name,
+            spec.holder_identity.as_deref().unwrap_or("nobody")
+        ));
+    }
+    let valid = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
+    let left = spec.renew_time.map_or(Duration::ZERO, |renewed| {
+        let age = Timestamp::now().duration_since(renewed.0);
+        valid.saturating_sub(Duration::try_from(age).unwrap_or(Duration::ZERO))
+    });
+    Ok(Instant::now() + left)
 }
 
 /// Reads the Lease back: Ok while it names `identity` and has not expired, else why not.

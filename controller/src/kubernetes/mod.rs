@@ -163,25 +163,15 @@ async fn active(
     pool_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     // Resolves when this replica must stop acting: the Lease task says it lost the
-    // Lease, or the Lease itself, read back, names another holder or has expired (the
-    // Lease task only logs failed renewals, so it alone could keep acting too long).
+    // Lease, or the Lease itself, watched, names another holder or has expired.
     let lost = async {
         let Some(l) = leading.as_mut() else {
             return std::future::pending().await;
         };
-        let lease = options.lease.as_ref().expect("leading comes with a Lease");
-        let mut check = tokio::time::interval(Duration::from_secs(lease.grace.max(1)));
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = l.wait_for(|l| !*l) => return,
-                _ = check.tick() => {
-                    if let Err(why) = leader::still_held(&fence_client, lease, &options.identity).await {
-                        warn!("stopping: {why}");
-                        return;
-                    }
-                }
-            }
+        let lease = options.lease.clone().expect("leading comes with a Lease");
+        tokio::select! {
+            _ = l.wait_for(|l| !*l) => {}
+            why = leader::lost(fence_client, lease, options.identity.clone()) => warn!("stopping: {why}"),
         }
     };
     tokio::pin!(lost);
