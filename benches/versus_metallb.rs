@@ -16,6 +16,8 @@
 //! peers through them). MetalLB leaves forwarding to kube-proxy, which does not run here:
 //! every node gets the DNAT kube-proxy would program (VIP:80 to its own NodePort), so
 //! traffic follows whichever node answers ARP, exactly as ferrolb's own forwarding does.
+//! Every Service has an EndpointSlice with a ready endpoint, written by hand (no kubelet
+//! runs Pods here), since MetalLB announces nothing else.
 //!
 //! `cargo bench -p ferrolb --bench versus_metallb`, as root. `FERROLB_BENCH_SERVICES`
 //! changes the larger count (default 10,000).
