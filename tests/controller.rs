@@ -311,6 +311,66 @@ async fn the_standby_takes_over_when_the_leader_dies() {
 }
 
 #[tokio::test]
+async fn a_replica_whose_lease_is_taken_stops_at_once() {
+    let cluster = Cluster::start().await;
+    let controller = cluster.controller("a", &[]).await;
+    cluster.apply(&pool("lab", &["198.51.100.10-198.51.100.30"]));
+    let api = services(&cluster).await;
+    api.create(&PostParams::default(), &load_balancer("before", &[]))
+        .await
+        .unwrap();
+    wait_ips(&cluster, "before").await;
+    // Somebody else holds the Lease now, for an hour (as after a partition during which
+    // the standby took it).
+    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ");
+    cluster.kubectl(&[
+        "patch",
+        "lease",
+        "-n",
+        NAMESPACE,
+        "ferrolb-controller",
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"spec": {{"holderIdentity": "intruder", "renewTime": "{now}", "leaseDurationSeconds": 3600}}}}"#
+        ),
+    ]);
+    eventually(
+        DEADLINE,
+        "the controller to stop, naming the holder",
+        || async {
+            controller
+                .logs()
+                .contains("stopping: Lease ferrolb-system/ferrolb-controller is held by intruder")
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(DEADLINE, "ferrolb_controller_leader 0", || async {
+        (controller.metric("ferrolb_controller_leader") == Some(0.0)).then_some(())
+    })
+    .await;
+    // Nothing is assigned while it stands by, and it does not start again and again.
+    api.create(&PostParams::default(), &load_balancer("after", &[]))
+        .await
+        .unwrap();
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(3) {
+        assert!(
+            ips_of(&cluster, "after").await.is_empty(),
+            "assigned without the Lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = controller.logs();
+    assert_eq!(
+        logs.matches("became the active controller").count(),
+        1,
+        "{logs}"
+    );
+}
+
+#[tokio::test]
 async fn a_removed_rbac_rule_fails_loudly() {
     let cluster = Cluster::start().await;
     cluster.apply(&pool("lab", &["198.51.100.10-198.51.100.20"]));

@@ -132,6 +132,16 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
         if let Err(e) = result {
             warn!("stopped acting: {e:#}");
         }
+        if *leading.borrow() {
+            // Stopped by the Lease watch while the Lease task still says we lead: it
+            // learns of the loss at its next renewal. Wait for that rather than start
+            // again (listing everything) only to stop again.
+            let renewal = Duration::from_secs(lease.duration);
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::timeout(renewal, leading.wait_for(|l| !*l)) => {}
+            }
+        }
     }
     info!("shutting down: releasing the Lease");
     metrics.leader.set(0);
