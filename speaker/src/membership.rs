@@ -290,6 +290,7 @@ impl Membership {
         // A thread and runtime of its own: however long planning 10,000 Services or
         // writing their status keeps the speaker's runtime busy, probes are answered on
         // time, so a busy node is never taken for a dead one.
+        let (started, starting) = oneshot::channel::<anyhow::Result<()>>();
         let thread = std::thread::Builder::new()
             .name("membership".into())
             .spawn(move || {
@@ -298,26 +299,32 @@ impl Membership {
                     .build()
                 {
                     Ok(r) => r,
-                    Err(error) => {
-                        tracing::error!(%error, "cannot start the membership runtime");
+                    Err(e) => {
+                        let _ = started.send(Err(anyhow::anyhow!("starting its runtime: {e}")));
                         return;
                     }
                 };
                 runtime.block_on(async move {
                     let socket = match UdpSocket::from_std(socket) {
                         Ok(s) => s,
-                        Err(error) => {
-                            tracing::error!(%error, "cannot use the membership socket");
+                        Err(e) => {
+                            let _ = started.send(Err(anyhow::anyhow!("using its socket: {e}")));
                             return;
                         }
                     };
                     let mut driver = driver(socket);
                     driver.set_peers(peers);
                     driver.publish_meta(false);
+                    let _ = started.send(Ok(()));
                     driver.run(commands_rx).await;
                 });
             })
             .context("starting the membership thread")?;
+        // Failing here, not later: a speaker that believed itself alone would claim every IP.
+        starting
+            .await
+            .context("the membership thread ended at start")?
+            .context("membership")?;
         Ok((
             Membership {
                 commands,
