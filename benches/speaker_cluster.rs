@@ -20,10 +20,8 @@ use cluster::lab::{VIP_PORT, World};
 use cluster::{bench, eventually};
 use ferrolb::lab::{LabProcess, format_duration, measure_tcp_outage};
 use ferrolb_control_plane::Options;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
-use kube::api::PostParams;
 
 const SPEAKER_USER: &str = "system:serviceaccount:ferrolb-system:ferrolb-speaker";
 const KILLS: usize = 10;
@@ -268,21 +266,8 @@ fn membership_changes(w: &World) -> usize {
     w.logs().matches("members that may own IPs changed").count()
 }
 
-/// LoadBalancer Services bulk-N for N in `from..to`, without NodePorts.
 async fn create(w: &World, from: usize, to: usize) {
-    let api: Api<Service> = Api::namespaced(w.cluster.client().await, "default");
-    futures::stream::iter(from..to)
-        .map(|i| {
-            let api = api.clone();
-            async move {
-                let mut svc = cluster::load_balancer(&format!("bulk-{i}"), &[]);
-                svc.spec.as_mut().unwrap().allocate_load_balancer_node_ports = Some(false);
-                api.create(&PostParams::default(), &svc).await.unwrap();
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
+    w.create_bulk(from, to, &[]).await;
 }
 
 /// Waits until `count` Services carry the announcing node's condition (listing them once

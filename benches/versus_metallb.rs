@@ -36,7 +36,6 @@ use ferrolb::lab::{LabProcess, format_duration, measure_tcp_outage};
 use ferrolb_control_plane::Options;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -663,51 +662,8 @@ fn bulk_pool(project: Project, w: &World, range: &str) {
 }
 
 /// LoadBalancer Services bulk-N for N in `from..to`, without NodePorts.
-/// Services bulk-N for N in `from..to`, without NodePorts, each with an EndpointSlice
-/// holding one ready endpoint on one of the nodes in turn: MetalLB announces only a
-/// Service with a ready endpoint, so without them its speakers would hold next to
-/// nothing while ferrolb's hold every IP.
 async fn create(w: &World, from: usize, to: usize) {
-    let client = w.cluster.client().await;
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
-    let nodes: Vec<(String, String)> = (0..3)
-        .map(|i| {
-            (
-                w.lab.node(i).name().to_string(),
-                w.lab.node(i).ipv4().to_string(),
-            )
-        })
-        .collect();
-    futures::stream::iter(from..to)
-        .map(|i| {
-            let (services, slices) = (services.clone(), slices.clone());
-            let (node, address) = nodes[i % nodes.len()].clone();
-            async move {
-                let name = format!("bulk-{i}");
-                let mut svc = cluster::load_balancer(&name, BULK);
-                svc.spec.as_mut().unwrap().allocate_load_balancer_node_ports = Some(false);
-                services.create(&PostParams::default(), &svc).await.unwrap();
-                let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
-                    "metadata": {
-                        "name": name,
-                        "labels": {"kubernetes.io/service-name": name},
-                    },
-                    "addressType": "IPv4",
-                    "ports": [{"port": 8080, "protocol": "TCP"}],
-                    "endpoints": [{
-                        "addresses": [address],
-                        "conditions": {"ready": true},
-                        "nodeName": node,
-                    }],
-                }))
-                .unwrap();
-                slices.create(&PostParams::default(), &slice).await.unwrap();
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
+    w.create_bulk(from, to, BULK).await;
 }
 
 /// Polls once a second: listing 10,000 Services every 20 ms would load the API server

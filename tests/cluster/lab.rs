@@ -205,6 +205,56 @@ impl World {
             .unwrap_or(false)
     }
 
+    /// LoadBalancer Services bulk-N for N in `from..to`, without NodePorts, each with an
+    /// EndpointSlice holding one ready endpoint on one of the nodes in turn, as a real
+    /// cluster's Services have (and as MetalLB needs before it announces anything).
+    pub async fn create_bulk(&self, from: usize, to: usize, annotations: &[(&str, &str)]) {
+        use futures::StreamExt;
+        use k8s_openapi::api::core::v1::Service;
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        use kube::Api;
+        use kube::api::PostParams;
+
+        let client = self.cluster.client().await;
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+        let nodes: Vec<(String, String)> = self
+            .lab
+            .nodes()
+            .iter()
+            .map(|n| (n.name().to_string(), n.ipv4().to_string()))
+            .collect();
+        futures::stream::iter(from..to)
+            .map(|i| {
+                let (services, slices) = (services.clone(), slices.clone());
+                let (node, address) = nodes[i % nodes.len()].clone();
+                async move {
+                    let name = format!("bulk-{i}");
+                    let mut svc = super::load_balancer(&name, annotations);
+                    svc.spec.as_mut().unwrap().allocate_load_balancer_node_ports = Some(false);
+                    services.create(&PostParams::default(), &svc).await.unwrap();
+                    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+                        "metadata": {
+                            "name": name,
+                            "labels": {"kubernetes.io/service-name": name},
+                        },
+                        "addressType": "IPv4",
+                        "ports": [{"port": 8080, "protocol": "TCP"}],
+                        "endpoints": [{
+                            "addresses": [address],
+                            "conditions": {"ready": true},
+                            "nodeName": node,
+                        }],
+                    }))
+                    .unwrap();
+                    slices.create(&PostParams::default(), &slice).await.unwrap();
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+    }
+
     pub fn logs(&self) -> String {
         self.speakers
             .iter()
