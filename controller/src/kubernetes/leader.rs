@@ -10,7 +10,7 @@
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Api;
 use kube::Client;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -87,9 +87,12 @@ pub async fn lost(client: Client, options: LeaseOptions, identity: String) -> St
             event = leases.next() => match event {
                 Some(Ok(lease)) => {
                     watch_failing = false;
-                    match expiry(&lease, &options, &identity) {
+                    match validity(&lease, &options, &identity) {
                         // A second of margin for clocks and the renewal's own trip.
-                        Ok(at) => check_at = at + Duration::from_secs(1),
+                        Ok(left) => {
+                            let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
+                            check_at = Instant::now() + left + Duration::from_secs(1);
+                        }
                         Err(why) => return why,
                     }
                 }
@@ -117,10 +120,14 @@ pub async fn lost(client: Client, options: LeaseOptions, identity: String) -> St
     }
 }
 
-/// When the Lease, as seen, expires unless renewed; an error when it names another
-/// holder.
-fn expiry(lease: &Lease, options: &LeaseOptions, identity: &str) -> Result<Instant, String> {
-    let spec = lease.spec.clone().unwrap_or_default();
+/// How long the Lease stays valid unless renewed (negative: expired that long ago; zero
+/// without a renewal time); an error when it names another holder.
+fn validity(
+    lease: &Lease,
+    options: &LeaseOptions,
+    identity: &str,
+) -> Result<SignedDuration, String> {
+    let spec = lease.spec.as_ref().cloned().unwrap_or_default();
     if spec.holder_identity.as_deref() != Some(identity) {
         return Err(format!(
             "Lease {}/{} is held by {}",
@@ -129,22 +136,16 @@ fn expiry(lease: &Lease, options: &LeaseOptions, identity: &str) -> Result<Insta
             spec.holder_identity.as_deref().unwrap_or("nobody")
         ));
     }
-    let valid = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
-    let left = spec.renew_time.map_or(Duration::ZERO, |renewed| {
-        let age = Timestamp::now().duration_since(renewed.0);
-        valid.saturating_sub(Duration::try_from(age).unwrap_or(Duration::ZERO))
-    });
-    Ok(Instant::now() + left)
+    let valid = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
+    Ok(spec.renew_time.map_or(SignedDuration::ZERO, |renewed| {
+        valid - Timestamp::now().duration_since(renewed.0)
+    }))
 }
 
 /// Reads the Lease back: Ok while it names `identity` and has not expired, else why not.
 /// An unreachable API server is no reason to stop (nobody else can take the Lease then,
 /// and every write fails anyway).
-pub async fn still_held(
-    client: &Client,
-    options: &LeaseOptions,
-    identity: &str,
-) -> Result<(), String> {
+async fn still_held(client: &Client, options: &LeaseOptions, identity: &str) -> Result<(), String> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
     let lease = match leases.get(&options.name).await {
         Ok(lease) => lease,
@@ -156,25 +157,14 @@ pub async fn still_held(
         }
         Err(_) => return Ok(()),
     };
-    let spec = lease.spec.unwrap_or_default();
-    if spec.holder_identity.as_deref() != Some(identity) {
+    let left = validity(&lease, options, identity)?;
+    if left.is_negative() {
         return Err(format!(
-            "Lease {}/{} is held by {}",
-            options.namespace,
-            options.name,
-            spec.holder_identity.as_deref().unwrap_or("nobody")
-        ));
-    }
-    let expires = spec
-        .renew_time
-        .map(|t| t.0.as_second() + spec.lease_duration_seconds.unwrap_or(0) as i64);
-    match expires {
-        Some(at) if at < Timestamp::now().as_second() => Err(format!(
             "Lease {}/{} expired {} s ago without renewal",
             options.namespace,
             options.name,
-            Timestamp::now().as_second() - at
-        )),
-        _ => Ok(()),
+            left.as_secs().unsigned_abs()
+        ));
     }
+    Ok(())
 }
