@@ -42,7 +42,7 @@ async fn run() {
         // 198.18.0.0/15, the benchmarking range: room for any FERROLB_BENCH_SERVICES.
         &["192.0.2.128-192.0.2.199", "198.18.0.0/15"],
     ));
-    create(&w, 1, 100).await;
+    w.create_bulk(1, 100, &[]).await;
     wait_reported(&w, 100).await;
     let mut rows: Vec<(String, String)> = Vec::new();
     // FERROLB_BENCH_ONLY=scale measures only the speakers under many Services.
@@ -51,7 +51,7 @@ async fn run() {
         failovers(&mut w, vip, &mut rows).await;
     }
 
-    create(&w, 100, 1000).await;
+    w.create_bulk(100, 1000, &[]).await;
     wait_reported(&w, 1000).await;
     rows.push(("speaker resident memory, 1,000 Services".into(), rss(&w)));
     scale(&w, &mut rows).await;
@@ -227,7 +227,7 @@ async fn scale(w: &World, rows: &mut Vec<(String, String)>) {
     let changes_before = membership_changes(w);
     let requests_before = bench::requests(&w.cluster.cp, SPEAKER_USER);
     let start = std::time::Instant::now();
-    create(w, 1000, total).await;
+    w.create_bulk(1000, total, &[]).await;
     let created = start.elapsed();
     wait_reported(w, total).await;
     let reported = start.elapsed();
@@ -264,10 +264,6 @@ async fn scale(w: &World, rows: &mut Vec<(String, String)>) {
 /// How many times the speakers logged a change in the members that may own IPs.
 fn membership_changes(w: &World) -> usize {
     w.logs().matches("members that may own IPs changed").count()
-}
-
-async fn create(w: &World, from: usize, to: usize) {
-    w.create_bulk(from, to, &[]).await;
 }
 
 /// Waits until `count` Services carry the announcing node's condition (listing them once

@@ -333,7 +333,7 @@ async fn measure(project: Project, metallb: &Path, large: usize) -> Figures {
 
     // 1,000 Services on a pool of 900: 100 stay pending. Restart the controller.
     bulk_pool(project, &w, "198.18.0.0-198.18.3.131");
-    create(&w, 0, 1000).await;
+    w.create_bulk(0, 1000, BULK).await;
     let before = eventually(Duration::from_secs(300), "900 assigned", || async {
         let ips = w.cluster.ips("default").await;
         let n = ips
@@ -363,7 +363,7 @@ async fn measure(project: Project, metallb: &Path, large: usize) -> Figures {
     wait_assigned(&w, 1000).await;
     fig.latency.insert(1000, latency(&w, "probe-1k").await);
     let writes_before = bench::requests(&w.cluster.cp, project.controller_user());
-    create(&w, 1000, large).await;
+    w.create_bulk(1000, large, BULK).await;
     wait_assigned(&w, large).await;
     let written = bench::writes(&bench::since(
         &writes_before,
@@ -662,10 +662,6 @@ fn bulk_pool(project: Project, w: &World, range: &str) {
 }
 
 /// LoadBalancer Services bulk-N for N in `from..to`, without NodePorts.
-async fn create(w: &World, from: usize, to: usize) {
-    w.create_bulk(from, to, BULK).await;
-}
-
 /// Polls once a second: listing 10,000 Services every 20 ms would load the API server
 /// (and so the projects being measured) more than the projects themselves.
 async fn wait_assigned(w: &World, count: usize) {
