@@ -388,7 +388,9 @@ fn an_unreachable_target_is_an_error_before_any_disruption() {
             disrupted = true;
             Ok(())
         },
-        Duration::from_millis(300),
+        // Long enough for the first SYN of a fresh lab to be answered on a loaded
+        // machine, so the error is the refusal rather than a timeout.
+        Duration::from_secs(2),
     )
     .unwrap_err();
     assert!(!disrupted, "the disruption must not run");
