@@ -315,7 +315,7 @@ fn trim_meta<T: kube::Resource>(mut o: T) -> T {
 }
 
 /// Only what announcing reads: the type and class that make a Service ours, its traffic
-/// policy and ports, the IPs in status and ferrolb's own conditions. Everything else
+/// policy and ports, the IPs in status, ferrolb's own conditions and the version. Everything else
 /// (selectors, cluster IPs, labels, annotations, other controllers' conditions) would
 /// only take memory, 10,000 times over.
 fn trim_service(s: Service) -> Service {
@@ -348,6 +348,8 @@ fn trim_service(s: Service) -> Service {
         metadata: ObjectMeta {
             name: s.metadata.name,
             namespace: s.metadata.namespace,
+            // Tells a stale snapshot from a newer one (the reports compare them).
+            resource_version: s.metadata.resource_version,
             ..Default::default()
         },
         spec,

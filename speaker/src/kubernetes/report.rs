@@ -9,6 +9,14 @@
 //! in a task of their own, so an unreachable API server never holds up the data plane;
 //! failed writes are retried, newest state first.
 //!
+//! What a node wrote is checked against what the API server shows, not remembered: a
+//! node cut off from the API while another took its IPs over, and that takes them back
+//! when its link returns, finds its old text in a stale snapshot. Once the watch has
+//! caught up (resourceVersions compare, as Kubernetes documents for its own objects) the
+//! other node's text shows, and the owner writes the truth again. An owner whose text is
+//! overwritten again and again (two nodes that each believe they own an IP) takes it
+//! back ever more slowly, up to once a minute.
+//!
 //! The condition is written with server-side apply, one field manager per family
 //! (`ferrolb-speaker-ipv4`, `ferrolb-speaker-ipv6`) shared by every node: a new owner's
 //! apply takes the condition over from the old one without touching the other family's,
@@ -18,6 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ferrolb_api::Family;
 use ferrolb_api::manifests::Manifests;
@@ -94,48 +104,62 @@ impl Reports {
     }
 }
 
+/// How soon the conditions are checked again after the objects change: often enough to
+/// correct a stale condition within a second or two, rarely enough that a burst of
+/// changes costs one pass.
+const VERIFY_PACE: Duration = Duration::from_secs(1);
+/// The longest a node waits before taking back a condition overwritten again and again.
+const MAX_RETAKE_DELAY: Duration = Duration::from_secs(64);
+
 async fn run(
     client: Client,
     node: String,
     mut owned: watch::Receiver<Vec<Ownership>>,
-    snapshots: watch::Receiver<Arc<Manifests>>,
+    mut snapshots: watch::Receiver<Arc<Manifests>>,
 ) {
     let events = Events::new(client.clone(), "ferrolb-speaker", &node);
-    // What this task wrote, so that a write is not repeated before the watch shows it.
-    let mut written: BTreeMap<(ServiceKey, &'static str), String> = BTreeMap::new();
+    let mut written: BTreeMap<(ServiceKey, &'static str), Written> = BTreeMap::new();
     let mut retry = false;
+    let mut verify_after = Instant::now();
     loop {
-        if retry {
-            tokio::select! {
-                _ = owned.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            }
-        } else if owned.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = owned.changed() => if changed.is_err() { return },
+            changed = async {
+                tokio::time::sleep_until(verify_after).await;
+                snapshots.changed().await
+            } => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(2)), if retry => {}
         }
+        verify_after = Instant::now() + VERIFY_PACE;
         let wanted = owned.borrow_and_update().clone();
         // Ownership is planned from a snapshot, so the newest one is at least as new.
-        let snapshot = snapshots.borrow().clone();
-        // The Services by key, built the first time one must be looked at.
+        let snapshot = snapshots.borrow_and_update().clone();
+        // The Services by key, built only when something is owned.
         let mut services: Option<BTreeMap<(&str, &str), &Service>> = None;
         retry = false;
         for o in &wanted {
             for key in &o.services {
                 let type_ = condition_type(o.ip);
                 let (status, reason, message) = condition_text(o, &node);
-                if written.get(&(key.clone(), type_)) == Some(&message) {
-                    continue;
-                }
                 let services = services.get_or_insert_with(|| by_key(&snapshot));
-                if says(services, key, type_, &message) {
-                    // Already true (a restart into the same ownership): remember it, so
-                    // the Services are not searched again on every change.
-                    written.insert((key.clone(), type_), message);
-                    continue;
+                let shown = services.get(&(key.namespace.as_str(), key.name.as_str()));
+                let entry = (key.clone(), type_);
+                let now = Instant::now();
+                match step(shown.copied(), type_, &message, written.get(&entry), now) {
+                    Step::Shown => {
+                        written.insert(entry, Written::shown(message, now));
+                        continue;
+                    }
+                    Step::Wait => continue,
+                    Step::Write => {}
                 }
+                let retakes = written
+                    .get(&entry)
+                    .filter(|w| w.message == message && w.version.is_none())
+                    .map_or(0, |w| w.retakes + 1);
                 match write(&client, &events, key, o, type_, status, reason, &message).await {
-                    Ok(()) => {
-                        written.insert((key.clone(), type_), message);
+                    Ok(version) => {
+                        written.insert(entry, Written::new(message, version, retakes, now));
                     }
                     Err(e) => {
                         warn!(service = %key, ip = %o.ip, "cannot report the announcing node: {e}");
@@ -150,6 +174,86 @@ async fn run(
             .flat_map(|o| o.services.iter().map(|k| (k, condition_type(o.ip))))
             .collect();
         written.retain(|(key, type_), _| still.contains(&(key, *type_)));
+    }
+}
+
+/// What this node last wrote for one condition, or last saw it say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Written {
+    message: String,
+    /// The Service's resourceVersion after this node's write, until the watch shows
+    /// that version or a newer one; `None` once the message was seen on the Service.
+    version: Option<u64>,
+    /// How often in a row this node took the condition back after someone overwrote it.
+    retakes: u32,
+    /// Not written again before this (after retakes).
+    not_before: Instant,
+}
+
+impl Written {
+    fn shown(message: String, now: Instant) -> Written {
+        Written {
+            message,
+            version: None,
+            retakes: 0,
+            not_before: now,
+        }
+    }
+
+    fn new(message: String, version: Option<u64>, retakes: u32, now: Instant) -> Written {
+        let delay = if retakes == 0 {
+            Duration::ZERO
+        } else {
+            (VERIFY_PACE * 2u32.saturating_pow(retakes.min(8))).min(MAX_RETAKE_DELAY)
+        };
+        Written {
+            message,
+            version,
+            retakes,
+            not_before: now + delay,
+        }
+    }
+}
+
+/// What to do about one condition this node owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// The Service says it already.
+    Shown,
+    /// This node wrote it and the watch has not shown that write yet, or it was taken
+    /// back too recently: look again later.
+    Wait,
+    Write,
+}
+
+/// The decision, apart from the API: `shown` is the Service in the newest snapshot.
+fn step(
+    shown: Option<&Service>,
+    type_: &str,
+    message: &str,
+    written: Option<&Written>,
+    now: Instant,
+) -> Step {
+    let Some(svc) = shown else {
+        // Gone, or not seen yet: a write would fail or come too early.
+        return Step::Wait;
+    };
+    if says(svc, type_, message) {
+        return Step::Shown;
+    }
+    let Some(w) = written.filter(|w| w.message == message) else {
+        return Step::Write;
+    };
+    let seen = svc
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse::<u64>().ok());
+    match (w.version, seen) {
+        // The snapshot predates this node's write.
+        (Some(mine), Some(seen)) if seen < mine => Step::Wait,
+        _ if now < w.not_before => Step::Wait,
+        _ => Step::Write,
     }
 }
 
@@ -168,15 +272,9 @@ fn by_key(m: &Manifests) -> BTreeMap<(&str, &str), &Service> {
 }
 
 /// Whether the Service's condition already says `message`.
-fn says(
-    services: &BTreeMap<(&str, &str), &Service>,
-    key: &ServiceKey,
-    type_: &str,
-    message: &str,
-) -> bool {
-    services
-        .get(&(key.namespace.as_str(), key.name.as_str()))
-        .and_then(|svc| svc.status.as_ref())
+fn says(svc: &Service, type_: &str, message: &str) -> bool {
+    svc.status
+        .as_ref()
         .and_then(|st| st.conditions.as_ref())
         .into_iter()
         .flatten()
@@ -193,7 +291,7 @@ async fn write(
     status: &str,
     reason: &str,
     message: &str,
-) -> Result<(), kube::Error> {
+) -> Result<Option<u64>, kube::Error> {
     let api: Api<Service> = Api::namespaced(client.clone(), &key.namespace);
     let manager = match Family::of(o.ip) {
         Family::V4 => "ferrolb-speaker-ipv4",
@@ -218,7 +316,7 @@ async fn write(
     {
         Ok(svc) => svc,
         // Deleted meanwhile: nothing to tell.
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
         Err(e) => return Err(e),
     };
     debug!(service = %key, "{message}");
@@ -237,5 +335,112 @@ async fn write(
     {
         warn!(service = %key, "cannot record the {reason} Event: {e}");
     }
-    Ok(())
+    Ok(svc
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TYPE: &str = "ferrolb.io/AnnouncedIPv4";
+    const MINE: &str = "192.0.2.10 is announced by a on eth0";
+    const THEIRS: &str = "192.0.2.10 is announced by b on eth0";
+
+    fn service(version: &str, message: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default", "resourceVersion": version},
+            "status": {"conditions": [{"type": TYPE, "status": "True", "reason": REASON_ASSIGNED,
+                "message": message, "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_condition_the_service_shows_is_not_written_again() {
+        let now = Instant::now();
+        assert_eq!(
+            step(Some(&service("5", MINE)), TYPE, MINE, None, now),
+            Step::Shown
+        );
+    }
+
+    #[test]
+    fn a_new_owner_writes() {
+        let now = Instant::now();
+        assert_eq!(
+            step(Some(&service("5", THEIRS)), TYPE, MINE, None, now),
+            Step::Write
+        );
+        // A Service not in the snapshot yet is not written to.
+        assert_eq!(step(None, TYPE, MINE, None, now), Step::Wait);
+    }
+
+    #[test]
+    fn a_write_the_watch_has_not_shown_yet_is_not_repeated() {
+        let now = Instant::now();
+        let written = Written::new(MINE.into(), Some(9), 0, now);
+        assert_eq!(
+            step(Some(&service("8", THEIRS)), TYPE, MINE, Some(&written), now),
+            Step::Wait
+        );
+    }
+
+    /// The bug of a healed partition: the owner's text was seen (or written), then
+    /// another node overwrote it; the owner must write the truth again, not trust what
+    /// it remembers.
+    #[test]
+    fn an_overwritten_condition_is_taken_back() {
+        let now = Instant::now();
+        let seen = Written::shown(MINE.into(), now);
+        assert_eq!(
+            step(Some(&service("12", THEIRS)), TYPE, MINE, Some(&seen), now),
+            Step::Write
+        );
+        let written = Written::new(MINE.into(), Some(9), 0, now);
+        assert_eq!(
+            step(
+                Some(&service("10", THEIRS)),
+                TYPE,
+                MINE,
+                Some(&written),
+                now
+            ),
+            Step::Write
+        );
+        // Unparsable versions cannot tell stale from newer: write.
+        assert_eq!(
+            step(Some(&service("x", THEIRS)), TYPE, MINE, Some(&written), now),
+            Step::Write
+        );
+    }
+
+    #[test]
+    fn a_condition_overwritten_again_and_again_is_taken_back_ever_more_slowly() {
+        let now = Instant::now();
+        let mut delays = Vec::new();
+        for retakes in 1..=10 {
+            let w = Written::new(MINE.into(), None, retakes, now);
+            assert_eq!(
+                step(Some(&service("20", THEIRS)), TYPE, MINE, Some(&w), now),
+                Step::Wait
+            );
+            assert_eq!(
+                step(
+                    Some(&service("20", THEIRS)),
+                    TYPE,
+                    MINE,
+                    Some(&w),
+                    w.not_before
+                ),
+                Step::Write
+            );
+            delays.push(w.not_before - now);
+        }
+        assert!(delays.windows(2).all(|d| d[0] <= d[1]), "{delays:?}");
+        assert_eq!(delays.last(), Some(&MAX_RETAKE_DELAY));
+    }
 }
