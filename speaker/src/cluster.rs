@@ -86,7 +86,7 @@ impl Cluster {
             .iter()
             .find(|(n, _)| n == node)
             .cloned()
-            .with_context(|| format!("node {node:?} has no Node object with an InternalIP in the manifests; membership needs it to bind"))?;
+            .with_context(|| format!("node {node:?} has no Node object with an InternalIP; membership needs it to bind"))?;
         let family = Family::of(bind.ip());
         let peers: Vec<(String, SocketAddr)> = all
             .into_iter()

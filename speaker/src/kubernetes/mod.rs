@@ -64,6 +64,14 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
     let metrics = options.daemon.metrics.clone();
     let served = serve(options.metrics_address, metrics, health).await?;
     info!(address = %served, node = %options.daemon.node_name, "speaker started (cluster); serving /metrics, /healthz and /readyz");
+    // Nothing can be judged before the objects are known (not even this node's own
+    // address, which membership binds to): wait for every watch's first list.
+    let mut snapshots = snapshots;
+    snapshots
+        .changed()
+        .await
+        .map_err(|_| anyhow::anyhow!("the watches stopped before their first list"))?;
+    info!("listed the cluster's objects; starting");
     let reports = Reports::start(client, options.daemon.node_name.clone(), snapshots.clone());
     let objects = ClusterObjects { snapshots, reports };
     daemon::run(objects, options.daemon).await
