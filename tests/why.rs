@@ -243,7 +243,7 @@ async fn assigned_but_not_announced_then_announced_but_nowhere_to_go() {
     assert_eq!(
         broken(&cluster, &["web"]),
         format!(
-            "{ip} is assigned but no ready speaker runs on the nodes that may announce it (node-d)"
+            "{ip} is assigned but no ready speaker runs on the nodes that may announce it (node-d: no speaker Pod)"
         )
     );
     speaker_pod(&cluster, "node-d");

@@ -27,8 +27,18 @@ use serde::Serialize;
 pub struct Components {
     /// The controller's Lease: its holder, when it is still valid, else why not.
     pub controller: Result<String, String>,
-    /// Nodes with a speaker Pod, and whether it is Ready.
-    pub speakers: BTreeMap<String, bool>,
+    /// The speaker Pod on each node that has one.
+    pub speakers: BTreeMap<String, Speaker>,
+}
+
+/// A node's speaker Pod as the cluster reports it.
+#[derive(Clone, Debug, Default)]
+pub struct Speaker {
+    pub pod: String,
+    pub ready: bool,
+    /// Why it is not running, when its container says (`in CrashLoopBackOff (restarted
+    /// 4 times; last exit code 1, Error)`).
+    pub problem: Option<String>,
 }
 
 /// Everything the diagnosis reads.
@@ -116,6 +126,22 @@ pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
             "status.loadBalancer.ingress: {}",
             list(&status_ips)
         ));
+        // Assigned earlier, and nothing of ferrolb's runs now (uninstalled, say).
+        if let Some(c) = &f.components
+            && c.speakers.is_empty()
+            && let Err(controller) = &c.controller
+        {
+            return d.stop(
+                format!(
+                    "ferrolb is not running: no speaker Pod runs in namespace {}, and no controller is active ({controller})",
+                    f.ferrolb_namespace
+                ),
+                format!(
+                    "install it (helm install ferrolb charts/ferrolb -n {} --create-namespace, docs/install.md), or pass --ferrolb-namespace where it runs",
+                    f.ferrolb_namespace
+                ),
+            );
+        }
         status_ips
     };
     d.ips = ips.clone();
@@ -281,11 +307,15 @@ fn announced(
         .map(|a| &*a.object)
         .filter(|a| announces_pool(a, &pool, labels.as_ref()))
         .collect();
-    let pool_text = if pool.is_empty() {
-        "is in no pool".to_string()
-    } else {
-        format!("is in pool {pool}")
-    };
+    if pool.is_empty() {
+        return Err(stop(
+            d,
+            format!(
+                "{ip} is assigned but is in no IPAddressPool: its pool was deleted or no longer holds it, so no node announces it"
+            ),
+            "kubectl get ipaddresspools; put the address back in a pool, or delete the Service's status IP by recreating the Service",
+        ));
+    }
     if advs.is_empty() {
         return Err(stop(
             d,
@@ -303,7 +333,7 @@ fn announced(
         .filter_map(|a| a.metadata.name.clone())
         .collect();
     d.evidence.push(format!(
-        "{ip} {pool_text}, announced by L2Advertisement {}",
+        "{ip} is in pool {pool}, announced by L2Advertisement {}",
         names.join(", ")
     ));
 
@@ -356,18 +386,38 @@ fn announced(
     };
     let running: Vec<&String> = eligible
         .iter()
-        .filter(|n| components.speakers.get(*n) == Some(&true))
+        .filter(|n| components.speakers.get(*n).is_some_and(|s| s.ready))
         .collect();
     if running.is_empty() {
+        let states: Vec<String> = eligible
+            .iter()
+            .map(|n| match components.speakers.get(n) {
+                None => format!("{n}: no speaker Pod"),
+                Some(s) => match &s.problem {
+                    Some(problem) => format!("{n}: speaker {} is {problem}", s.pod),
+                    None => format!("{n}: speaker {} is not Ready", s.pod),
+                },
+            })
+            .collect();
+        let failing = eligible
+            .iter()
+            .filter_map(|n| components.speakers.get(n))
+            .find(|s| s.problem.is_some());
         return Err(stop(
             d,
             format!(
                 "{ip} is assigned but no ready speaker runs on the nodes that may announce it ({})",
-                eligible.join(", ")
+                states.join("; ")
             ),
-            &format!(
-                "kubectl -n {ns} get pods -o wide -l app.kubernetes.io/component=speaker (check the DaemonSet's nodeSelector and tolerations)"
-            ),
+            &match failing {
+                Some(s) => format!(
+                    "kubectl -n {ns} logs {} --previous (why it exits), and kubectl -n {ns} describe pod {}",
+                    s.pod, s.pod
+                ),
+                None => format!(
+                    "kubectl -n {ns} get pods -o wide -l app.kubernetes.io/component=speaker (check the DaemonSet's nodeSelector and tolerations, and the nodes' taints)"
+                ),
+            },
         ));
     }
     let type_ = ferrolb_speaker::kubernetes::report::condition_type(ip);

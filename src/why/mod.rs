@@ -19,7 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::ListParams;
 
-pub use diagnose::{Components, Diagnosis, Facts, diagnose};
+pub use diagnose::{Components, Diagnosis, Facts, Speaker, diagnose};
 
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
 pub enum Format {
@@ -164,15 +164,14 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
                 .map(|t| Timestamp::now().duration_since(t.0).as_secs_f64());
             let valid = spec.lease_duration_seconds.unwrap_or(0) as f64;
             match age {
-                Some(age) if !holder.is_empty() && age <= valid => Ok(holder),
+                _ if holder.is_empty() => Err(format!(
+                    "no controller holds its Lease {}/{lease_name} (released, or never taken)",
+                    args.ferrolb_namespace
+                )),
+                Some(age) if age <= valid => Ok(holder),
                 Some(age) => Err(format!(
-                    "its Lease {}/{lease_name} was last renewed {age:.0} s ago{}",
+                    "its Lease {}/{lease_name} was last renewed {age:.0} s ago by {holder}",
                     args.ferrolb_namespace,
-                    if holder.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" by {holder}")
-                    }
                 )),
                 None => Err(format!(
                     "its Lease {}/{lease_name} has never been held",
@@ -181,23 +180,14 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
             }
         }
     };
-    let speakers: BTreeMap<String, bool> = Api::<Pod>::namespaced(client, &args.ferrolb_namespace)
-        .list(&ListParams::default().labels("app.kubernetes.io/component=speaker"))
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|p| {
-            let node = p.spec.as_ref()?.node_name.clone()?;
-            let ready = p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .into_iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            Some((node, ready))
-        })
-        .collect();
+    let speakers: BTreeMap<String, Speaker> =
+        Api::<Pod>::namespaced(client, &args.ferrolb_namespace)
+            .list(&ListParams::default().labels("app.kubernetes.io/component=speaker"))
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| Some((p.spec.as_ref()?.node_name.clone()?, speaker(&p))))
+            .collect();
 
     fn located<T>(items: Vec<T>) -> Vec<Located<T>> {
         items
@@ -223,4 +213,36 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
             speakers,
         }),
     })
+}
+
+/// What a speaker Pod's status says: Ready, or why its container is not running.
+fn speaker(p: &Pod) -> Speaker {
+    let status = p.status.clone().unwrap_or_default();
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let problem = status.container_statuses.iter().flatten().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.clone().unwrap_or_else(|| "waiting".into());
+        let restarts = match c.restart_count {
+            1 => "restarted once".to_string(),
+            n => format!("restarted {n} times"),
+        };
+        let mut text = format!("in {reason} ({restarts}");
+        if let Some(last) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            text.push_str(&format!("; last exit code {}", last.exit_code));
+            if let Some(why) = &last.reason {
+                text.push_str(&format!(", {why}"));
+            }
+        }
+        text.push(')');
+        Some(text)
+    });
+    Speaker {
+        pod: p.metadata.name.clone().unwrap_or_default(),
+        ready,
+        problem,
+    }
 }
