@@ -212,21 +212,8 @@ impl Host {
     /// Runs `f` on a thread inside this host's network namespace: sockets it opens
     /// belong to the host.
     pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let path = format!("{}/{}", sys::NETNS_DIR, self.netns);
-        let ns =
-            std::fs::File::open(&path).with_context(|| format!("{}: opening {path}", self.name))?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .with_context(|| format!("entering {path}"))?;
-                    Ok(f())
-                })
-                .join()
-                .map_err(|_| {
-                    anyhow::anyhow!("{}: the thread in the namespace panicked", self.name)
-                })?
-        })
+        let path = std::path::Path::new(sys::NETNS_DIR).join(&self.netns);
+        super::netns::run_in(&self.name, &path, f)
     }
 
     /// Forgets every neighbour entry on `eth0`, so the next packet resolves afresh.
@@ -271,6 +258,16 @@ fn neighbour_in(json: &str, ip: IpAddr) -> Result<Option<[u8; 6]>> {
         }
     }
     Ok(None)
+}
+
+impl super::Origin for Host {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        Host::in_netns(self, f)
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 
 mod gateway;
 mod host;
+mod netns;
 mod outage;
 mod process;
 mod speakers;
@@ -33,6 +34,7 @@ use anyhow::{Context, Result, bail};
 
 pub use gateway::{GATEWAY_IPV4, Relay};
 pub use host::Host;
+pub use netns::{Netns, Origin};
 pub use outage::*;
 pub use process::LabProcess;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::Host;
+use super::{Host, Origin};
 
 /// How long one probe waits for its connection. Far below TCP's first SYN retransmission
 /// (1 s), so a probe measures the path as it is now, never a retry.
@@ -83,7 +83,7 @@ impl std::error::Error for TrafficLost {}
 /// the client cannot reach `target` steadily within `give_up` to begin with, with an
 /// error saying so. An error from `disrupt` stops probing and is returned.
 pub fn measure_tcp_outage(
-    client: &Host,
+    client: &impl Origin,
     target: SocketAddr,
     disrupt: impl FnOnce() -> Result<()>,
     give_up: Duration,
@@ -94,7 +94,7 @@ pub fn measure_tcp_outage(
 /// [`measure_tcp_outage`] that also stops, with an error, as soon as `stop` returns true
 /// (checked before every probe): how an interactive caller honours Ctrl-C at once.
 pub fn measure_tcp_outage_unless(
-    client: &Host,
+    client: &impl Origin,
     target: SocketAddr,
     disrupt: impl FnOnce() -> Result<()>,
     give_up: Duration,

@@ -36,7 +36,12 @@ pub fn large_count() -> usize {
 /// The requests `user` made so far, from the audit log (the control plane must have been
 /// started with `audit: true`).
 pub fn requests(cp: &ControlPlane, user: &str) -> Requests {
-    let text = std::fs::read_to_string(cp.audit_log()).unwrap_or_default();
+    requests_in(&cp.audit_log(), user)
+}
+
+/// The requests `user` made so far, from the API server's audit log at `log` (JSON lines).
+pub fn requests_in(log: &std::path::Path, user: &str) -> Requests {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut counts = Requests::new();
     for line in text.lines() {
         let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
