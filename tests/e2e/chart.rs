@@ -1,13 +1,12 @@
 //! The chart as users run it: `helm install --wait`, `helm upgrade`, `helm uninstall`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ferrolb::lab::Origin;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -181,11 +180,7 @@ pub fn upgrade(suite: &Suite) -> Result<()> {
     let before = suite.block_on(all_ips(suite))?;
     let speakers_before = suite.block_on(speaker_pods(suite))?;
     let done = Arc::new(AtomicBool::new(false));
-    let probes = {
-        let done = done.clone();
-        let from = c.client.clone();
-        std::thread::spawn(move || from.in_netns(|| probe(vip, &done)))
-    };
+    let probes = client::probe_until(&c.client, vip, done.clone());
     let mut kept = Kept::open(&c.client, vip, 80)?;
     kept.get("/hostname")?;
     let started = Instant::now();
@@ -251,38 +246,6 @@ pub fn upgrade(suite: &Suite) -> Result<()> {
         }
     );
     Ok(())
-}
-
-struct Gaps {
-    probes: u32,
-    failed: u32,
-    longest: Duration,
-}
-
-/// New connections every 20 ms until `done`: how many failed, and the longest time
-/// between a success and the next.
-fn probe(vip: IpAddr, done: &AtomicBool) -> Gaps {
-    let target = SocketAddr::new(vip, 80);
-    let mut gaps = Gaps {
-        probes: 0,
-        failed: 0,
-        longest: Duration::ZERO,
-    };
-    let mut last_ok = Instant::now();
-    while !done.load(Ordering::Relaxed) {
-        let began = Instant::now();
-        gaps.probes += 1;
-        if TcpStream::connect_timeout(&target, Duration::from_millis(100)).is_ok() {
-            gaps.longest = gaps.longest.max(began.duration_since(last_ok));
-            last_ok = Instant::now();
-        } else {
-            gaps.failed += 1;
-        }
-        if let Some(rest) = Duration::from_millis(20).checked_sub(began.elapsed()) {
-            std::thread::sleep(rest);
-        }
-    }
-    gaps
 }
 
 /// `helm uninstall` stops every speaker and controller, and no node keeps an nftables

@@ -4,6 +4,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -209,4 +211,47 @@ pub fn outage(
         (failed, all)
     })?;
     Ok((outage.duration, residual))
+}
+
+/// What [`probe_until`] saw.
+pub struct Gaps {
+    pub probes: u32,
+    pub failed: u32,
+    pub longest: Duration,
+}
+
+/// New connections to `vip:80` every 20 ms from the client, on a thread of their own,
+/// until `done` is set: how many failed, and the longest time between a success and the
+/// next.
+pub fn probe_until(
+    from: &Netns,
+    vip: IpAddr,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<Gaps>> {
+    let from = from.clone();
+    std::thread::spawn(move || from.in_netns(|| probe(vip, &done)))
+}
+
+fn probe(vip: IpAddr, done: &AtomicBool) -> Gaps {
+    let target = SocketAddr::new(vip, 80);
+    let mut gaps = Gaps {
+        probes: 0,
+        failed: 0,
+        longest: Duration::ZERO,
+    };
+    let mut last_ok = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        let began = Instant::now();
+        gaps.probes += 1;
+        if TcpStream::connect_timeout(&target, Duration::from_millis(100)).is_ok() {
+            gaps.longest = gaps.longest.max(began.duration_since(last_ok));
+            last_ok = Instant::now();
+        } else {
+            gaps.failed += 1;
+        }
+        if let Some(rest) = Duration::from_millis(20).checked_sub(began.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    gaps
 }
