@@ -402,6 +402,22 @@ fn measure(project: Project, metallb: &Path, count: usize, rounds: usize) -> Res
                 took.map_or("never".into(), format_duration)
             );
             fig.kill_takeover.push(took);
+            // A new speaker Pod rather than the kubelet's restart, whose back-off grows
+            // with every kill of the same container (up to five minutes).
+            c.kubectl(
+                &[
+                    "delete",
+                    "pod",
+                    "-n",
+                    project.namespace(),
+                    "-l",
+                    "app.kubernetes.io/component=speaker",
+                    "--field-selector",
+                    &format!("spec.nodeName={}", owner.0),
+                    "--wait=false",
+                ],
+                None,
+            )?;
             outage
         };
         eprintln!(
