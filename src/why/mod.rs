@@ -180,14 +180,31 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
             }
         }
     };
-    let speakers: BTreeMap<String, Speaker> =
-        Api::<Pod>::namespaced(client, &args.ferrolb_namespace)
-            .list(&ListParams::default().labels("app.kubernetes.io/component=speaker"))
-            .await?
-            .items
-            .into_iter()
-            .filter_map(|p| Some((p.spec.as_ref()?.node_name.clone()?, speaker(&p))))
-            .collect();
+    let ours = Api::<Pod>::namespaced(client, &args.ferrolb_namespace)
+        .list(&ListParams::default().labels("app.kubernetes.io/component in (speaker,controller)"))
+        .await?
+        .items;
+    let component = |p: &Pod, c: &str| {
+        p.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("app.kubernetes.io/component"))
+            .is_some_and(|v| v == c)
+    };
+    // A Lease still in date with no ferrolb Pod left (uninstalled: the controller's RBAC
+    // went before it could release the Lease) is no running controller.
+    let controller = match controller {
+        Ok(holder) if ours.is_empty() => Err(format!(
+            "its Lease names {holder}, but no ferrolb Pod runs in namespace {}",
+            args.ferrolb_namespace
+        )),
+        other => other,
+    };
+    let speakers: BTreeMap<String, Speaker> = ours
+        .iter()
+        .filter(|p| component(p, "speaker"))
+        .filter_map(|p| Some((p.spec.as_ref()?.node_name.clone()?, speaker(p))))
+        .collect();
 
     fn located<T>(items: Vec<T>) -> Vec<Located<T>> {
         items
