@@ -63,6 +63,16 @@ fn speaker_pod(cluster: &Cluster, node: &str) {
     ]);
 }
 
+/// The Pod the chart would run controller `name` in: in these tests the controller is a
+/// process, and `why` judges a Lease with no ferrolb Pod left as an uninstalled one.
+fn controller_pod(cluster: &Cluster, name: &str) {
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NAMESPACE}, \
+         labels: {{app.kubernetes.io/component: controller}}}}\n\
+         spec: {{containers: [{{name: controller, image: ferrolb}}]}}\n"
+    ));
+}
+
 fn node(cluster: &Cluster, name: &str, labels: &str, ready: bool) {
     cluster.apply(&format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n"
@@ -132,6 +142,14 @@ async fn before_allocation_class_type_pools_and_the_controller() {
     // A controller that ran and died: its Lease expires.
     let mut controller = cluster.controller("gone", &[]).await;
     wait_ip(&cluster, "web").await;
+    // As after `helm uninstall`: the Lease is in date, but no ferrolb Pod is left (the
+    // controller's RBAC went before it could release the Lease).
+    assert_eq!(
+        broken(&cluster, &["web"]),
+        format!(
+            "ferrolb is not running: no speaker Pod runs in namespace {NAMESPACE}, and no controller is active (its Lease names gone, but no ferrolb Pod runs in namespace {NAMESPACE})"
+        )
+    );
     controller.kill();
     cluster.apply(&service("late", ""));
     let headline = eventually(Duration::from_secs(20), "the Lease to expire", || async {
@@ -211,6 +229,7 @@ async fn assigned_but_not_announced_then_announced_but_nowhere_to_go() {
     cluster.apply(&cluster::pool("lab", &["198.51.100.10-198.51.100.20"]));
     cluster.apply(&service("web", ""));
     let ip = wait_ip(&cluster, "web").await;
+    controller_pod(&cluster, "a");
     assert_eq!(
         broken(&cluster, &["web"]),
         format!(
