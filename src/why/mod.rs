@@ -180,10 +180,16 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
             }
         }
     };
-    let ours = Api::<Pod>::namespaced(client, &args.ferrolb_namespace)
+    // A terminating Pod has stopped serving (a speaker withdraws on SIGTERM): during
+    // `helm uninstall` the pools go first, and ferrolb is to be called not running, not
+    // left holding IPs "in no pool".
+    let ours: Vec<Pod> = Api::<Pod>::namespaced(client, &args.ferrolb_namespace)
         .list(&ListParams::default().labels("app.kubernetes.io/component in (speaker,controller)"))
         .await?
-        .items;
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
     let component = |p: &Pod, c: &str| {
         p.metadata
             .labels
