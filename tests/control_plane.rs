@@ -124,6 +124,32 @@ async fn the_server_enforces_every_cel_rule_with_its_message() {
         assert!(err.contains(message), "{entry}: {err}");
         assert!(err.contains("spec.addresses[0]"), "{entry}: {err}");
     }
+    // Exactly one of addresses and fromNodeNetwork, checked by the server itself.
+    cp.apply(
+        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: auto}\n\
+         spec: {fromNodeNetwork: {size: 16, families: [IPv4]}}\n",
+    )
+    .unwrap_or_else(|e| panic!("a fromNodeNetwork pool was refused: {e:#}"));
+    for spec in [
+        "{}",
+        "{addresses: [10.1.0.0/24], fromNodeNetwork: {size: 16}}",
+        "{fromNodeNetwork: {size: 0}}",
+        "{fromNodeNetwork: {size: 4, families: [IPv5]}}",
+    ] {
+        let err = cp
+            .apply(&format!(
+                "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: both}}\nspec: {spec}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("set exactly one of spec.addresses")
+                || err.contains("spec.fromNodeNetwork."),
+            "{spec}: {err}"
+        );
+    }
+    cp.kubectl_run(&["delete", "ipaddresspool", "auto"], None)
+        .unwrap();
     let err = cp
         .apply(
             "apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: x}\n\

@@ -5,7 +5,8 @@
 //! Without configuration it starts three real nodes with `tests/nodes/up` (root, Go;
 //! docs/testing.md) and removes them at the end. `FERROLB_E2E_KUBECONFIG` points it at
 //! any other cluster (kind in .github/workflows/kind.yml), with `FERROLB_NODE_SUBNET`
-//! (pools come from its top end), `FERROLB_IMAGE` (ferrolb's image, loaded on the
+//! (default 172.18.0.0/16, kind's; the chart's pool is `fromNodeNetwork`, the suite's own
+//! single-address pools come from below it), `FERROLB_IMAGE` (ferrolb's image, loaded on the
 //! nodes), optionally `FERROLB_BACKEND_IMAGE` (default agnhost) and
 //! `FERROLB_CLIENT_NETNS` (default: this machine is the client); the cases that reach
 //! into a node (kill a container, cut a link, stop a kubelet) need a tests/nodes cluster
@@ -29,6 +30,8 @@ mod chart;
 mod failover;
 #[path = "e2e/local.rs"]
 mod local;
+#[path = "e2e/pool.rs"]
+mod pool;
 #[path = "e2e/traffic.rs"]
 mod traffic;
 #[path = "e2e/why.rs"]
@@ -55,6 +58,11 @@ const CASES: &[(&str, Case, bool)] = &[
     (
         "chart::installs_and_runs_as_real_pods",
         chart::installs,
+        ANY,
+    ),
+    (
+        "pool::from_node_network_takes_the_top_of_the_node_subnet",
+        pool::from_node_network,
         ANY,
     ),
     (

@@ -439,3 +439,47 @@ fn from_files_without_a_cluster() {
         )
     );
 }
+
+#[test]
+fn a_from_node_network_pool_from_files_says_whether_it_is_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrolb"))
+            .args(["why", "web", "-f"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code().unwrap(), stdout)
+    };
+    std::fs::write(dir.path().join("svc.yaml"), service("web", "")).unwrap();
+    let pool = "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: auto}\n\
+                spec: {fromNodeNetwork: {size: 4}}\n";
+    std::fs::write(dir.path().join("pool.yaml"), pool).unwrap();
+    let (code, out) = run();
+    assert_eq!(code, 1);
+    assert!(
+        out.starts_with("default/web is pending: no IPv4 pool is open to this Service: pool \"auto\" is not usable (pool \"auto\": spec.fromNodeNetwork is not resolved yet"),
+        "{out}"
+    );
+    assert!(
+        out.contains("next: a fromNodeNetwork pool gets its addresses from the speakers"),
+        "{out}"
+    );
+    // As `kubectl get ippool -o yaml` shows it once a speaker resolved it.
+    std::fs::write(
+        dir.path().join("pool.yaml"),
+        format!(
+            "{pool}status: {{nodeNetwork: {{addresses: [198.51.100.30-198.51.100.33], \
+             subnets: [198.51.100.0/24], resolvedBy: node-a}}}}\n"
+        ),
+    )
+    .unwrap();
+    let (_, out) = run();
+    assert!(
+        out.starts_with(
+            "198.51.100.30 is assigned but nobody answers for it: no L2Advertisement announces pool auto"
+        ),
+        "{out}"
+    );
+}

@@ -11,9 +11,23 @@ use ipnetwork::IpNetwork;
 
 /// An IP family. Ordered IPv4 first, which is also the default family of a Service
 /// that names none.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 pub enum Family {
+    #[serde(rename = "IPv4")]
     V4,
+    #[serde(rename = "IPv6")]
     V6,
 }
 

@@ -16,7 +16,8 @@ pub mod validation;
 pub use address::{AddressRange, Family};
 pub use l2advertisement::{Forwarding, L2Advertisement, L2AdvertisementSpec};
 pub use pool::{
-    AddressEntry, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus, ServiceAllocation,
+    AddressEntry, FromNodeNetwork, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus,
+    NodeNetworkStatus, ServiceAllocation,
 };
 
 /// The API group of every ferrolb resource.

@@ -27,6 +27,11 @@ pub const MAX_ADDRESSES: usize = 256;
     status = "IPAddressPoolStatus",
     printcolumn(name = "Addresses", type_ = "string", json_path = ".spec.addresses"),
     printcolumn(
+        name = "From Node Network",
+        type_ = "string",
+        json_path = ".status.nodeNetwork.addresses"
+    ),
+    printcolumn(
         name = "Auto Assign",
         type_ = "boolean",
         json_path = ".spec.autoAssign"
@@ -63,11 +68,22 @@ pub const MAX_ADDRESSES: usize = 256;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": EXACTLY_ONE_SOURCE_RULE,
+    "message": EXACTLY_ONE_SOURCE_MESSAGE,
+}]))]
 pub struct IPAddressPoolSpec {
     /// CIDRs (192.168.10.0/24, fd00::/120), ranges (192.168.10.10-192.168.10.20) or single
-    /// IPs, IPv4 and IPv6 mixed freely. A CIDR must not have host bits set.
-    #[schemars(length(min = 1, max = 256))]
+    /// IPs, IPv4 and IPv6 mixed freely. A CIDR must not have host bits set. Exactly one
+    /// of addresses and fromNodeNetwork.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub addresses: Vec<AddressEntry>,
+    /// Instead of addresses: the highest free addresses of the subnet the nodes are on,
+    /// found by the speakers and written to status.nodeNetwork, then fixed. Meant for
+    /// kind, labs and CI, where nothing else hands out that end of the subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_node_network: Option<FromNodeNetwork>,
     /// When false, the pool is used only by Services that ask for it by name
     /// (ferrolb.io/address-pool) or by IP (ferrolb.io/loadBalancerIPs).
     #[serde(default = "default_true", skip_serializing_if = "Option::is_none")]
@@ -85,8 +101,61 @@ pub struct IPAddressPoolSpec {
     pub service_allocation: Option<ServiceAllocation>,
 }
 
+const EXACTLY_ONE_SOURCE_RULE: &str =
+    "(has(self.addresses) && size(self.addresses) > 0) != has(self.fromNodeNetwork)";
+const EXACTLY_ONE_SOURCE_MESSAGE: &str = "set exactly one of spec.addresses (the addresses to \
+    hand out) and spec.fromNodeNetwork (take them from the nodes' subnet)";
+
+/// A pool whose addresses come from the network the nodes are on.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FromNodeNetwork {
+    /// How many addresses to take per family: the highest usable ones of the subnet.
+    #[schemars(range(min = 1, max = 4096))]
+    pub size: i32,
+    /// IPv4, IPv6 or both; default: every family the nodes have an InternalIP of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2))]
+    pub families: Vec<crate::Family>,
+}
+
+/// The most addresses per family a `fromNodeNetwork` pool takes (the CRD's maximum).
+pub const MAX_FROM_NODE_NETWORK: i32 = 4096;
+
+impl FromNodeNetwork {
+    /// The size as a count, when it is one the CRD accepts (1 to 4096).
+    pub fn count(&self) -> Option<usize> {
+        (1..=MAX_FROM_NODE_NETWORK)
+            .contains(&self.size)
+            .then_some(self.size as usize)
+    }
+}
+
 fn default_true() -> Option<bool> {
     Some(true)
+}
+
+impl IPAddressPool {
+    /// The entries the pool hands out from, and the field they are read from: its
+    /// `spec.addresses`, or for a `fromNodeNetwork` pool the addresses its speakers
+    /// resolved (none until then).
+    pub fn entries(&self) -> (&'static str, &[AddressEntry]) {
+        if self.spec.from_node_network.is_some() && self.spec.addresses.is_empty() {
+            let resolved = self
+                .status
+                .as_ref()
+                .and_then(|s| s.node_network.as_ref())
+                .map_or(&[][..], |n| n.addresses.as_slice());
+            ("status.nodeNetwork.addresses", resolved)
+        } else {
+            ("spec.addresses", &self.spec.addresses)
+        }
+    }
+
+    /// What the speakers found for a `fromNodeNetwork` pool.
+    pub fn node_network(&self) -> Option<&NodeNetworkStatus> {
+        self.status.as_ref()?.node_network.as_ref()
+    }
 }
 
 impl IPAddressPoolSpec {
@@ -185,4 +254,34 @@ pub struct IPAddressPoolStatus {
     pub assigned_ipv6: String,
     #[serde(default, rename = "availableIPv6")]
     pub available_ipv6: String,
+    /// For a `fromNodeNetwork` pool: what the speakers resolved, written by them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_network: Option<NodeNetworkStatus>,
+}
+
+/// The addresses a `fromNodeNetwork` pool resolved to, and how. Written once by the
+/// speaker elected for the pool; the addresses never change after that.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeNetworkStatus {
+    /// The addresses the pool hands out, as ranges; empty while `problem` is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub addresses: Vec<AddressEntry>,
+    /// The subnet of each family the addresses come from, as configured on the nodes'
+    /// interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2))]
+    pub subnets: Vec<String>,
+    /// Addresses of the subnet's top end passed over, each with why: a node's IP, a
+    /// default gateway, or another host answering for it on the wire.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub skipped: Vec<String>,
+    /// The node whose speaker resolved the pool.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resolved_by: String,
+    /// Why the pool could not be resolved (it is not Ready then; retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }

@@ -20,6 +20,8 @@ pub enum ProblemKind {
     Invalid,
     /// The pool shares addresses with an older pool.
     Overlapping,
+    /// A `fromNodeNetwork` pool whose addresses the speakers have not resolved (yet).
+    Unresolved,
 }
 
 impl fmt::Display for ProblemKind {
@@ -27,6 +29,7 @@ impl fmt::Display for ProblemKind {
         f.write_str(match self {
             ProblemKind::Invalid => "Invalid",
             ProblemKind::Overlapping => "Overlapping",
+            ProblemKind::Unresolved => "Unresolved",
         })
     }
 }
@@ -36,6 +39,15 @@ pub struct Problem {
     pub kind: ProblemKind,
     /// A sentence naming the pool and the field, ready for a condition or a log line.
     pub message: String,
+}
+
+impl Problem {
+    fn invalid(message: String) -> Problem {
+        Problem {
+            kind: ProblemKind::Invalid,
+            message,
+        }
+    }
 }
 
 /// One pool after checking.
@@ -58,25 +70,46 @@ impl CheckedPool {
 pub fn check_pool(pool: &IPAddressPool) -> CheckedPool {
     let name = pool.metadata.name.clone().unwrap_or_default();
     let mut problems = Vec::new();
+    let (field, entries) = pool.entries();
+    match &pool.spec.from_node_network {
+        Some(_) if !pool.spec.addresses.is_empty() => problems.push(Problem::invalid(format!(
+            "pool {name:?}: spec.addresses and spec.fromNodeNetwork are both set; keep one"
+        ))),
+        Some(f) if f.count().is_none() => problems.push(Problem::invalid(format!(
+            "pool {name:?}: spec.fromNodeNetwork.size {} is not between 1 and {}",
+            f.size,
+            crate::pool::MAX_FROM_NODE_NETWORK
+        ))),
+        Some(_) if entries.is_empty() => {
+            let why = match pool.node_network().and_then(|n| n.problem.as_deref()) {
+                Some(problem) => format!("cannot be resolved: {problem}"),
+                None => "is not resolved yet: no speaker has written status.nodeNetwork (one does once an L2Advertisement announces the pool)".to_string(),
+            };
+            problems.push(Problem {
+                kind: ProblemKind::Unresolved,
+                message: format!("pool {name:?}: spec.fromNodeNetwork {why}"),
+            });
+        }
+        Some(_) => {}
+        None if entries.is_empty() => problems.push(Problem::invalid(format!(
+            "pool {name:?}: spec.addresses is empty; list at least one CIDR, range or IP, or set spec.fromNodeNetwork"
+        ))),
+        None => {}
+    }
     let mut invalid = |message: String| {
         problems.push(Problem {
             kind: ProblemKind::Invalid,
             message,
         })
     };
-    if pool.spec.addresses.is_empty() {
+    if entries.len() > MAX_ADDRESSES {
         invalid(format!(
-            "pool {name:?}: spec.addresses is empty; list at least one CIDR, range or IP"
-        ));
-    }
-    if pool.spec.addresses.len() > MAX_ADDRESSES {
-        invalid(format!(
-            "pool {name:?}: spec.addresses has {} entries, more than the {MAX_ADDRESSES} the API server accepts; use wider CIDRs or ranges",
-            pool.spec.addresses.len()
+            "pool {name:?}: {field} has {} entries, more than the {MAX_ADDRESSES} the API server accepts; use wider CIDRs or ranges",
+            entries.len()
         ));
     }
     let mut parsed: Vec<(usize, AddressRange)> = Vec::new();
-    for (i, entry) in pool.spec.addresses.iter().enumerate() {
+    for (i, entry) in entries.iter().enumerate() {
         match parse_range(&entry.0) {
             Ok(range) => {
                 if let Some((j, _, common)) = parsed
@@ -84,13 +117,13 @@ pub fn check_pool(pool: &IPAddressPool) -> CheckedPool {
                     .find_map(|(j, r)| r.intersection(&range).map(|c| (*j, *r, c)))
                 {
                     invalid(format!(
-                        "pool {name:?}: spec.addresses[{i}] {:?} overlaps spec.addresses[{j}] {:?} at {common}",
-                        entry.0, pool.spec.addresses[j].0
+                        "pool {name:?}: {field}[{i}] {:?} overlaps {field}[{j}] {:?} at {common}",
+                        entry.0, entries[j].0
                     ));
                 }
                 parsed.push((i, range));
             }
-            Err(e) => invalid(format!("pool {name:?}: spec.addresses[{i}]: {e}")),
+            Err(e) => invalid(format!("pool {name:?}: {field}[{i}]: {e}")),
         }
     }
     if let Some(alloc) = &pool.spec.service_allocation {
@@ -132,21 +165,22 @@ pub fn check_pools(pools: &[IPAddressPool]) -> Vec<CheckedPool> {
         key(a).cmp(&key(b))
     });
     // Entries of pools accepted so far, with where they came from.
-    let mut accepted: Vec<(AddressRange, &str, usize, &str)> = Vec::new();
+    let mut accepted: Vec<(AddressRange, &str, &str, usize, &str)> = Vec::new();
     let mut checked: Vec<CheckedPool> = Vec::with_capacity(pools.len());
     for pool in order {
         let mut c = check_pool(pool);
-        let mut own: Vec<(AddressRange, &str, usize, &str)> = Vec::new();
-        for (i, entry) in pool.spec.addresses.iter().enumerate() {
+        let mut own: Vec<(AddressRange, &str, &str, usize, &str)> = Vec::new();
+        let (field, entries) = pool.entries();
+        for (i, entry) in entries.iter().enumerate() {
             let Ok(range) = parse_range(&entry.0) else {
                 continue;
             };
-            for (other, other_pool, j, other_entry) in &accepted {
+            for (other, other_pool, other_field, j, other_entry) in &accepted {
                 if let Some(common) = other.intersection(&range) {
                     c.problems.push(Problem {
                         kind: ProblemKind::Overlapping,
                         message: format!(
-                            "pool {:?}: spec.addresses[{i}] {:?} overlaps pool {other_pool:?} spec.addresses[{j}] {other_entry:?} at {common}",
+                            "pool {:?}: {field}[{i}] {:?} overlaps pool {other_pool:?} {other_field}[{j}] {other_entry:?} at {common}",
                             c.name, entry.0
                         ),
                     });
@@ -155,6 +189,7 @@ pub fn check_pools(pools: &[IPAddressPool]) -> Vec<CheckedPool> {
             own.push((
                 range,
                 pool.metadata.name.as_deref().unwrap_or_default(),
+                field,
                 i,
                 &entry.0,
             ));
@@ -279,6 +314,88 @@ mod tests {
         assert!(
             msg.contains("spec.serviceAllocation.namespaceSelectors[0].matchExpressions[0]: unknown operator \"Equals\""),
             "{msg}"
+        );
+    }
+
+    fn from_node_network(name: &str, resolved: Option<crate::NodeNetworkStatus>) -> IPAddressPool {
+        let mut p = IPAddressPool::new(
+            name,
+            IPAddressPoolSpec {
+                from_node_network: Some(crate::FromNodeNetwork {
+                    size: 4,
+                    families: vec![],
+                }),
+                ..Default::default()
+            },
+        );
+        p.status = resolved.map(|n| crate::IPAddressPoolStatus {
+            node_network: Some(n),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn a_from_node_network_pool_is_unresolved_until_its_status_has_addresses() {
+        let c = check_pool(&from_node_network("auto", None));
+        assert_eq!(c.problems.len(), 1);
+        assert_eq!(c.problems[0].kind, ProblemKind::Unresolved);
+        assert!(
+            c.problems[0]
+                .message
+                .starts_with("pool \"auto\": spec.fromNodeNetwork is not resolved yet"),
+            "{:?}",
+            c.problems
+        );
+        let c = check_pool(&from_node_network(
+            "auto",
+            Some(crate::NodeNetworkStatus {
+                problem: Some("the nodes do not share one IPv4 subnet".into()),
+                ..Default::default()
+            }),
+        ));
+        assert_eq!(
+            c.problems[0].message,
+            "pool \"auto\": spec.fromNodeNetwork cannot be resolved: the nodes do not share one IPv4 subnet"
+        );
+        let c = check_pool(&from_node_network(
+            "auto",
+            Some(crate::NodeNetworkStatus {
+                addresses: vec!["10.99.0.251-10.99.0.254".into(), "fd99::1".into()],
+                ..Default::default()
+            }),
+        ));
+        assert!(c.usable(), "{:?}", c.problems);
+        assert_eq!(c.ranges.len(), 2);
+        // Resolved addresses overlapping an older pool are reported under their field.
+        let old = created(pool("old", &["10.99.0.254"]), 1);
+        let auto = created(
+            from_node_network(
+                "auto",
+                Some(crate::NodeNetworkStatus {
+                    addresses: vec!["10.99.0.251-10.99.0.254".into()],
+                    ..Default::default()
+                }),
+            ),
+            2,
+        );
+        let checked = check_pools(&[old, auto]);
+        assert!(
+            checked[0].problems[0]
+                .message
+                .contains("status.nodeNetwork.addresses[0] \"10.99.0.251-10.99.0.254\" overlaps pool \"old\" spec.addresses[0]"),
+            "{:?}",
+            checked[0].problems
+        );
+        // Both sources set: invalid, whatever the status says.
+        let mut both = from_node_network("both", None);
+        both.spec.addresses = vec!["10.0.0.1".into()];
+        let c = check_pool(&both);
+        assert_eq!(c.problems[0].kind, ProblemKind::Invalid);
+        assert!(
+            c.problems[0].message.contains("both set"),
+            "{:?}",
+            c.problems
         );
     }
 }

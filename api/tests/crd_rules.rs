@@ -187,3 +187,52 @@ fn the_addresses_limit_is_the_crds() {
         json!(ferrolb_api::address::MAX_ENTRY_LEN)
     );
 }
+
+fn spec_errors(spec: Value) -> Vec<String> {
+    let pool = json!({
+        "apiVersion": "ferrolb.io/v1beta1",
+        "kind": "IPAddressPool",
+        "metadata": {"name": "lab"},
+        "spec": spec,
+    });
+    match kube_cel::validate(&pool_schema(), &pool, None) {
+        Ok(()) => vec![],
+        Err(errs) => errs.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn a_pool_takes_exactly_one_of_addresses_and_from_node_network() {
+    assert_eq!(
+        spec_errors(json!({"addresses": ["10.0.0.0/24"]})),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        spec_errors(json!({"fromNodeNetwork": {"size": 16}})),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        spec_errors(json!({"fromNodeNetwork": {"size": 4, "families": ["IPv4", "IPv6"]}})),
+        Vec::<String>::new()
+    );
+    for spec in [
+        json!({}),
+        json!({"addresses": []}),
+        json!({"addresses": ["10.0.0.0/24"], "fromNodeNetwork": {"size": 16}}),
+    ] {
+        let errs = spec_errors(spec.clone());
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("set exactly one of spec.addresses")),
+            "{spec}: {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn from_node_network_families_are_an_enum() {
+    let crd = serde_json::to_value(IPAddressPool::crd()).unwrap();
+    let families = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["fromNodeNetwork"]["properties"]["families"]["items"];
+    assert_eq!(families["enum"], json!(["IPv4", "IPv6"]), "{families}");
+}

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 
 use ferrolb_api::selector::Labels;
 use ferrolb_api::validation::{CheckedPool, ProblemKind};
-use ferrolb_api::{Family, IPAddressPool, IPAddressPoolStatus};
+use ferrolb_api::{AddressEntry, Family, IPAddressPool, IPAddressPoolStatus};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -73,6 +73,8 @@ pub const READY: &str = "Ready";
 pub const INVALID: &str = "Invalid";
 pub const OVERLAPPING: &str = "Overlapping";
 pub const STRANDED: &str = "Stranded";
+/// The Ready condition's reason for a `fromNodeNetwork` pool not resolved (yet).
+pub const UNRESOLVED: &str = "NotResolved";
 
 /// What the last Event about a Service said, so the next one is sent only on change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,16 +211,17 @@ impl Reconciler {
     }
 
     /// The complete list of pools, after any pool event. Only a change of a spec (seen
-    /// as a new generation), a new pool or a deleted one re-runs allocation; status
-    /// updates (ours) do not.
+    /// as a new generation), of the addresses a `fromNodeNetwork` pool resolved to, a
+    /// new pool or a deleted one re-runs allocation; other status updates (ours) do not.
     pub fn pools_applied(&mut self, pools: &[IPAddressPool]) -> Vec<Action> {
         // A pool deleted and created again under its name has a new uid, generation 1.
-        type Spec = (String, Option<String>, Option<i64>);
+        type Spec = (String, Option<String>, Option<i64>, Vec<AddressEntry>);
         let specs = |m: &BTreeMap<String, PoolRecord>| -> Vec<Spec> {
             m.iter()
                 .map(|(n, p)| {
                     let meta = &p.object.metadata;
-                    (n.clone(), meta.uid.clone(), meta.generation)
+                    let entries = p.object.entries().1.to_vec();
+                    (n.clone(), meta.uid.clone(), meta.generation, entries)
                 })
                 .collect()
         };
@@ -299,7 +302,11 @@ impl Reconciler {
         let mut actions = Vec::new();
         for (name, pool) in &self.pools {
             let observed = pool.object.status.clone().unwrap_or_default();
-            let mut desired = IPAddressPoolStatus::default();
+            // What the speakers resolved is theirs: kept as it is.
+            let mut desired = IPAddressPoolStatus {
+                node_network: observed.node_network.clone(),
+                ..Default::default()
+            };
             if let Some(u) = usage.get(name) {
                 desired.assigned_ipv4 = u64::try_from(u.assigned.ipv4).unwrap_or(u64::MAX);
                 desired.available_ipv4 = u64::try_from(u.available.ipv4).unwrap_or(u64::MAX);
@@ -339,18 +346,21 @@ impl Reconciler {
                     .collect()
             };
             let (invalid, overlapping) = (of(ProblemKind::Invalid), of(ProblemKind::Overlapping));
-            desired
-                .conditions
-                .push(match (invalid.first(), overlapping.first()) {
-                    (Some(m), _) => condition(READY, false, INVALID, m.clone()),
-                    (None, Some(m)) => condition(READY, false, OVERLAPPING, m.clone()),
-                    (None, None) => condition(
+            let unresolved = of(ProblemKind::Unresolved);
+            let field = pool.object.entries().0;
+            desired.conditions.push(
+                match (invalid.first(), overlapping.first(), unresolved.first()) {
+                    (Some(m), _, _) => condition(READY, false, INVALID, m.clone()),
+                    (None, Some(m), _) => condition(READY, false, OVERLAPPING, m.clone()),
+                    (None, None, Some(m)) => condition(READY, false, UNRESOLVED, m.clone()),
+                    (None, None, None) => condition(
                         READY,
                         true,
                         "AddressesValid",
-                        "every entry of spec.addresses is valid and overlaps no other pool".into(),
+                        format!("every entry of {field} is valid and overlaps no other pool"),
                     ),
-                });
+                },
+            );
             if !invalid.is_empty() {
                 desired.conditions.push(condition(
                     INVALID,
@@ -867,6 +877,7 @@ fn same_status(a: &IPAddressPoolStatus, b: &IPAddressPoolStatus) -> bool {
         && a.available_ipv4 == b.available_ipv4
         && a.assigned_ipv6 == b.assigned_ipv6
         && a.available_ipv6 == b.available_ipv6
+        && a.node_network == b.node_network
 }
 
 fn list(ips: &[IpAddr]) -> String {

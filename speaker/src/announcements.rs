@@ -302,7 +302,7 @@ pub fn announces_pool(adv: &L2Advertisement, pool: &str, labels: Option<&Labels>
         || labels.is_some_and(|l| selector::any_matches(&spec.ip_address_pool_selectors, l))
 }
 
-fn node_eligible(node: &Node, advs: &[&L2Advertisement]) -> bool {
+pub(crate) fn node_eligible(node: &Node, advs: &[&L2Advertisement]) -> bool {
     let no_labels = Labels::new();
     let labels = node.metadata.labels.as_ref().unwrap_or(&no_labels);
     if labels.contains_key(EXCLUDE_LABEL) {
@@ -345,7 +345,7 @@ pub fn has_ready_endpoint(slices: &[&EndpointSlice], svc: &Service, node: &str) 
         })
 }
 
-fn internal_ip(node: &Node, family: Family) -> Option<IpAddr> {
+pub(crate) fn internal_ip(node: &Node, family: Family) -> Option<IpAddr> {
     node.status
         .as_ref()?
         .addresses

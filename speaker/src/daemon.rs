@@ -23,6 +23,8 @@ use crate::election::ClusterView;
 use crate::forwarding::{ForwardRule, Forwarder};
 use crate::interfaces::{self, Link};
 use crate::metrics::Metrics;
+use crate::node_network;
+use crate::probe;
 use crate::responder::{LinkSpec, Responder, Settings};
 
 /// Where the speaker's objects come from.
@@ -33,6 +35,20 @@ pub trait Objects {
     fn changed(&mut self) -> impl Future<Output = anyhow::Result<()>>;
     /// What this node owns after each change, for sources that report it.
     fn owned(&mut self, _owned: Vec<Ownership>) {}
+    /// Whether `fromNodeNetwork` pools are resolved here (a cluster, where the result
+    /// can be written to the pool's status for every node and the controller).
+    fn resolves_pools(&self) -> bool {
+        false
+    }
+    /// What this node resolved for a `fromNodeNetwork` pool, to be written.
+    fn resolved(&mut self, _resolved: Resolved) {}
+}
+
+/// A `fromNodeNetwork` pool as this node resolved it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    pub pool: String,
+    pub status: ferrolb_api::NodeNetworkStatus,
 }
 
 /// What this node says about one IP.
@@ -81,6 +97,8 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
     let mut cluster = join(&manifests, &opts, &links.borrow()).await;
     let mut down_at: BTreeMap<String, StdInstant> = BTreeMap::new();
     let mut alive_before: BTreeSet<String> = BTreeSet::new();
+    let (resolved_tx, mut resolved_rx) = tokio::sync::mpsc::channel::<Resolved>(8);
+    let mut resolving = Resolving::default();
     loop {
         let view = match (&mut cluster, &opts.cluster) {
             (Some(c), _) => c.view(),
@@ -142,6 +160,25 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
                 Err(_) => {}
             }
         }
+        if objects.resolves_pools() {
+            for warning in node_network::newly_taken(&manifests) {
+                state.problem(warning);
+            }
+            let pools = node_network::to_resolve(&manifests, &opts.node_name, &view);
+            resolving.keep(&pools);
+            for pool in pools {
+                if resolving.start(&pool.pool) {
+                    tokio::spawn(resolve_pool(
+                        pool,
+                        current_links.clone(),
+                        manifests.clone(),
+                        view.clone(),
+                        opts.node_name.clone(),
+                        resolved_tx.clone(),
+                    ));
+                }
+            }
+        }
         let cost = pass.elapsed();
         opts.metrics.plan_seconds.observe(cost.as_secs_f64());
         // With many Services a pass takes milliseconds, and while they are being created
@@ -172,6 +209,20 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
                     None => std::future::pending().await,
                 }
             } => {}
+            _ = async {
+                match resolving.next_retry() {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            Some(resolved) = resolved_rx.recv() => {
+                resolving.finished(&resolved.pool);
+                match &resolved.status.problem {
+                    None => info!(pool = %resolved.pool, addresses = ?resolved.status.addresses, skipped = ?resolved.status.skipped, "resolved the pool's addresses from the node network"),
+                    Some(p) => warn!(pool = %resolved.pool, retry_in = ?RESOLVE_RETRY, "cannot resolve the pool from the node network: {p}"),
+                }
+                objects.resolved(resolved);
+            }
             changed = async {
                 tokio::time::sleep_until(objects_after).await;
                 objects.changed().await
@@ -185,6 +236,109 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             }
         }
     }
+}
+
+/// How long a probe waits for answers after its last round.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How soon a pool that could not be resolved is tried again.
+const RESOLVE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Which pools this node is resolving, and when it last tried each.
+#[derive(Default)]
+struct Resolving {
+    in_flight: BTreeSet<String>,
+    tried: BTreeMap<String, tokio::time::Instant>,
+}
+
+impl Resolving {
+    /// Forgets pools that no longer need this node.
+    fn keep(&mut self, pools: &[node_network::Unresolved]) {
+        let wanted: BTreeSet<&str> = pools.iter().map(|p| p.pool.as_str()).collect();
+        self.tried.retain(|p, _| wanted.contains(p.as_str()));
+    }
+
+    /// Whether to start resolving `pool` now (then it counts as started).
+    fn start(&mut self, pool: &str) -> bool {
+        let due = self
+            .tried
+            .get(pool)
+            .is_none_or(|t| t.elapsed() >= RESOLVE_RETRY);
+        if self.in_flight.contains(pool) || !due {
+            return false;
+        }
+        self.in_flight.insert(pool.to_string());
+        self.tried
+            .insert(pool.to_string(), tokio::time::Instant::now());
+        true
+    }
+
+    fn finished(&mut self, pool: &str) {
+        self.in_flight.remove(pool);
+    }
+
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.tried
+            .iter()
+            .filter(|(p, _)| !self.in_flight.contains(*p))
+            .map(|(_, t)| *t + RESOLVE_RETRY)
+            .min()
+    }
+}
+
+/// Resolves one pool: the subnet and candidates from what this node knows, then a probe
+/// of the candidates on the wire.
+async fn resolve_pool(
+    pool: node_network::Unresolved,
+    links: Vec<Link>,
+    manifests: Arc<Manifests>,
+    view: ClusterView,
+    me: String,
+    done: tokio::sync::mpsc::Sender<Resolved>,
+) {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let gateways = node_network::gateways(&read("/proc/net/route"), &read("/proc/net/ipv6_route"));
+    let nodes: Vec<&k8s_openapi::api::core::v1::Node> =
+        manifests.nodes.iter().map(|n| &*n.object).collect();
+    let network = node_network::Network {
+        me: &me,
+        links: &links,
+        nodes: &nodes,
+        view: &view,
+        gateways: &gateways,
+    };
+    let status = match node_network::candidates(&pool, &network) {
+        Err(problem) => node_network::unresolvable(problem, &me),
+        Ok(found) => {
+            let mut by_link: BTreeMap<u32, Vec<IpAddr>> = BTreeMap::new();
+            for (family, index) in &found.links {
+                by_link
+                    .entry(*index)
+                    .or_default()
+                    .extend(found.addresses.get(family).into_iter().flatten());
+            }
+            let mut in_use = BTreeMap::new();
+            let mut failed = None;
+            for (index, addresses) in &by_link {
+                let Some(link) = links.iter().find(|l| l.index == *index) else {
+                    continue;
+                };
+                match probe::in_use(link, addresses, PROBE_WAIT).await {
+                    Ok(found) => in_use.extend(found),
+                    Err(e) => failed = Some(format!("cannot probe on {}: {e}", link.name)),
+                }
+            }
+            match failed {
+                Some(problem) => node_network::unresolvable(problem, &me),
+                None => node_network::resolve(&pool, &found, &in_use, &me),
+            }
+        }
+    };
+    let _ = done
+        .send(Resolved {
+            pool: pool.pool,
+            status,
+        })
+        .await;
 }
 
 /// Counts ownership changes, and times takeovers from peers declared down.

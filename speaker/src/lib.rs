@@ -10,6 +10,8 @@
 //!   [`packet_socket`]s.
 //! * [`membership`]: which speakers are alive (SWIM over UDP, foca); [`cluster`] turns
 //!   it into the view election needs.
+//! * [`node_network`]: which addresses a `fromNodeNetwork` pool takes (pure); [`probe`]
+//!   asks the wire whether they are in use.
 //! * [`daemon`]: the main loop, from objects to announcements, forwarding and membership.
 //! * [`standalone`]: the speaker driven by a directory of manifests.
 //! * [`kubernetes`]: the speaker driven by the API server, reporting which node
@@ -27,6 +29,8 @@ pub mod kubernetes;
 pub mod membership;
 pub mod metrics;
 pub mod ndp;
+pub mod node_network;
 pub mod packet_socket;
+pub mod probe;
 pub mod responder;
 pub mod standalone;

@@ -220,6 +220,8 @@ fn pending(
         Some(Outcome::Pending { reason }) => {
             let next = if m.pools.is_empty() {
                 "create an IPAddressPool (docs/api.md)"
+            } else if reason.contains("spec.fromNodeNetwork") {
+                "a fromNodeNetwork pool gets its addresses from the speakers: an L2Advertisement must announce it, and status.nodeNetwork says what they found (kubectl get ippool -o yaml; docs/api.md)"
             } else if reason.contains("exhausted") {
                 "add addresses to the pool, or another pool open to this Service"
             } else if reason.contains("requested") {

@@ -91,7 +91,7 @@ pub fn every_proxy_mode(suite: &Suite) -> Result<()> {
     let nodes = suite.block_on(c.workers())?;
     let mut objects = String::new();
     for (i, (node, _)) in nodes.iter().enumerate() {
-        let ip = c.top4(i as u32, 1)[0];
+        let ip = c.top4(crate::pool::SPARE_FROM_TOP + i as u32, 1)[0];
         objects.push_str(&format!(
             "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: e2e-pin-{i}}}\n\
              spec: {{addresses: [{ip}/32], autoAssign: false}}\n---\n\

@@ -56,8 +56,8 @@ pub fn explains_real_failures(suite: &Suite) -> Result<()> {
     let c = &suite.cluster;
     let nodes = suite.block_on(c.workers())?;
     let last = nodes.last().context("no nodes")?.0.clone();
-    let one = c.top4(10, 1)[0];
-    let pinned = c.top4(11, 1)[0];
+    let one = c.top4(crate::pool::SPARE_FROM_TOP + 10, 1)[0];
+    let pinned = c.top4(crate::pool::SPARE_FROM_TOP + 11, 1)[0];
     c.apply(&namespace(NS))?;
     c.apply(&format!(
         "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: e2e-why-one}}\n\

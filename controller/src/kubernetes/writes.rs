@@ -160,8 +160,14 @@ impl<'a> Writer<'a> {
             }
             Action::PoolStatus { name, status } => {
                 let api: Api<IPAddressPool> = Api::all(self.client.clone());
+                // status.nodeNetwork is the speakers' to write: left out, so a merge
+                // patch from an older view never undoes what they resolved.
+                let ours = IPAddressPoolStatus {
+                    node_network: None,
+                    ..status.clone()
+                };
                 let result = api
-                    .patch_status(&name, &params(), &Patch::Merge(json!({ "status": status })))
+                    .patch_status(&name, &params(), &Patch::Merge(json!({ "status": ours })))
                     .await
                     .map(drop);
                 match &result {

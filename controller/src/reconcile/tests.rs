@@ -367,3 +367,64 @@ fn a_restart_moves_nothing_even_with_pending_services() {
         5
     );
 }
+
+#[test]
+fn a_from_node_network_pool_serves_once_its_speakers_resolved_it() {
+    let mut auto = pool("auto", &[], 1);
+    auto.spec.from_node_network = Some(ferrolb_api::FromNodeNetwork {
+        size: 4,
+        families: vec![],
+    });
+    let (mut r, actions) = started(std::slice::from_ref(&auto), &[service("a", &[])]);
+    assert_eq!(statuses(&actions), vec![], "nothing to give yet");
+    let now = Time(Timestamp::now());
+    let written = r.pool_statuses(&now);
+    let [Action::PoolStatus { status, .. }] = written.as_slice() else {
+        panic!("one pool status: {written:?}");
+    };
+    let status = status.clone();
+    let ready = &status.conditions[0];
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", UNRESOLVED)
+    );
+    assert!(
+        ready
+            .message
+            .contains("spec.fromNodeNetwork is not resolved yet"),
+        "{}",
+        ready.message
+    );
+    r.pool_written("auto", status.clone());
+    // A speaker writes status.nodeNetwork (same generation): the pending Service gets
+    // the lowest resolved address, and the pool turns Ready.
+    let mut resolved = auto.clone();
+    resolved.status = Some(IPAddressPoolStatus {
+        node_network: Some(ferrolb_api::NodeNetworkStatus {
+            addresses: vec!["10.99.0.251-10.99.0.254".into()],
+            resolved_by: "node1".into(),
+            ..Default::default()
+        }),
+        ..status
+    });
+    let actions = r.pools_applied(&[resolved]);
+    assert_eq!(
+        statuses(&actions),
+        vec![("a".into(), vec![ip("10.99.0.251")])]
+    );
+    let written = r.pool_statuses(&now);
+    let [Action::PoolStatus { status, .. }] = written.as_slice() else {
+        panic!("one pool status: {written:?}");
+    };
+    let status = status.clone();
+    assert_eq!(status.conditions[0].status, "True");
+    assert_eq!(
+        status.conditions[0].message,
+        "every entry of status.nodeNetwork.addresses is valid and overlaps no other pool"
+    );
+    assert_eq!(
+        status.node_network.as_ref().unwrap().resolved_by,
+        "node1",
+        "the speakers' part is kept"
+    );
+}

@@ -4,6 +4,8 @@
 //!
 //! * [`objects`]: watches folded into a [`Manifests`](ferrolb_api::manifests::Manifests)
 //!   snapshot.
+//! * [`pools`]: what this node resolved for a `fromNodeNetwork` pool, written to the
+//!   pool's `status.nodeNetwork`.
 //! * [`report`]: the `ferrolb.io/AnnouncedIPv4`/`IPv6` condition and `NodeAssigned`
 //!   Events, written on ownership changes only.
 //!
@@ -12,6 +14,7 @@
 //! over on membership, and catches up when it returns.
 
 pub mod objects;
+pub mod pools;
 pub mod report;
 
 use std::net::SocketAddr;
@@ -23,7 +26,7 @@ use kube::Client;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::daemon::{self, Objects, Ownership};
+use crate::daemon::{self, Objects, Ownership, Resolved};
 use crate::metrics::Metrics;
 use objects::WatchHealth;
 use report::Reports;
@@ -37,6 +40,7 @@ pub struct Options {
 
 /// The cluster as an [`Objects`] source.
 struct ClusterObjects {
+    client: Client,
     snapshots: watch::Receiver<Arc<Manifests>>,
     reports: Reports,
 }
@@ -56,6 +60,18 @@ impl Objects for ClusterObjects {
     fn owned(&mut self, owned: Vec<Ownership>) {
         self.reports.update(owned);
     }
+
+    fn resolves_pools(&self) -> bool {
+        true
+    }
+
+    fn resolved(&mut self, resolved: Resolved) {
+        tokio::spawn(pools::write(
+            self.client.clone(),
+            self.snapshots.clone(),
+            resolved,
+        ));
+    }
 }
 
 /// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
@@ -72,8 +88,16 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
         .await
         .map_err(|_| anyhow::anyhow!("the watches stopped before their first list"))?;
     info!("listed the cluster's objects; starting");
-    let reports = Reports::start(client, options.daemon.node_name.clone(), snapshots.clone());
-    let objects = ClusterObjects { snapshots, reports };
+    let reports = Reports::start(
+        client.clone(),
+        options.daemon.node_name.clone(),
+        snapshots.clone(),
+    );
+    let objects = ClusterObjects {
+        client,
+        snapshots,
+        reports,
+    };
     daemon::run(objects, options.daemon).await
 }
 
