@@ -111,7 +111,7 @@ const EXACTLY_ONE_SOURCE_MESSAGE: &str = "set exactly one of spec.addresses (the
 #[serde(rename_all = "camelCase")]
 pub struct FromNodeNetwork {
     /// How many addresses to take per family: the highest usable ones of the subnet.
-    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(range(min = 1, max = MAX_FROM_NODE_NETWORK))]
     pub size: i32,
     /// IPv4, IPv6 or both; default: every family the nodes have an InternalIP of.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

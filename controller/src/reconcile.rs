@@ -877,7 +877,6 @@ fn same_status(a: &IPAddressPoolStatus, b: &IPAddressPoolStatus) -> bool {
         && a.available_ipv4 == b.available_ipv4
         && a.assigned_ipv6 == b.assigned_ipv6
         && a.available_ipv6 == b.available_ipv6
-        && a.node_network == b.node_network
 }
 
 fn list(ips: &[IpAddr]) -> String {

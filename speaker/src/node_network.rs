@@ -40,9 +40,6 @@ const IPV6_RESERVED_TOP: u128 = 128;
 pub struct Unresolved {
     pub pool: String,
     pub spec: FromNodeNetwork,
-    /// The pool's resourceVersion when read: the write is conditional on it, so two
-    /// speakers never both write a pool's addresses.
-    pub resource_version: Option<String>,
     /// The nodes that may announce the pool: they must all be on the subnet.
     pub nodes: Vec<String>,
 }
@@ -60,7 +57,8 @@ pub fn to_resolve(m: &Manifests, me: &str, view: &ClusterView) -> Vec<Unresolved
         if spec.count().is_none() {
             continue; // Invalid: the controller says so on the pool.
         }
-        if !pool.spec.addresses.is_empty() || !pool.entries().1.is_empty() {
+        // Addresses in spec (then the pool is invalid) or already resolved.
+        if !pool.entries().1.is_empty() {
             continue;
         }
         let name = pool.metadata.name.clone().unwrap_or_default();
@@ -91,7 +89,6 @@ pub fn to_resolve(m: &Manifests, me: &str, view: &ClusterView) -> Vec<Unresolved
         out.push(Unresolved {
             pool: name,
             spec: spec.clone(),
-            resource_version: pool.metadata.resource_version.clone(),
             nodes,
         });
     }

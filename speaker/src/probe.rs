@@ -32,20 +32,13 @@ pub async fn in_use(
     let mac = link.mac.ok_or_else(|| {
         io::Error::other(format!("interface {} has no Ethernet address", link.name))
     })?;
-    let v4: BTreeSet<Ipv4Addr> = addresses
-        .iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let v6: BTreeSet<Ipv6Addr> = addresses
-        .iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V6(v6) => Some(*v6),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
+    let (mut v4, mut v6) = (BTreeSet::<Ipv4Addr>::new(), BTreeSet::<Ipv6Addr>::new());
+    for ip in addresses {
+        match ip {
+            IpAddr::V4(a) => v4.insert(*a),
+            IpAddr::V6(a) => v6.insert(*a),
+        };
+    }
     // Open before sending, so no answer is missed.
     let arp_socket = match v4.is_empty() {
         true => None,

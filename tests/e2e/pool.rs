@@ -109,6 +109,7 @@ pub fn from_node_network(suite: &Suite) -> Result<()> {
         "resolved on {:?}, the nodes are on {subnets:?}",
         status.subnets
     );
+    let gateway = IpAddr::V4(c.subnet4.nth(1).context("a /31 or smaller subnet")?);
     for r in &ranges {
         let inside = |ip: IpAddr| match ip {
             IpAddr::V4(v4) => c.subnet4.contains(v4),
@@ -122,7 +123,6 @@ pub fn from_node_network(suite: &Suite) -> Result<()> {
                 "{r} holds {node}'s address {ip}"
             );
         }
-        let gateway = IpAddr::V4(c.subnet4.nth(1).context("a /31 or smaller subnet")?);
         ensure!(!r.contains(gateway), "{r} holds the gateway {gateway}");
     }
     for ip in foreign(c) {

@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 
-use ferrolb_api::IPAddressPool;
 use ferrolb_api::manifests::Manifests;
+use ferrolb_api::{IPAddressPool, NodeNetworkStatus};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Error};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -19,6 +19,22 @@ use crate::daemon::Resolved;
 /// Writes tried per resolution: a conflict (the controller wrote the pool's conditions
 /// meanwhile) is retried on the next snapshot.
 const ATTEMPTS: usize = 5;
+
+/// The merge patch: conditional on `resource_version`, and with every field the new
+/// status leaves out set to null, so that a problem written earlier does not linger
+/// beside the addresses (a merge patch keeps what it does not name).
+fn patch_body(resource_version: Option<&str>, status: &NodeNetworkStatus) -> Value {
+    let mut node_network = json!(status);
+    if let Value::Object(fields) = &mut node_network {
+        for key in ["addresses", "subnets", "skipped", "resolvedBy", "problem"] {
+            fields.entry(key).or_insert(Value::Null);
+        }
+    }
+    json!({
+        "metadata": {"resourceVersion": resource_version},
+        "status": {"nodeNetwork": node_network},
+    })
+}
 
 pub async fn write(
     client: Client,
@@ -40,10 +56,10 @@ pub async fn write(
         if before.is_some_and(|n| !n.addresses.is_empty()) || before == Some(&resolved.status) {
             return;
         }
-        let body = json!({
-            "metadata": {"resourceVersion": pool.object.metadata.resource_version},
-            "status": {"nodeNetwork": resolved.status},
-        });
+        let body = patch_body(
+            pool.object.metadata.resource_version.as_deref(),
+            &resolved.status,
+        );
         match api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(body))
             .await
@@ -62,5 +78,33 @@ pub async fn write(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolving_after_a_problem_clears_the_problem() {
+        let status = NodeNetworkStatus {
+            addresses: vec!["10.99.0.251-10.99.0.254".into()],
+            subnets: vec!["10.99.0.0/24".into()],
+            resolved_by: "node1".into(),
+            ..Default::default()
+        };
+        let body = patch_body(Some("7"), &status);
+        assert_eq!(body["metadata"]["resourceVersion"], "7");
+        let written = &body["status"]["nodeNetwork"];
+        assert_eq!(written["addresses"], json!(["10.99.0.251-10.99.0.254"]));
+        assert_eq!(written["problem"], Value::Null);
+        assert_eq!(written["skipped"], Value::Null);
+        assert!(written.as_object().unwrap().contains_key("problem"));
+        // Applied as a merge patch over an earlier problem, nothing of it is left.
+        let mut before = json!({"nodeNetwork": {"problem": "the nodes do not share one IPv4 subnet", "resolvedBy": "node2"}});
+        json_patch::merge(&mut before, &body["status"]);
+        let after: NodeNetworkStatus =
+            serde_json::from_value(before["nodeNetwork"].clone()).unwrap();
+        assert_eq!(after, status);
     }
 }

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ferrolb_api::manifests::Manifests;
+use ferrolb_api::manifests::{Located, Manifests};
 
 use super::*;
 use crate::election::MemberView;
@@ -20,7 +20,7 @@ fn objects(size: u32, extra: &str) -> Manifests {
         ));
     }
     text.push_str(&format!(
-        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: default, resourceVersion: '7'}}\nspec: {{fromNodeNetwork: {{size: {size}}}}}\n---\napiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {{name: default}}\nspec: {{}}\n{extra}"
+        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: default}}\nspec: {{fromNodeNetwork: {{size: {size}}}}}\n---\napiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {{name: default}}\nspec: {{}}\n{extra}"
     ));
     let errors = m.add_text("objects.yaml", &text);
     assert!(errors.is_empty(), "{errors:?}");
@@ -38,6 +38,28 @@ fn link(addresses: &[&str]) -> Link {
         master: None,
         addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
     }
+}
+
+/// `m` with its pool resolved to `addresses`, as a speaker writes it.
+fn resolved_to(mut m: Manifests, addresses: &[&str]) -> Manifests {
+    let mut pool = (*m.pools[0].object).clone();
+    pool.status = Some(ferrolb_api::IPAddressPoolStatus {
+        node_network: Some(NodeNetworkStatus {
+            addresses: addresses.iter().map(|a| (*a).into()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    m.pools[0] = Located::new(m.pools[0].origin.clone(), pool);
+    m
+}
+
+/// `m` with node `index`'s InternalIPv4 changed to `ip`.
+fn node_moved(mut m: Manifests, index: usize, ip: &str) -> Manifests {
+    let mut node = (*m.nodes[index].object).clone();
+    node.status.as_mut().unwrap().addresses.as_mut().unwrap()[0].address = ip.into();
+    m.nodes[index] = Located::new(m.nodes[index].origin.clone(), node);
+    m
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -70,12 +92,6 @@ fn the_first_live_eligible_node_resolves_and_only_while_unresolved() {
     let m = objects(4, "");
     let everyone = ClusterView::everyone();
     assert_eq!(to_resolve(&m, "node1", &everyone)[0].pool, "default");
-    assert_eq!(
-        to_resolve(&m, "node1", &everyone)[0]
-            .resource_version
-            .as_deref(),
-        Some("7")
-    );
     assert!(to_resolve(&m, "node2", &everyone).is_empty());
     // node1 is dead: node2 takes over.
     let alive = ClusterView {
@@ -89,17 +105,7 @@ fn the_first_live_eligible_node_resolves_and_only_while_unresolved() {
     assert!(to_resolve(&m, "node1", &alive).is_empty());
     assert_eq!(to_resolve(&m, "node2", &alive).len(), 1);
     // Resolved: nobody touches it again.
-    let mut resolved = objects(4, "");
-    let mut pool = (*resolved.pools[0].object).clone();
-    pool.status = Some(ferrolb_api::IPAddressPoolStatus {
-        node_network: Some(NodeNetworkStatus {
-            addresses: vec!["10.99.0.251-10.99.0.254".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    resolved.pools[0] =
-        ferrolb_api::manifests::Located::new(resolved.pools[0].origin.clone(), pool);
+    let resolved = resolved_to(objects(4, ""), &["10.99.0.251-10.99.0.254"]);
     assert!(to_resolve(&resolved, "node1", &everyone).is_empty());
     // No advertisement announces it: which nodes must agree is unknown.
     let mut lonely = objects(4, "");
@@ -110,10 +116,7 @@ fn the_first_live_eligible_node_resolves_and_only_while_unresolved() {
 #[test]
 fn the_top_of_each_subnet_minus_nodes_gateways_and_reserved_addresses() {
     // node3 sits at the very top of the IPv4 subnet; the gateway just below it.
-    let mut m = objects(3, "");
-    let mut n3 = (*m.nodes[2].object).clone();
-    n3.status.as_mut().unwrap().addresses.as_mut().unwrap()[0].address = "10.99.0.254".into();
-    m.nodes[2] = ferrolb_api::manifests::Located::new(m.nodes[2].origin.clone(), n3);
+    let m = node_moved(objects(3, ""), 2, "10.99.0.254");
     let links = [link(&["10.99.0.11/24", "fd99::b/64", "fe80::1/64"])];
     let found = candidates_for(&m, &ClusterView::everyone(), &links, &[ip("10.99.0.253")]).unwrap();
     assert_eq!(
@@ -219,10 +222,7 @@ fn an_address_answered_on_the_wire_is_skipped_and_named() {
 
 #[test]
 fn nodes_on_different_subnets_are_named() {
-    let mut m = objects(4, "");
-    let mut n3 = (*m.nodes[2].object).clone();
-    n3.status.as_mut().unwrap().addresses.as_mut().unwrap()[0].address = "10.98.0.5".into();
-    m.nodes[2] = ferrolb_api::manifests::Located::new(m.nodes[2].origin.clone(), n3);
+    let m = node_moved(objects(4, ""), 2, "10.98.0.5");
     let links = [link(&["10.99.0.11/24"])];
     let err = candidates_for(&m, &ClusterView::everyone(), &links, &[]).unwrap_err();
     assert!(err.starts_with("the nodes do not share one IPv4 subnet: node1 is on 10.99.0.0/24 (10.99.0.11); node3's InternalIP 10.98.0.5 is outside it"), "{err}");
@@ -294,16 +294,7 @@ fn default_gateways_are_read_from_proc() {
 
 #[test]
 fn a_node_on_a_resolved_address_is_reported() {
-    let mut m = objects(4, "");
-    let mut pool = (*m.pools[0].object).clone();
-    pool.status = Some(ferrolb_api::IPAddressPoolStatus {
-        node_network: Some(NodeNetworkStatus {
-            addresses: vec!["10.99.0.10-10.99.0.12".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    m.pools[0] = ferrolb_api::manifests::Located::new(m.pools[0].origin.clone(), pool);
+    let m = resolved_to(objects(4, ""), &["10.99.0.10-10.99.0.12"]);
     let said = newly_taken(&m);
     assert_eq!(said.len(), 2, "{said:?}");
     assert!(said[0].contains("node node1 now has it"), "{said:?}");
