@@ -183,7 +183,7 @@ async fn latency(cluster: &Cluster) -> (f64, f64) {
                 .unwrap()
                 .unwrap();
             if svc.metadata.name.as_deref() == Some(name.as_str())
-                && !ferrolb_controller::reconcile::ingress_ips(&svc).is_empty()
+                && !ferrolb_allocator::input::ingress_ips(&svc).is_empty()
             {
                 break;
             }

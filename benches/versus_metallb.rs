@@ -706,7 +706,7 @@ async fn latency(w: &World, prefix: &str) -> Latency {
             while let Some(event) = events.next().await {
                 if let Ok(svc) = event
                     && svc.metadata.name.as_deref() == Some(name.as_str())
-                    && !ferrolb_controller::reconcile::ingress_ips(&svc).is_empty()
+                    && !ferrolb_allocator::input::ingress_ips(&svc).is_empty()
                 {
                     return true;
                 }

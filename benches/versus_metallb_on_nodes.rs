@@ -728,7 +728,7 @@ async fn ips(c: &Cluster) -> Result<BTreeMap<String, Vec<IpAddr>>> {
         .map(|s| {
             (
                 s.metadata.name.clone().unwrap_or_default(),
-                ferrolb_controller::reconcile::ingress_ips(s),
+                ferrolb_allocator::input::ingress_ips(s),
             )
         })
         .collect())
@@ -781,7 +781,7 @@ async fn latency(c: &Cluster) -> Result<Latency> {
         let got = tokio::time::timeout(SAMPLE_TIMEOUT, async {
             while let Some(Ok(svc)) = events.next().await {
                 if svc.metadata.name.as_deref() == Some(name.as_str())
-                    && !ferrolb_controller::reconcile::ingress_ips(&svc).is_empty()
+                    && !ferrolb_allocator::input::ingress_ips(&svc).is_empty()
                 {
                     return true;
                 }

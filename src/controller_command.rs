@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferrolb_controller::kubernetes::{LeaseOptions, Options};
 
 use crate::logging::{self, LogFormat};
@@ -79,25 +79,8 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let client = client(args.kubeconfig.as_deref()).await?;
+        let client = ferrolb_kubernetes::client::client(args.kubeconfig.as_deref()).await?;
         ferrolb_controller::kubernetes::run(client, options).await
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A client for the cluster, found as kubectl finds it.
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("--kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .with_context(|| format!("--kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer().await.context(
-            "no cluster found: pass --kubeconfig, set KUBECONFIG, or run in a Pod with a ServiceAccount",
-        )?,
-    };
-    Ok(kube::Client::try_from(config)?)
 }

@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use ferrolb_allocator::input;
+use ferrolb_allocator::{self as allocator, ServiceKey};
 use ferrolb_api::manifests::Manifests;
-use ferrolb_controller::allocator::{self, ServiceKey};
-use ferrolb_controller::input;
 
 use crate::lab::{
     self, IPV4_PREFIX_LEN, IPV4_SUBNET, IPV6_PREFIX_LEN, IPV6_SUBNET, Lab, LabProcess, TcpBackend,

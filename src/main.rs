@@ -161,9 +161,9 @@ fn main() -> ExitCode {
             standalone,
         } => {
             let start = if standalone {
-                ferrolb_controller::allocator::Start::Hashed
+                ferrolb_allocator::Start::Hashed
             } else {
-                ferrolb_controller::allocator::Start::Lowest
+                ferrolb_allocator::Start::Lowest
             };
             plan::run(&files, output, start)
         }
@@ -231,7 +231,7 @@ fn speaker(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
             runtime.block_on(async {
                 if let Some(address) = args.metrics_address {
                     let render = std::sync::Arc::new(move || metrics.encode());
-                    ferrolb_controller::kubernetes::http::serve(
+                    ferrolb_kubernetes::http::serve(
                         address,
                         render,
                         std::sync::Arc::new(|| Ok(())),
@@ -258,7 +258,7 @@ fn speaker(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| ([0, 0, 0, 0], 7473).into()),
             };
             runtime.block_on(async {
-                let client = controller_command::client(args.kubeconfig.as_deref()).await?;
+                let client = ferrolb_kubernetes::client::client(args.kubeconfig.as_deref()).await?;
                 ferrolb_speaker::kubernetes::run(client, options).await
             })?;
         }

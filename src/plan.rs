@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use ferrolb_allocator::input;
+use ferrolb_allocator::{self as allocator, Outcome, ServiceKey, Start};
 use ferrolb_api::manifests::{Manifests, Origin};
-use ferrolb_controller::allocator::{self, Outcome, ServiceKey, Start};
-use ferrolb_controller::input;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

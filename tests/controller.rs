@@ -182,7 +182,7 @@ async fn deletion_and_type_changes_free_addresses_and_other_classes_are_never_to
 
     // The other class's Service: no status, no Event, no field of ours.
     let foreign = api.get("foreign").await.unwrap();
-    assert!(ferrolb_controller::reconcile::ingress_ips(&foreign).is_empty());
+    assert!(ferrolb_allocator::input::ingress_ips(&foreign).is_empty());
     let managers: Vec<String> = foreign
         .metadata
         .managed_fields

@@ -25,10 +25,10 @@ use ferrolb_api::{AddressEntry, Family, IPAddressPool, IPAddressPoolStatus};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::allocator::{
+use ferrolb_allocator::input::{self, Translation, ingress_ips};
+use ferrolb_allocator::{
     Allocator, Assignment, FamilyPolicy, Outcome, ServiceKey, ServiceRequest, Start,
 };
-use crate::input::{self, Translation};
 
 /// Something to write to the API server.
 #[derive(Clone, Debug, PartialEq)]
@@ -400,7 +400,7 @@ impl Reconciler {
     }
 
     /// Addresses in use and total per pool and family, for metrics.
-    pub fn usage(&self) -> Vec<crate::allocator::PoolUsage> {
+    pub fn usage(&self) -> Vec<ferrolb_allocator::PoolUsage> {
         self.allocator.usage()
     }
 
@@ -823,18 +823,6 @@ fn hold_request(key: &ServiceKey, ips: Vec<IpAddr>) -> ServiceRequest {
         current: ips,
         ..Default::default()
     }
-}
-
-/// The IPs in `status.loadBalancer.ingress`.
-pub fn ingress_ips(svc: &Service) -> Vec<IpAddr> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect()
 }
 
 /// A metric label for why allocation failed.

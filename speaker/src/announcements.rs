@@ -17,11 +17,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use ferrolb_allocator::input;
+use ferrolb_allocator::{self as allocator, Outcome, ServiceKey};
 use ferrolb_api::manifests::Manifests;
 use ferrolb_api::selector::{self, Labels};
 use ferrolb_api::{Family, Forwarding, L2Advertisement};
-use ferrolb_controller::allocator::{self, Outcome, ServiceKey};
-use ferrolb_controller::input;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -280,7 +280,7 @@ fn from_status<'m>(m: &'m Manifests, class: &str) -> (BTreeMap<ServiceKey, &'m S
             continue;
         }
         let key = input::service_key(svc);
-        for ip in ferrolb_controller::reconcile::ingress_ips(svc) {
+        for ip in ferrolb_allocator::input::ingress_ips(svc) {
             by_ip
                 .entry(ip)
                 .or_insert_with(|| (pool_of(ip), vec![]))

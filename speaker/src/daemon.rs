@@ -58,7 +58,7 @@ pub struct Ownership {
     /// The interfaces it answers on; empty: no node may announce it now (said by the
     /// node that announced it last).
     pub interfaces: Vec<String>,
-    pub services: Vec<ferrolb_controller::allocator::ServiceKey>,
+    pub services: Vec<ferrolb_allocator::ServiceKey>,
 }
 
 pub struct Options {
@@ -440,7 +440,7 @@ struct Reported {
     owners: BTreeMap<IpAddr, Option<String>>,
     /// IPs this node announced last and that no node may announce now: reported as such
     /// until a node may again, or the IP goes.
-    orphans: BTreeMap<IpAddr, Vec<ferrolb_controller::allocator::ServiceKey>>,
+    orphans: BTreeMap<IpAddr, Vec<ferrolb_allocator::ServiceKey>>,
 }
 
 impl Reported {

@@ -11,11 +11,11 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ferrolb_allocator::input::{self, Translation};
+use ferrolb_allocator::{self as allocator, Outcome, ServiceKey, Start};
 use ferrolb_api::manifests::Manifests;
 use ferrolb_api::selector::{self, Labels};
 use ferrolb_api::{Forwarding, L2Advertisement};
-use ferrolb_controller::allocator::{self, Outcome, ServiceKey, Start};
-use ferrolb_controller::input::{self, Translation};
 use ferrolb_speaker::announcements::{EXCLUDE_LABEL, announces_pool, has_ready_endpoint};
 use ferrolb_speaker::election;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -115,7 +115,7 @@ pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
         );
     }
     let mut d = d;
-    let status_ips = ferrolb_controller::reconcile::ingress_ips(svc);
+    let status_ips = ferrolb_allocator::input::ingress_ips(svc);
     let ips = if status_ips.is_empty() {
         match pending(f, svc, key, &mut d) {
             Ok(ips) => ips,

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use ferrolb_allocator::ServiceKey;
 use ferrolb_api::manifests::{Located, Manifests, Origin};
 use ferrolb_api::{IPAddressPool, L2Advertisement};
-use ferrolb_controller::allocator::ServiceKey;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -108,7 +108,7 @@ fn from_files(args: &WhyArgs) -> Result<Facts> {
 }
 
 async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
-    let client = crate::controller_command::client(args.kubeconfig.as_deref()).await?;
+    let client = ferrolb_kubernetes::client::client(args.kubeconfig.as_deref()).await?;
     let all = ListParams::default();
     let mut services = Api::<Service>::all(client.clone())
         .list(&ListParams::default().fields("spec.type=LoadBalancer"))
@@ -117,7 +117,7 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
         .items;
     if !services
         .iter()
-        .any(|s| ferrolb_controller::input::service_key(s) == *key)
+        .any(|s| ferrolb_allocator::input::service_key(s) == *key)
         && let Some(svc) = Api::<Service>::namespaced(client.clone(), &key.namespace)
             .get_opt(&key.name)
             .await

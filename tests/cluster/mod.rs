@@ -139,7 +139,7 @@ impl Cluster {
             .map(|s| {
                 (
                     s.metadata.name.clone().unwrap(),
-                    ferrolb_controller::reconcile::ingress_ips(s),
+                    ferrolb_allocator::input::ingress_ips(s),
                 )
             })
             .collect()

@@ -151,7 +151,7 @@ async fn all_ips(suite: &Suite) -> Result<BTreeMap<String, Vec<IpAddr>>> {
                 s.metadata.namespace.as_deref().unwrap_or_default(),
                 s.metadata.name.as_deref().unwrap_or_default()
             );
-            (key, ferrolb_controller::reconcile::ingress_ips(s))
+            (key, ferrolb_allocator::input::ingress_ips(s))
         })
         .filter(|(_, ips)| !ips.is_empty())
         .collect())

@@ -281,7 +281,7 @@ impl Cluster {
             DEADLINE,
             || async {
                 let svc = api.get(name).await.ok()?;
-                let ips = ferrolb_controller::reconcile::ingress_ips(&svc);
+                let ips = ferrolb_allocator::input::ingress_ips(&svc);
                 (ips.len() >= families).then_some(ips)
             },
         )

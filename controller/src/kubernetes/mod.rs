@@ -10,8 +10,6 @@
 //! A replica that becomes active lists everything afresh before its first write, so it
 //! adopts what the previous one wrote; one that stops being active stops writing at once.
 
-pub mod events;
-pub mod http;
 mod leader;
 pub mod metrics;
 mod watch;
@@ -31,8 +29,8 @@ use kube::Client;
 use tokio::sync::watch as channel;
 use tracing::{info, warn};
 
-use crate::allocator::ServiceKey;
 use crate::reconcile::{Action, Reconciler};
+use ferrolb_allocator::ServiceKey;
 pub use leader::LeaseOptions;
 use metrics::Metrics;
 use watch::{Change, Mirror, Resource};
@@ -88,7 +86,7 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
         let health = health.clone();
         Arc::new(move || health.ready())
     };
-    let server = http::serve(options.metrics_address, render, ready)
+    let server = ferrolb_kubernetes::http::serve(options.metrics_address, render, ready)
         .await
         .with_context(|| format!("serving metrics on {}", options.metrics_address))?;
     info!(address = %server, "serving /metrics, /healthz and /readyz");
@@ -239,7 +237,7 @@ async fn active(
                 }
                 Change::Service(event) => {
                     watch::clear_error(health, Resource::Services);
-                    for step in services.apply(*event, crate::input::service_key) {
+                    for step in services.apply(*event, ferrolb_allocator::input::service_key) {
                         // Before start this only records the Service.
                         actions.extend(match step {
                             watch::Step::Deleted(key) => reconciler.service_deleted(&key),

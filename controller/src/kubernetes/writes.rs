@@ -18,10 +18,10 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
-use super::events::Events;
 use super::metrics::Metrics;
-use crate::allocator::ServiceKey;
 use crate::reconcile::{self, Action, Reconciler, ServiceEvent};
+use ferrolb_allocator::ServiceKey;
+use ferrolb_kubernetes::events::Events;
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "ferrolb-controller";

@@ -121,7 +121,7 @@ async fn serve(
         }
     };
     let render = move || metrics.encode();
-    ferrolb_controller::kubernetes::http::serve(address, Arc::new(render), Arc::new(ready))
+    ferrolb_kubernetes::http::serve(address, Arc::new(render), Arc::new(ready))
         .await
         .map_err(|e| anyhow::anyhow!("serving metrics on {address}: {e}"))
 }

@@ -29,12 +29,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use ferrolb_allocator::ServiceKey;
 use ferrolb_api::Family;
 use ferrolb_api::manifests::Manifests;
-use ferrolb_controller::allocator::ServiceKey;
 
 use crate::daemon::Ownership;
-use ferrolb_controller::kubernetes::events::Events;
+use ferrolb_kubernetes::events::Events;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;

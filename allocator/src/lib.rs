@@ -1,4 +1,5 @@
-//! IP address management: which external IPs each LoadBalancer Service gets.
+//! IP address management: which external IPs each LoadBalancer Service gets, and
+//! ([`input`]) the translation of Kubernetes objects into the allocator's input.
 //!
 //! Pure: plain data in, plain data out; no kube, no tokio, no I/O. The controller keeps
 //! one [`Allocator`]: at start (and after a pool or namespace change) it builds a new one
@@ -28,6 +29,7 @@
 //! moves no other.
 
 mod free;
+pub mod input;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

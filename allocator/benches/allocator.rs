@@ -1,6 +1,6 @@
 //! Allocator speed: prints figures, asserts nothing.
 //!
-//! `cargo bench -p ferrolb-controller --bench allocator`
+//! `cargo bench -p ferrolb-allocator --bench allocator`
 //!
 //! For an IPv4 /16 and an IPv6 /64 pool, the same workload:
 //! * 10,000 Services allocated from empty, in one `plan` with the hashed start (what
@@ -16,11 +16,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ferrolb_api::Family;
-use ferrolb_api::address::parse_range;
-use ferrolb_controller::allocator::{
+use ferrolb_allocator::{
     Allocator, Outcome, PoolConfig, PortKey, ServiceKey, ServiceRequest, Start, plan,
 };
+use ferrolb_api::Family;
+use ferrolb_api::address::parse_range;
 
 fn pool(cidr: &str) -> PoolConfig {
     PoolConfig {

@@ -10,7 +10,7 @@ use ferrolb_api::validation::{CheckedPool, check_pools};
 use ferrolb_api::{Family, IPAddressPool};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 
-use crate::allocator::{FamilyPolicy, PoolConfig, PortKey, ServiceKey, ServiceRequest, Traffic};
+use crate::{FamilyPolicy, PoolConfig, PortKey, ServiceKey, ServiceRequest, Traffic};
 
 /// Everything allocation needs from a set of manifests, with the problems found, each
 /// naming the file, document and object.
@@ -27,7 +27,7 @@ pub struct Prepared<'a> {
     pub problems: Vec<String>,
 }
 
-/// Reads pools, namespaces and Services out of manifests for [`crate::allocator::plan`].
+/// Reads pools, namespaces and Services out of manifests for [`crate::plan`].
 pub fn prepare(m: &Manifests) -> Prepared<'_> {
     prepare_for_class(m, annotations::LOAD_BALANCER_CLASS)
 }
@@ -279,6 +279,18 @@ fn request(svc: &Service, key: ServiceKey) -> Result<ServiceRequest, String> {
         traffic,
         current,
     })
+}
+
+/// The IPs in `status.loadBalancer.ingress`.
+pub fn ingress_ips(svc: &Service) -> Vec<IpAddr> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .collect()
 }
 
 #[cfg(test)]
