@@ -394,14 +394,14 @@ async fn a_removed_rbac_rule_fails_loudly() {
         || async {
             controller
                 .logs()
-                .contains("needs 'patch' on services/status")
+                .contains("needs patch on services/status")
                 .then_some(())
         },
     )
     .await;
     assert!(ips_of(&cluster, "web").await.is_empty());
     assert!(controller
-        .metric("ferrolb_controller_api_errors_total{resource=\"services/status\",verb=\"patch\",code=\"403\"}")
+        .metric("ferrolb_controller_api_errors_total{resource=\"services/status\",verb=\"patch\",error=\"forbidden\"}")
         .is_some_and(|n| n >= 1.0));
 
     // Without the right to list namespaces: never ready, and /readyz says why.
@@ -428,6 +428,68 @@ async fn a_removed_rbac_rule_fails_loudly() {
 }
 
 #[tokio::test]
+async fn a_pool_status_refused_by_rbac_is_retried_ever_more_slowly() {
+    let cluster = Cluster::start().await;
+    let role = cluster.chart("templates/controller-rbac.yaml");
+    let weakened = role.replace(
+        "    resources: [ipaddresspools/status]\n    verbs: [patch]",
+        "    resources: [ipaddresspools/status]\n    verbs: [get]",
+    );
+    assert_ne!(role, weakened);
+    cluster.apply(&weakened);
+    let controller = cluster.controller("a", &["--leader-elect=false"]).await;
+    cluster.apply(&pool("lab", &["198.51.100.10-198.51.100.20"]));
+    // Each failed write logs the delay before the next; they grow until one is a
+    // second or more, instead of a write every flush (4 a second) for ever.
+    let failures = eventually(DEADLINE, "a retry delay of a second or more", || async {
+        let logs = controller.logs();
+        let delays: Vec<Duration> = logs
+            .lines()
+            .filter(|l| l.contains("cannot write the pool's status"))
+            .map(|l| {
+                assert!(l.contains("needs patch on ipaddresspools/status"), "{l}");
+                retry_in(l)
+            })
+            .collect();
+        delays
+            .iter()
+            .any(|d| *d >= Duration::from_secs(1))
+            .then_some(delays)
+    })
+    .await;
+    // 100 ms doubling with jitter: a second is reached by the 5th to 8th failure.
+    assert!(failures.len() <= 8, "{failures:?}");
+    let refused = controller
+        .metric("ferrolb_controller_api_errors_total{resource=\"ipaddresspools/status\",verb=\"patch\",error=\"forbidden\"}")
+        .expect("the refused writes are counted");
+    assert!(
+        refused >= failures.len() as f64,
+        "{refused} < {}",
+        failures.len()
+    );
+}
+
+/// The `retry_in` field of a log line (a Duration's Debug: `1.2s`, `340.5ms`).
+fn retry_in(line: &str) -> Duration {
+    let value = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("retry_in="))
+        .unwrap_or_else(|| panic!("no retry_in in {line}"));
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| value.split_at(i))
+        .unwrap_or_else(|| panic!("{value}"));
+    let number: f64 = number.parse().unwrap_or_else(|_| panic!("{value}"));
+    Duration::from_secs_f64(match unit {
+        "s" => number,
+        "ms" => number / 1e3,
+        "µs" => number / 1e6,
+        "ns" => number / 1e9,
+        _ => panic!("unit of {value}"),
+    })
+}
+
+#[tokio::test]
 async fn a_concurrent_writer_causes_conflicts_that_are_retried() {
     let cluster = Cluster::start().await;
     let controller = cluster.controller("a", &["--leader-elect=false"]).await;
@@ -436,7 +498,7 @@ async fn a_concurrent_writer_causes_conflicts_that_are_retried() {
     let api = services(&cluster).await;
     let conflicts = || {
         controller
-            .metric("ferrolb_controller_api_errors_total{resource=\"services/status\",verb=\"patch\",code=\"409\"}")
+            .metric("ferrolb_controller_api_errors_total{resource=\"services/status\",verb=\"patch\",error=\"conflict\"}")
             .unwrap_or(0.0)
     };
     // Each Service is edited without pause from the moment it exists, so the

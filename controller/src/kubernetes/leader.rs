@@ -8,6 +8,8 @@
 //! new assignments wait for a handover: speakers keep announcing what is assigned.
 
 use anyhow::{Context, Result};
+use ferrolb_kubernetes::error::ApiError;
+use ferrolb_kubernetes::retry::Backoff;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -75,7 +77,7 @@ pub async fn lost(client: Client, options: LeaseOptions, identity: String) -> St
     let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={}", options.name));
     let mut leases = watcher(api, config)
-        .default_backoff()
+        .backoff(Backoff::default())
         .applied_objects()
         .boxed();
     let recheck = Duration::from_secs(options.grace.max(1));
@@ -149,13 +151,17 @@ async fn still_held(client: &Client, options: &LeaseOptions, identity: &str) -> 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
     let lease = match leases.get(&options.name).await {
         Ok(lease) => lease,
-        Err(kube::Error::Api(s)) => {
-            return Err(format!(
-                "reading Lease {}/{}: {}",
-                options.namespace, options.name, s.message
-            ));
-        }
-        Err(_) => return Ok(()),
+        Err(e) => match ApiError::from_kube(&e) {
+            ApiError::Transient { .. } => return Ok(()),
+            error => {
+                return Err(format!(
+                    "reading Lease {}/{}: {}",
+                    options.namespace,
+                    options.name,
+                    error.explain("controller", "get", "leases")
+                ));
+            }
+        },
     };
     let left = validity(&lease, options, identity)?;
     if left.is_negative() {

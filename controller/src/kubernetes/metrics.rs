@@ -1,5 +1,6 @@
 //! The controller's Prometheus metrics.
 
+use ferrolb_kubernetes::error::ApiError;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,7 +37,8 @@ pub struct TriggerLabels {
 pub struct ApiErrorLabels {
     pub resource: String,
     pub verb: String,
-    pub code: String,
+    /// [`ApiError::label`]: not_found, conflict, forbidden, gone, invalid, transient.
+    pub error: &'static str,
 }
 
 pub struct Metrics {
@@ -158,15 +160,11 @@ impl Metrics {
     }
 
     pub fn api_error(&self, resource: &str, verb: &str, error: &kube::Error) {
-        let code = match error {
-            kube::Error::Api(s) => s.code.to_string(),
-            _ => "transport".to_string(),
-        };
         self.api_errors
             .get_or_create(&ApiErrorLabels {
                 resource: resource.to_string(),
                 verb: verb.to_string(),
-                code,
+                error: ApiError::from_kube(error).label(),
             })
             .inc();
     }

@@ -166,7 +166,7 @@ async fn active(
     let mut changes = watch::changes(client.clone());
     let fence_client = client.clone();
     let writer = writes::Writer::new(client, &options.identity, metrics);
-    let mut retries = writes::Retries::default();
+    let mut retries = writes::Retrying::default();
     let mut pool_flush = tokio::time::interval(Duration::from_millis(250));
     pool_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -192,11 +192,11 @@ async fn active(
                 Some(c) => batch.push(c),
                 None => anyhow::bail!("the watches ended"),
             },
-            key = retries.next() => {
+            key = retries.services.next() => {
                 let actions = reconciler.resync(&key);
                 if !actions.iter().any(|a| matches!(a, Action::ServiceStatus { .. } | Action::Event(_))) {
                     // Nothing left to write for it (deleted, or the watch caught up).
-                    retries.succeeded(&key);
+                    retries.services.succeeded(&key);
                 }
                 tokio::select! {
                     biased;
@@ -207,7 +207,8 @@ async fn active(
             }
             _ = pool_flush.tick() => {
                 let now = Time(Timestamp::now());
-                let actions = reconciler.pool_statuses(&now);
+                let mut actions = reconciler.pool_statuses(&now);
+                actions.retain(|a| !matches!(a, Action::PoolStatus { name, .. } if retries.pools.waiting(name)));
                 tokio::select! {
                     biased;
                     _ = &mut lost => return Ok(()),

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrolb_api::IPAddressPool;
+use ferrolb_kubernetes::retry::Backoff;
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::core::PartialObjectMeta;
@@ -51,7 +52,7 @@ pub fn changes(client: Client) -> BoxStream<'static, Change> {
         Api::<Service>::all(client.clone()),
         watcher::Config::default().fields("spec.type=LoadBalancer"),
     )
-    .default_backoff()
+    .backoff(Backoff::default())
     .map(|r| {
         r.map(|e| Change::Service(Box::new(map_event(e, trim_service))))
             .unwrap_or_else(|e| failed(Resource::Services, &e))
@@ -60,7 +61,7 @@ pub fn changes(client: Client) -> BoxStream<'static, Change> {
         Api::<IPAddressPool>::all(client.clone()),
         watcher::Config::default(),
     )
-    .default_backoff()
+    .backoff(Backoff::default())
     .map(|r| {
         r.map(|e| Change::Pool(Box::new(e)))
             .unwrap_or_else(|e| failed(Resource::Pools, &e))
@@ -69,7 +70,7 @@ pub fn changes(client: Client) -> BoxStream<'static, Change> {
         Api::<PartialObjectMeta<Namespace>>::all(client),
         watcher::Config::default(),
     )
-    .default_backoff()
+    .backoff(Backoff::default())
     .map(|r| {
         r.map(|e| Change::Namespace(Box::new(map_event(e, namespace_from_meta))))
             .unwrap_or_else(|e| failed(Resource::Namespaces, &e))
@@ -106,22 +107,7 @@ fn map_event<A, B>(event: watcher::Event<A>, f: impl Fn(A) -> B) -> watcher::Eve
 
 fn failed(resource: Resource, e: &watcher::Error) -> Change {
     let name = resource.name();
-    let hint = match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-            if s.code == 403 =>
-        {
-            format!(
-                "; the controller's ServiceAccount needs list and watch on {name} \
-                 (see docs/controller.md, RBAC)"
-            )
-        }
-        watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 => {
-            format!("; is the {name} CRD installed? (`ferrolb crds | kubectl apply -f -`)")
-        }
-        _ => String::new(),
-    };
-    let message = format!("{e}{hint}");
+    let message = ferrolb_kubernetes::error::explain_watch("controller", name, e);
     error!(resource = name, "cannot watch {name}: {message}");
     Change::Error(resource, message)
 }

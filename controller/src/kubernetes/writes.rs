@@ -3,12 +3,13 @@
 //! A Service's status is written with a JSON merge patch on its status subresource,
 //! conditional on the resourceVersion the decision was made from: if the Service changed
 //! meanwhile (a 409 Conflict), the write is retried from the newer object, so a decision
-//! is never written over a change it did not see. Failed writes are retried with
-//! exponential backoff (100 ms to 30 s); nothing is dropped but writes to deleted objects.
+//! is never written over a change it did not see. Failed writes are retried after the
+//! delays of [`ferrolb_kubernetes::retry::Backoff`] (jittered, 100 ms doubling to 30 s),
+//! per Service and per pool; nothing is dropped but writes to deleted objects and writes
+//! the API server refuses as invalid (the next change of the Service decides again).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
 
 use ferrolb_api::{IPAddressPool, IPAddressPoolStatus};
 use futures::StreamExt;
@@ -17,6 +18,9 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tracing::{debug, error, info, warn};
+
+use ferrolb_kubernetes::error::{ApiError, Retry};
+use ferrolb_kubernetes::retry::Retries;
 
 use super::metrics::Metrics;
 use crate::reconcile::{self, Action, Reconciler, ServiceEvent};
@@ -55,7 +59,7 @@ impl<'a> Writer<'a> {
         &self,
         actions: Vec<Action>,
         reconciler: &mut Reconciler,
-        retries: &mut Retries,
+        retries: &mut Retrying,
     ) {
         if actions.is_empty() {
             return;
@@ -91,35 +95,47 @@ impl<'a> Writer<'a> {
             match done {
                 Done::Service(key, result) => match *result {
                     Ok(svc) => {
-                        retries.succeeded(&key);
+                        retries.services.succeeded(&key);
                         reconciler.service_written(&svc);
                     }
-                    Err(e) => match &e {
-                        kube::Error::Api(s) if s.code == 404 => {
-                            debug!(service = %key, "not written: the Service is gone");
+                    Err(e) => {
+                        let error = ApiError::from_kube(&e);
+                        match error {
+                            ApiError::NotFound { .. } => {
+                                debug!(service = %key, "not written: the Service is gone");
+                            }
+                            ApiError::Conflict { .. } => {
+                                debug!(service = %key, "the Service changed meanwhile; deciding again");
+                                reconciler.write_failed(&key);
+                                retries.services.schedule(key);
+                            }
+                            _ if error.retry() == Retry::No => {
+                                error!(service = %key, "cannot write status.loadBalancer, not retrying until the Service changes: {}", explain(&error, "patch", "services/status"));
+                                reconciler.write_failed(&key);
+                            }
+                            _ => {
+                                reconciler.write_failed(&key);
+                                let delay = retries.services.schedule(key.clone());
+                                error!(service = %key, retry_in = ?delay, "cannot write status.loadBalancer: {}", explain(&error, "patch", "services/status"));
+                            }
                         }
-                        kube::Error::Api(s) if s.code == 409 => {
-                            debug!(service = %key, "the Service changed meanwhile; deciding again");
-                            reconciler.write_failed(&key);
-                            retries.schedule(key, true);
-                        }
-                        _ => {
-                            error!(service = %key, "cannot write status.loadBalancer: {}", explain(&e, "patch", "services/status"));
-                            reconciler.write_failed(&key);
-                            retries.schedule(key, false);
-                        }
-                    },
+                    }
                 },
-                Done::Pool(name, status, Ok(())) => reconciler.pool_written(&name, status),
+                Done::Pool(name, status, Ok(())) => {
+                    retries.pools.succeeded(&name);
+                    reconciler.pool_written(&name, status);
+                }
                 Done::Pool(name, _, Err(e)) => {
-                    // The next flush computes the status again and retries.
-                    warn!(pool = %name, "cannot write the pool's status: {}", explain(&e, "patch", "ipaddresspools/status"));
+                    // Computed again and written when the delay ends: a failure that
+                    // lasts (RBAC) costs a request and a line every 30 s, not every flush.
+                    let delay = retries.pools.schedule(name.clone());
+                    warn!(pool = %name, retry_in = ?delay, "cannot write the pool's status: {}", explain(&ApiError::from_kube(&e), "patch", "ipaddresspools/status"));
                 }
                 Done::Event(_, Ok(())) => {}
                 Done::Event(key, Err(e)) => {
-                    warn!(service = %key, "cannot record an Event: {}", explain(&e, "create", "events"));
                     reconciler.write_failed(&key);
-                    retries.schedule(key, false);
+                    let delay = retries.services.schedule(key.clone());
+                    warn!(service = %key, retry_in = ?delay, "cannot record an Event: {}", explain(&ApiError::from_kube(&e), "create", "events"));
                 }
             }
         }
@@ -228,59 +244,14 @@ fn params() -> PatchParams {
 }
 
 /// An API error with what to do about it, when that is known.
-pub fn explain(e: &kube::Error, verb: &str, resource: &str) -> String {
-    match e {
-        kube::Error::Api(s) if s.code == 403 => format!(
-            "{}; the controller's ServiceAccount needs '{verb}' on {resource} (see docs/controller.md, RBAC)",
-            s.message
-        ),
-        _ => e.to_string(),
-    }
+fn explain(error: &ApiError, verb: &str, resource: &str) -> String {
+    error.explain("controller", verb, resource)
 }
 
-/// Services whose status write is to be tried again, each when its backoff ends.
+/// What is to be written again when its delay ends: Service status (and the Events
+/// that follow it), and pool status.
 #[derive(Default)]
-pub struct Retries {
-    /// When each is due; `None` once handed out, until scheduled again.
-    due: BTreeMap<ServiceKey, Option<Instant>>,
-    /// Failures in a row, for the backoff.
-    attempts: BTreeMap<ServiceKey, u32>,
-}
-
-impl Retries {
-    /// Tries `key` again: soon after a conflict, else after a backoff that doubles with
-    /// each failure in a row (100 ms to 30 s).
-    pub fn schedule(&mut self, key: ServiceKey, conflict: bool) {
-        let attempts = self.attempts.entry(key.clone()).or_default();
-        *attempts += 1;
-        // A conflict is usually resolved by the newer object the watch is delivering:
-        // try again soon, but back off too should the watch be down.
-        let (first, most) = if conflict {
-            (Duration::from_millis(50), Duration::from_secs(5))
-        } else {
-            (Duration::from_millis(100), Duration::from_secs(30))
-        };
-        let delay = first.saturating_mul(1 << (*attempts - 1).min(9)).min(most);
-        self.due.insert(key, Some(Instant::now() + delay));
-    }
-
-    pub fn succeeded(&mut self, key: &ServiceKey) {
-        self.due.remove(key);
-        self.attempts.remove(key);
-    }
-
-    /// Waits for the next retry that is due.
-    pub async fn next(&mut self) -> ServiceKey {
-        let Some((key, when)) = self
-            .due
-            .iter()
-            .filter_map(|(k, w)| w.map(|w| (k.clone(), w)))
-            .min_by_key(|(_, w)| *w)
-        else {
-            return std::future::pending().await;
-        };
-        tokio::time::sleep_until(when.into()).await;
-        self.due.insert(key.clone(), None);
-        key
-    }
+pub struct Retrying {
+    pub services: Retries<ServiceKey>,
+    pub pools: Retries<String>,
 }

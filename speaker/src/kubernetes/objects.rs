@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use ferrolb_api::manifests::{Located, Manifests, Origin};
 use ferrolb_api::{IPAddressPool, L2Advertisement};
+use ferrolb_kubernetes::retry::Backoff;
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{
     Node, NodeStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
@@ -119,11 +120,12 @@ fn changes(client: Client) -> BoxStream<'static, Change> {
         F: Fn(Box<watcher::Event<K>>) -> Change + Send + 'static,
     {
         watcher(api, config)
-            .default_backoff()
+            .backoff(Backoff::default())
             .map(move |r| match r {
                 Ok(e) => wrap(Box::new(e)),
                 Err(e) => {
-                    let message = explain(kind, &e);
+                    let message =
+                        ferrolb_kubernetes::error::explain_watch("speaker", kind.name(), &e);
                     error!(
                         resource = kind.name(),
                         "cannot watch {}: {message}",
@@ -167,25 +169,6 @@ fn changes(client: Client) -> BoxStream<'static, Change> {
         ),
     ])
     .boxed()
-}
-
-fn explain(kind: Kind, e: &watcher::Error) -> String {
-    let name = kind.name();
-    let hint = match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-            if s.code == 403 =>
-        {
-            format!(
-                "; the speaker's ServiceAccount needs list and watch on {name} (see docs/speaker.md, RBAC)"
-            )
-        }
-        watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 => {
-            format!("; is the {name} CRD installed? (`ferrolb crds | kubectl apply -f -`)")
-        }
-        _ => String::new(),
-    };
-    format!("{e}{hint}")
 }
 
 /// Objects by namespace/name, with relists accounted for. Each is kept behind an `Arc`,

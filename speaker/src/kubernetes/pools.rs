@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use ferrolb_api::manifests::Manifests;
 use ferrolb_api::{IPAddressPool, NodeNetworkStatus};
+use ferrolb_kubernetes::error::ApiError;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, Error};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -68,13 +69,14 @@ pub async fn write(
                 info!(pool = %name, "wrote status.nodeNetwork");
                 return;
             }
-            Err(Error::Api(e)) if e.code == 409 => {
+            Err(e) if matches!(ApiError::from_kube(&e), ApiError::Conflict { .. }) => {
                 if snapshots.changed().await.is_err() {
                     return;
                 }
             }
             Err(e) => {
-                warn!(pool = %name, "cannot write status.nodeNetwork (ipaddresspools/status patch): {e}");
+                let error = ApiError::from_kube(&e);
+                warn!(pool = %name, "cannot write status.nodeNetwork: {}", error.explain("speaker", "patch", "ipaddresspools/status"));
                 return;
             }
         }

@@ -34,7 +34,9 @@ use ferrolb_api::Family;
 use ferrolb_api::manifests::Manifests;
 
 use crate::daemon::Ownership;
+use ferrolb_kubernetes::error::ApiError;
 use ferrolb_kubernetes::events::Events;
+use ferrolb_kubernetes::retry::Backoff;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -119,7 +121,9 @@ async fn run(
 ) {
     let events = Events::new(client.clone(), "ferrolb-speaker", &node);
     let mut written: BTreeMap<(ServiceKey, &'static str), Written> = BTreeMap::new();
-    let mut retry = false;
+    // Failed reports are tried again after the next delay; a success starts over.
+    let mut backoff = Backoff::default();
+    let mut retry_at: Option<Instant> = None;
     let mut verify_after = Instant::now();
     loop {
         tokio::select! {
@@ -128,7 +132,7 @@ async fn run(
                 tokio::time::sleep_until(verify_after).await;
                 snapshots.changed().await
             } => if changed.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(2)), if retry => {}
+            _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {}
         }
         verify_after = Instant::now() + VERIFY_PACE;
         let wanted = owned.borrow_and_update().clone();
@@ -136,7 +140,7 @@ async fn run(
         let snapshot = snapshots.borrow_and_update().clone();
         // The Services by key, built only when something is owned.
         let mut services: Option<BTreeMap<(&str, &str), &Service>> = None;
-        retry = false;
+        let mut failed = false;
         for o in &wanted {
             for key in &o.services {
                 let type_ = condition_type(o.ip);
@@ -162,8 +166,8 @@ async fn run(
                         written.insert(entry, Written::new(message, version, retakes, now));
                     }
                     Err(e) => {
-                        warn!(service = %key, ip = %o.ip, "cannot report the announcing node: {e}");
-                        retry = true;
+                        warn!(service = %key, ip = %o.ip, "cannot report the announcing node: {}", ApiError::from_kube(&e).explain("speaker", "patch", "services/status"));
+                        failed = true;
                     }
                 }
             }
@@ -174,6 +178,14 @@ async fn run(
             .flat_map(|o| o.services.iter().map(|k| (k, condition_type(o.ip))))
             .collect();
         written.retain(|(key, type_), _| still.contains(&(key, *type_)));
+        retry_at = if failed {
+            let delay = backoff.next_delay();
+            debug!(retry_in = ?delay, "reporting again after a failure");
+            Some(Instant::now() + delay)
+        } else {
+            backoff.reset();
+            None
+        };
     }
 }
 
@@ -316,7 +328,7 @@ async fn write(
     {
         Ok(svc) => svc,
         // Deleted meanwhile: nothing to tell.
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+        Err(e) if matches!(ApiError::from_kube(&e), ApiError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
     debug!(service = %key, "{message}");
