@@ -26,6 +26,7 @@ pub mod election;
 pub mod forwarding;
 pub mod interfaces;
 pub mod kubernetes;
+pub mod mac;
 pub mod membership;
 pub mod metrics;
 pub mod ndp;

@@ -268,9 +268,10 @@ pub fn resolve(
                 break;
             }
             match in_use.get(ip) {
-                Some(mac) => {
-                    skipped.push((*ip, format!("answered on the wire by {}", mac_text(mac))))
-                }
+                Some(mac) => skipped.push((
+                    *ip,
+                    format!("answered on the wire by {}", crate::mac::format(mac)),
+                )),
                 None => free.push(*ip),
             }
         }
@@ -448,13 +449,6 @@ fn entry(a: IpAddr, b: IpAddr) -> AddressEntry {
     } else {
         AddressEntry(format!("{a}-{b}"))
     }
-}
-
-fn mac_text(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 #[cfg(test)]

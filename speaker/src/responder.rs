@@ -345,7 +345,7 @@ impl LinkTask {
         };
         self.metrics.conflicts.inc();
         let conflicts = self.metrics.conflicts.get();
-        let other = mac_string(mac);
+        let other = crate::mac::format(&mac);
         if let State::Probing { .. } = state {
             warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts,
                 "IP is already in use by another host (it answered our probe); not announcing it, will probe again in {:?}",
@@ -428,11 +428,4 @@ impl LinkTask {
             NdpKind::Solicitation { .. } => {}
         }
     }
-}
-
-pub fn mac_string(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
