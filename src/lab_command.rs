@@ -435,13 +435,7 @@ fn service_ips(files: &[(&str, String)]) -> Result<(Ipv4Addr, Option<Ipv6Addr>)>
             );
         }
     }
-    let prepared = input::prepare(&m);
-    let plan = allocator::plan(
-        prepared.pools,
-        prepared.namespaces,
-        &prepared.requests,
-        allocator::Start::Hashed,
-    );
+    let plan = input::prepare(&m).plan(allocator::Start::Hashed);
     let key = ServiceKey::new(NAMESPACE, SERVICE);
     let ips: Vec<IpAddr> = plan
         .services

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ferrolb_allocator::input;
-use ferrolb_allocator::{self as allocator, Outcome, ServiceKey, Start};
+use ferrolb_allocator::{Outcome, ServiceKey, Start};
 use ferrolb_api::manifests::{Manifests, Origin};
 use serde::Serialize;
 
@@ -126,15 +126,10 @@ fn nothing_to_plan(read: &[String], skipped: &[PathBuf]) -> String {
 pub fn build(m: &Manifests, start: Start) -> (Report, Vec<String>) {
     let mut errors = duplicates(m);
     let prepared = input::prepare(m);
+    let plan = prepared.plan(start);
     errors.extend(prepared.problems);
     let checked = prepared.checked;
     let invalid = prepared.invalid;
-    let plan = allocator::plan(
-        prepared.pools,
-        prepared.namespaces,
-        &prepared.requests,
-        start,
-    );
 
     let mut services: BTreeMap<ServiceKey, ServiceLine> = plan
         .services

@@ -381,7 +381,7 @@ async fn a_healthy_service_in_the_lab_names_the_node_that_answers() {
     assert_eq!(
         out.lines().next().unwrap(),
         format!(
-            "default/web is healthy: {vip} announced by {} on eth0",
+            "default/web is healthy: {vip} announced by {}",
             w.lab.node(owner).name()
         )
     );

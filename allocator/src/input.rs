@@ -10,7 +10,7 @@ use ferrolb_api::validation::{CheckedPool, check_pools};
 use ferrolb_api::{Family, IPAddressPool};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 
-use crate::{FamilyPolicy, PoolConfig, PortKey, ServiceKey, ServiceRequest, Traffic};
+use crate::{FamilyPolicy, Plan, PoolConfig, PortKey, ServiceKey, ServiceRequest, Start, Traffic};
 
 /// Everything allocation needs from a set of manifests, with the problems found, each
 /// naming the file, document and object.
@@ -25,6 +25,19 @@ pub struct Prepared<'a> {
     /// The Service objects behind `requests`, with where each was read.
     pub services: BTreeMap<ServiceKey, &'a Located<Service>>,
     pub problems: Vec<String>,
+}
+
+impl Prepared<'_> {
+    /// The allocation of what was read: the one way from manifests to a plan, for
+    /// `ferrolb plan`, standalone speakers, `ferrolb why` and the lab.
+    pub fn plan(&self, start: Start) -> Plan {
+        crate::plan(
+            self.pools.clone(),
+            self.namespaces.clone(),
+            &self.requests,
+            start,
+        )
+    }
 }
 
 /// Reads pools, namespaces and Services out of manifests for [`crate::plan`].
@@ -279,6 +292,19 @@ fn request(svc: &Service, key: ServiceKey) -> Result<ServiceRequest, String> {
         traffic,
         current,
     })
+}
+
+/// The pool an IP in a Service's status belongs to, for announcing it: a usable pool
+/// holding it first, else any (an invalid pool keeps the IPs it gave out).
+pub fn pool_of(configs: &[PoolConfig], ip: IpAddr) -> Option<&PoolConfig> {
+    let containing = || {
+        configs
+            .iter()
+            .filter(move |c| c.ranges.iter().any(|r| r.contains(ip)))
+    };
+    containing()
+        .find(|c| c.usable)
+        .or_else(|| containing().next())
 }
 
 /// The IPs in `status.loadBalancer.ingress`.

@@ -6,4 +6,5 @@ pub mod client;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod lease;
 pub mod retry;

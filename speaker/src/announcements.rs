@@ -23,7 +23,7 @@ use ferrolb_api::manifests::Manifests;
 use ferrolb_api::selector::{self, Labels};
 use ferrolb_api::{Family, Forwarding, L2Advertisement};
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use crate::election::{self, ClusterView};
 use crate::forwarding::{ForwardRule, Protocol};
@@ -129,12 +129,7 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
     let no_slices = Vec::new();
 
     for (ip, (pool, keys)) in by_ip {
-        let advs: Vec<&L2Advertisement> = m
-            .l2_advertisements
-            .iter()
-            .map(|a| &*a.object)
-            .filter(|a| announces_pool(a, &pool, pool_labels.get(pool.as_str())))
-            .collect();
+        let advs = advertising(m, &pool, pool_labels.get(pool.as_str()));
         if advs.is_empty() {
             let names: Vec<String> = keys.iter().map(ToString::to_string).collect();
             out.problems.push(format!(
@@ -155,7 +150,7 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
             .collect();
         let eligible: Vec<&str> = nodes
             .iter()
-            .filter(|n| node_eligible(n, &advs))
+            .filter(|n| ineligible(n, &advs).is_none())
             .filter(|n| {
                 let name = n.metadata.name.as_deref().unwrap_or_default();
                 local.iter().all(|s| {
@@ -222,15 +217,10 @@ fn allocated<'m>(
     out: &mut NodePlan,
 ) -> (BTreeMap<ServiceKey, &'m Service>, ByIp) {
     let prepared = input::prepare(m);
+    // No status to remember in standalone mode: each Service starts at its own point.
+    let allocation = prepared.plan(allocator::Start::Hashed);
     out.problems = prepared.problems;
     let services = prepared.services;
-    // No status to remember in standalone mode: each Service starts at its own point.
-    let allocation = allocator::plan(
-        prepared.pools,
-        prepared.namespaces,
-        &prepared.requests,
-        allocator::Start::Hashed,
-    );
     for (key, outcome) in &allocation.services {
         if let Outcome::Pending { reason } = outcome {
             out.problems.push(format!(
@@ -261,14 +251,7 @@ fn from_status<'m>(m: &'m Manifests, class: &str) -> (BTreeMap<ServiceKey, &'m S
         m.pools.iter().map(|p| (*p.object).clone()).collect();
     let (configs, _) = input::pool_configs(&pools);
     let pool_of = |ip: IpAddr| -> String {
-        let containing = || {
-            configs
-                .iter()
-                .filter(|c| c.ranges.iter().any(|r| r.contains(ip)))
-        };
-        containing()
-            .find(|c| c.usable)
-            .or_else(|| containing().next())
+        input::pool_of(&configs, ip)
             .map(|c| c.name.clone())
             .unwrap_or_default()
     };
@@ -302,11 +285,53 @@ pub fn announces_pool(adv: &L2Advertisement, pool: &str, labels: Option<&Labels>
         || labels.is_some_and(|l| selector::any_matches(&spec.ip_address_pool_selectors, l))
 }
 
-pub(crate) fn node_eligible(node: &Node, advs: &[&L2Advertisement]) -> bool {
+/// The L2Advertisements that announce `pool` (whose labels are `labels`).
+pub fn advertising<'m>(
+    m: &'m Manifests,
+    pool: &str,
+    labels: Option<&Labels>,
+) -> Vec<&'m L2Advertisement> {
+    m.l2_advertisements
+        .iter()
+        .map(|a| &*a.object)
+        .filter(|a| announces_pool(a, pool, labels))
+        .collect()
+}
+
+/// Why a node may not announce the IPs of some advertisements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ineligible {
+    /// Labelled [`EXCLUDE_LABEL`].
+    Excluded,
+    NotReady,
+    /// No advertisement's `nodeSelectors` match it.
+    NotSelected,
+    /// For an `externalTrafficPolicy: Local` Service: no ready endpoint on the node.
+    NoLocalEndpoint,
+}
+
+impl std::fmt::Display for Ineligible {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ineligible::Excluded => write!(f, "labelled {EXCLUDE_LABEL}"),
+            Ineligible::NotReady => f.write_str("NotReady"),
+            Ineligible::NotSelected => {
+                f.write_str("not matched by the L2Advertisement's nodeSelectors")
+            }
+            Ineligible::NoLocalEndpoint => {
+                f.write_str("no ready endpoint here (externalTrafficPolicy: Local)")
+            }
+        }
+    }
+}
+
+/// Why `node` may not announce the IPs of `advs`, if it may not; the endpoint rule of
+/// `externalTrafficPolicy: Local` is [`has_ready_endpoint`], asked by the caller.
+pub fn ineligible(node: &Node, advs: &[&L2Advertisement]) -> Option<Ineligible> {
     let no_labels = Labels::new();
     let labels = node.metadata.labels.as_ref().unwrap_or(&no_labels);
     if labels.contains_key(EXCLUDE_LABEL) {
-        return false;
+        return Some(Ineligible::Excluded);
     }
     let not_ready = node
         .status
@@ -316,33 +341,44 @@ pub(crate) fn node_eligible(node: &Node, advs: &[&L2Advertisement]) -> bool {
         .flatten()
         .any(|c| c.type_ == "Ready" && c.status != "True");
     if not_ready {
-        return false;
+        return Some(Ineligible::NotReady);
     }
-    advs.iter().any(|a| {
+    let selected = advs.iter().any(|a| {
         a.spec.node_selectors.is_empty() || selector::any_matches(&a.spec.node_selectors, labels)
-    })
+    });
+    (!selected).then_some(Ineligible::NotSelected)
 }
 
 /// Whether an EndpointSlice of the Service lists a ready endpoint on `node`.
 pub fn has_ready_endpoint(slices: &[&EndpointSlice], svc: &Service, node: &str) -> bool {
-    let name = svc.metadata.name.as_deref();
-    let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
+    ready_endpoints(slices, svc).any(|e| e.node_name.as_deref() == Some(node))
+}
+
+/// The endpoints of the Service that its EndpointSlices list as ready: what kube-proxy
+/// sends traffic to (a missing `ready` means ready, as the API defines).
+pub fn ready_endpoints<'s>(
+    slices: &[&'s EndpointSlice],
+    svc: &Service,
+) -> impl Iterator<Item = &'s Endpoint> {
+    let name = svc.metadata.name.clone();
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     slices
         .iter()
-        .filter(|s| s.metadata.namespace.as_deref().unwrap_or("default") == namespace)
-        .filter(|s| {
-            s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .map(String::as_str)
-                == name
+        .copied()
+        .filter(move |s| {
+            s.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    == name.as_ref()
         })
         .flat_map(|s| s.endpoints.iter().flatten())
-        .any(|e| {
-            e.node_name.as_deref() == Some(node)
-                && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
-        })
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
 }
 
 pub(crate) fn internal_ip(node: &Node, family: Family) -> Option<IpAddr> {

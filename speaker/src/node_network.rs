@@ -24,7 +24,7 @@ use ferrolb_api::{AddressEntry, Family, FromNodeNetwork, IPAddressPool, NodeNetw
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 
-use crate::announcements::{announces_pool, internal_ip, node_eligible};
+use crate::announcements::{advertising, ineligible, internal_ip};
 use crate::election::ClusterView;
 use crate::interfaces::Link;
 
@@ -63,12 +63,7 @@ pub fn to_resolve(m: &Manifests, me: &str, view: &ClusterView) -> Vec<Unresolved
         }
         let name = pool.metadata.name.clone().unwrap_or_default();
         let labels: Labels = pool.metadata.labels.clone().unwrap_or_default();
-        let advs: Vec<_> = m
-            .l2_advertisements
-            .iter()
-            .map(|a| &*a.object)
-            .filter(|a| announces_pool(a, &name, Some(&labels)))
-            .collect();
+        let advs = advertising(m, &name, Some(&labels));
         if advs.is_empty() {
             continue;
         }
@@ -76,7 +71,7 @@ pub fn to_resolve(m: &Manifests, me: &str, view: &ClusterView) -> Vec<Unresolved
             .nodes
             .iter()
             .map(|n| &*n.object)
-            .filter(|n| node_eligible(n, &advs))
+            .filter(|n| ineligible(n, &advs).is_none())
             .filter_map(|n| n.metadata.name.clone())
             .collect();
         let resolver = nodes

@@ -4,21 +4,28 @@
 //!
 //! The links: the Service is a LoadBalancer of ferrolb's class; an active controller;
 //! a pool gives it an IP; an L2Advertisement announces that pool; a node may announce it
-//! and a speaker runs there; a node does announce it; the selector finds Pods; some are
-//! Ready; with `externalTrafficPolicy: Local`, one is on the announcing node; the
+//! and a speaker runs there; a node does announce it; its EndpointSlices list a ready
+//! endpoint (what kube-proxy sends to; the Pods only explain why none is); the
 //! targetPort is one the Pods expose; forwarding has a NodePort to go to.
+//!
+//! Every judgement the speakers and the controller also make is theirs, called here:
+//! the allocation ([`input::Prepared::plan`]), the pool of an IP ([`input::pool_of`]),
+//! the advertisements of a pool and a node's eligibility ([`announcements`]), the
+//! election, the reported condition ([`report::reports`]) and the Lease
+//! ([`ferrolb_kubernetes::lease`]), so `why` cannot disagree with what they do.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrolb_allocator::input::{self, Translation};
-use ferrolb_allocator::{self as allocator, Outcome, ServiceKey, Start};
+use ferrolb_allocator::{Outcome, ServiceKey, Start};
+use ferrolb_api::Forwarding;
 use ferrolb_api::manifests::Manifests;
-use ferrolb_api::selector::{self, Labels};
-use ferrolb_api::{Forwarding, L2Advertisement};
-use ferrolb_speaker::announcements::{EXCLUDE_LABEL, announces_pool, has_ready_endpoint};
+use ferrolb_speaker::announcements::{self, Ineligible};
 use ferrolb_speaker::election;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use ferrolb_speaker::kubernetes::report;
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
@@ -149,29 +156,22 @@ pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
     let mut forwarding = false;
     for ip in &ips {
         match announced(f, svc, *ip, &mut d) {
-            Ok((node, how, forwards)) => {
-                owners.push((node, how));
+            Ok((node, forwards)) => {
+                owners.push(node);
                 forwarding |= forwards;
             }
             Err(stopped) => return *stopped,
         }
     }
     let owner = owners.first().cloned();
-    d.node = owner.as_ref().map(|(n, _)| n.clone());
-    if let Err(stopped) = traffic(
-        f,
-        svc,
-        owner.as_ref().map(|(n, _)| n.as_str()),
-        &ips,
-        forwarding,
-        &mut d,
-    ) {
+    d.node = owner.clone();
+    if let Err(stopped) = traffic(f, svc, owner.as_deref(), &ips, forwarding, &mut d) {
         return *stopped;
     }
     let announced: Vec<String> = ips
         .iter()
         .zip(&owners)
-        .map(|(ip, (node, how))| format!("{ip} announced by {node}{how}"))
+        .map(|(ip, node)| format!("{ip} announced by {node}"))
         .collect();
     d.healthy = true;
     d.headline = format!("{key} is healthy: {}", announced.join("; "));
@@ -196,12 +196,7 @@ fn pending(
     }
     let m = &f.manifests;
     let prepared = input::prepare_for_class(m, &f.class);
-    let plan = allocator::plan(
-        prepared.pools,
-        prepared.namespaces,
-        &prepared.requests,
-        Start::Lowest,
-    );
+    let plan = prepared.plan(Start::Lowest);
     for p in &plan.pools {
         let checked = prepared.checked.iter().find(|c| c.name == p.name);
         let state = match checked.and_then(|c| c.problems.first()) {
@@ -270,13 +265,13 @@ fn pending(
     }
 }
 
-/// Who announces `ip`: (node, " on IFACE" or ""), or where the announcement breaks.
+/// Who announces `ip` and whether it is forwarded, or where the announcement breaks.
 fn announced(
     f: &Facts,
     svc: &Service,
     ip: IpAddr,
     d: &mut Diagnosis,
-) -> Result<(String, String, bool), Box<Diagnosis>> {
+) -> Result<(String, bool), Box<Diagnosis>> {
     let stop =
         |d: &Diagnosis, headline: String, next: &str| Box::new(d.clone().stop(headline, next));
     let ns = &f.ferrolb_namespace;
@@ -287,15 +282,8 @@ fn announced(
             .map(|p| (*p.object).clone())
             .collect::<Vec<_>>(),
     );
-    // As the speaker does: a usable pool holding the IP first.
-    let containing = || {
-        configs
-            .iter()
-            .filter(|c| c.ranges.iter().any(|r| r.contains(ip)))
-    };
-    let pool = containing()
-        .find(|c| c.usable)
-        .or_else(|| containing().next())
+    // As the speaker does.
+    let pool = input::pool_of(&configs, ip)
         .map(|c| c.name.clone())
         .unwrap_or_default();
     let labels = m
@@ -303,12 +291,7 @@ fn announced(
         .iter()
         .find(|p| p.object.metadata.name.as_deref() == Some(pool.as_str()))
         .and_then(|p| p.object.metadata.labels.clone());
-    let advs: Vec<&L2Advertisement> = m
-        .l2_advertisements
-        .iter()
-        .map(|a| &*a.object)
-        .filter(|a| announces_pool(a, &pool, labels.as_ref()))
-        .collect();
+    let advs = announcements::advertising(m, &pool, labels.as_ref());
     if pool.is_empty() {
         return Err(stop(
             d,
@@ -349,11 +332,13 @@ fn announced(
     let mut excluded = Vec::new();
     for node in m.nodes.iter().map(|n| &*n.object) {
         let name = node.metadata.name.clone().unwrap_or_default();
-        match ineligible(node, &advs) {
+        // The rule the speakers apply.
+        let why = announcements::ineligible(node, &advs).or_else(|| {
+            (local && !announcements::has_ready_endpoint(&slices, svc, &name))
+                .then_some(Ineligible::NoLocalEndpoint)
+        });
+        match why {
             Some(why) => excluded.push(format!("{name}: {why}")),
-            None if local && !has_ready_endpoint(&slices, svc, &name) => excluded.push(format!(
-                "{name}: no ready endpoint here (externalTrafficPolicy: Local)"
-            )),
             None => eligible.push(name),
         }
     }
@@ -384,7 +369,7 @@ fn announced(
             "eligible: {} (with every speaker up, {owner} announces)",
             eligible.join(", ")
         ));
-        return Ok((owner.to_string(), String::new(), forwards));
+        return Ok((owner.to_string(), forwards));
     };
     let running: Vec<&String> = eligible
         .iter()
@@ -422,7 +407,7 @@ fn announced(
             },
         ));
     }
-    let type_ = ferrolb_speaker::kubernetes::report::condition_type(ip);
+    let type_ = report::condition_type(ip);
     let condition = svc
         .status
         .as_ref()
@@ -432,22 +417,22 @@ fn announced(
         .find(|c| c.type_ == type_ && c.message.starts_with(&format!("{ip} ")));
     match condition {
         Some(c) if c.status == "True" => {
-            let rest = c
-                .message
-                .split(" is announced by ")
-                .nth(1)
-                .unwrap_or_default();
-            let (node, iface) = rest.split_once(" on ").unwrap_or((rest, ""));
             d.evidence.push(format!("condition {type_}: {}", c.message));
-            Ok((
-                node.to_string(),
-                if iface.is_empty() {
-                    String::new()
-                } else {
-                    format!(" on {iface}")
-                },
-                forwards,
-            ))
+            // Which node wrote it, asked of the speakers' own rule, not read from the text.
+            match eligible.iter().find(|n| report::reports(c, ip, n)) {
+                Some(node) => Ok((node.clone(), forwards)),
+                None => Err(stop(
+                    d,
+                    format!(
+                        "{ip} is reported announced ({}), but by none of the nodes that may announce it now ({})",
+                        c.message,
+                        eligible.join(", ")
+                    ),
+                    &format!(
+                        "kubectl -n {ns} logs -l app.kubernetes.io/component=speaker (a speaker cut off from the API server reports late)"
+                    ),
+                )),
+            }
         }
         Some(c) => Err(stop(
             d,
@@ -465,28 +450,6 @@ fn announced(
             ),
         )),
     }
-}
-
-/// Why a node may not announce for these advertisements, if it may not.
-fn ineligible(node: &Node, advs: &[&L2Advertisement]) -> Option<String> {
-    let labels: Labels = node.metadata.labels.clone().unwrap_or_default();
-    if labels.contains_key(EXCLUDE_LABEL) {
-        return Some(format!("labelled {EXCLUDE_LABEL}"));
-    }
-    let not_ready = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status != "True");
-    if not_ready {
-        return Some("NotReady".into());
-    }
-    let selected = advs.iter().any(|a| {
-        a.spec.node_selectors.is_empty() || selector::any_matches(&a.spec.node_selectors, &labels)
-    });
-    (!selected).then(|| "not matched by the L2Advertisement's nodeSelectors".to_string())
 }
 
 /// Where the traffic goes once it reaches the announcing node.
@@ -530,60 +493,117 @@ fn traffic(
             ));
         }
     }
-    let Some(selector) = spec.selector.clone().filter(|s| !s.is_empty()) else {
-        d.evidence
-            .push("no selector: its endpoints are managed by hand".into());
-        return Ok(());
-    };
+    // What kube-proxy sends traffic to: the ready endpoints of the EndpointSlices.
+    let slices: Vec<&EndpointSlice> = m.endpoint_slices.iter().map(|s| &*s.object).collect();
+    let endpoints: Vec<&Endpoint> = announcements::ready_endpoints(&slices, svc).collect();
+    let selector = spec.selector.clone().filter(|s| !s.is_empty());
     let text = selector
         .iter()
+        .flatten()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Vec<&Pod> = m
-        .pods
+    // The Pods only explain missing endpoints, and the ports they expose.
+    let pods: Vec<&Pod> = match &selector {
+        None => Vec::new(),
+        Some(selector) => m
+            .pods
+            .iter()
+            .map(|p| &*p.object)
+            .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == namespace)
+            .filter(|p| {
+                let labels = p.metadata.labels.clone().unwrap_or_default();
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .collect(),
+    };
+    if endpoints.is_empty() {
+        let Some(_) = selector else {
+            d.evidence
+                .push("no selector and no ready endpoint in an EndpointSlice: its endpoints are managed by hand".into());
+            return Ok(());
+        };
+        if pods.is_empty() {
+            return Err(stop(
+                d,
+                format!("{at}, but the selector {text} matches no Pod in namespace {namespace}"),
+                &format!(
+                    "kubectl get pods -n {namespace} --show-labels (compare with the Service's spec.selector)"
+                ),
+            ));
+        }
+        let ready = pods.iter().filter(|p| pod_ready(p)).count();
+        // Files written by hand hold no EndpointSlices: in a cluster, the EndpointSlice
+        // controller makes them from the ready Pods.
+        let sliced = slices.iter().any(|s| {
+            s.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(announcements::SERVICE_NAME_LABEL))
+                    == svc.metadata.name.as_ref()
+        });
+        if ready > 0 && f.components.is_none() && !sliced {
+            let names: Vec<String> = pods
+                .iter()
+                .filter(|p| pod_ready(p))
+                .filter_map(|p| p.metadata.name.clone())
+                .collect();
+            d.evidence.push(format!(
+                "ready Pods (the files hold no EndpointSlice; a cluster makes them from these): {}",
+                names.join(", ")
+            ));
+            return check_ports(&spec, &pods, &at, d);
+        }
+        return Err(stop(
+            d,
+            if ready == 0 {
+                format!(
+                    "{at}, but none of the {} Pods matching {text} is Ready",
+                    pods.len()
+                )
+            } else {
+                format!(
+                    "{at}, but no EndpointSlice lists a ready endpoint, though {ready} of the {} Pods matching {text} are Ready",
+                    pods.len()
+                )
+            },
+            &if ready == 0 {
+                format!(
+                    "kubectl describe pods -n {namespace} -l {text} (readiness probes, crashes, scheduling)"
+                )
+            } else {
+                format!(
+                    "kubectl get endpointslices -n {namespace} -l kubernetes.io/service-name={} -o yaml (is kube-controller-manager running?)",
+                    svc.metadata.name.as_deref().unwrap_or_default()
+                )
+            },
+        ));
+    }
+    check_ports(&spec, &pods, &at, d)?;
+    let names: Vec<String> = endpoints
         .iter()
-        .map(|p| &*p.object)
-        .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == namespace)
-        .filter(|p| {
-            let labels = p.metadata.labels.clone().unwrap_or_default();
-            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        .map(|e| {
+            e.target_ref
+                .as_ref()
+                .and_then(|r| r.name.clone())
+                .unwrap_or_else(|| e.addresses.join(","))
         })
         .collect();
-    if pods.is_empty() {
-        return Err(stop(
-            d,
-            format!("{at}, but the selector {text} matches no Pod in namespace {namespace}"),
-            &format!(
-                "kubectl get pods -n {namespace} --show-labels (compare with the Service's spec.selector)"
-            ),
-        ));
-    }
-    let ready: Vec<&&Pod> = pods.iter().filter(|p| pod_ready(p)).collect();
-    if ready.is_empty() {
-        return Err(stop(
-            d,
-            format!(
-                "{at}, but none of the {} Pods matching {text} is Ready",
-                pods.len()
-            ),
-            &format!(
-                "kubectl describe pods -n {namespace} -l {text} (readiness probes, crashes, scheduling)"
-            ),
-        ));
-    }
-    if spec.external_traffic_policy.as_deref() == Some("Local")
-        && let Some(node) = owner
-        && !ready
-            .iter()
-            .any(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-    {
-        return Err(stop(
-            d,
-            format!("{at}, but with externalTrafficPolicy: Local no ready Pod runs on {node}"),
-            "run a ready Pod on the announcing node, or use externalTrafficPolicy: Cluster",
-        ));
-    }
+    d.evidence
+        .push(format!("ready endpoints: {}", names.join(", ")));
+    Ok(())
+}
+
+/// Whether each port's targetPort is one the Pods expose (when they declare ports).
+fn check_ports(
+    spec: &ServiceSpec,
+    pods: &[&Pod],
+    at: &str,
+    d: &mut Diagnosis,
+) -> Result<(), Box<Diagnosis>> {
+    let stop =
+        |d: &Diagnosis, headline: String, next: &str| Box::new(d.clone().stop(headline, next));
     for port in spec.ports.iter().flatten() {
         let exposed = |target: &IntOrString| {
             pods.iter().any(|p| {
@@ -632,12 +652,6 @@ fn traffic(
             ));
         }
     }
-    let names: Vec<String> = ready
-        .iter()
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
-    d.evidence
-        .push(format!("ready endpoints: {}", names.join(", ")));
     Ok(())
 }
 
@@ -656,3 +670,6 @@ fn list(ips: &[IpAddr]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests;

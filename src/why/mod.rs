@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use ferrolb_allocator::ServiceKey;
 use ferrolb_api::manifests::{Located, Manifests, Origin};
 use ferrolb_api::{IPAddressPool, L2Advertisement};
+use ferrolb_kubernetes::lease::Holder;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -158,22 +159,23 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
         )),
         Some(lease) => {
             let spec = lease.spec.unwrap_or_default();
-            let holder = spec.holder_identity.unwrap_or_default();
-            let age = spec
-                .renew_time
-                .map(|t| Timestamp::now().duration_since(t.0).as_secs_f64());
-            let valid = spec.lease_duration_seconds.unwrap_or(0) as f64;
-            match age {
-                _ if holder.is_empty() => Err(format!(
+            // Read as the controller reads it to decide whether to go on acting.
+            match Holder::of(&spec, Timestamp::now()) {
+                None => Err(format!(
                     "no controller holds its Lease {}/{lease_name} (released, or never taken)",
                     args.ferrolb_namespace
                 )),
-                Some(age) if age <= valid => Ok(holder),
-                Some(age) => Err(format!(
-                    "its Lease {}/{lease_name} was last renewed {age:.0} s ago by {holder}",
+                Some(h) if h.valid() => Ok(h.identity),
+                Some(Holder {
+                    identity,
+                    renewed_ago: Some(ago),
+                    ..
+                }) => Err(format!(
+                    "its Lease {}/{lease_name} was last renewed {:.0} s ago by {identity}",
                     args.ferrolb_namespace,
+                    ago.as_secs_f64()
                 )),
-                None => Err(format!(
+                Some(_) => Err(format!(
                     "its Lease {}/{lease_name} has never been held",
                     args.ferrolb_namespace
                 )),

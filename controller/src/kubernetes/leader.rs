@@ -9,6 +9,7 @@
 
 use anyhow::{Context, Result};
 use ferrolb_kubernetes::error::ApiError;
+use ferrolb_kubernetes::lease::Holder;
 use ferrolb_kubernetes::retry::Backoff;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -130,18 +131,15 @@ fn validity(
     identity: &str,
 ) -> Result<SignedDuration, String> {
     let spec = lease.spec.as_ref().cloned().unwrap_or_default();
-    if spec.holder_identity.as_deref() != Some(identity) {
-        return Err(format!(
+    match Holder::of(&spec, Timestamp::now()) {
+        Some(h) if h.identity == identity => Ok(h.left()),
+        other => Err(format!(
             "Lease {}/{} is held by {}",
             options.namespace,
             options.name,
-            spec.holder_identity.as_deref().unwrap_or("nobody")
-        ));
+            other.as_ref().map_or("nobody", |h| h.identity.as_str())
+        )),
     }
-    let valid = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
-    Ok(spec.renew_time.map_or(SignedDuration::ZERO, |renewed| {
-        valid - Timestamp::now().duration_since(renewed.0)
-    }))
 }
 
 /// Reads the Lease back: Ok while it names `identity` and has not expired, else why not.

@@ -38,7 +38,7 @@ use ferrolb_kubernetes::error::ApiError;
 use ferrolb_kubernetes::events::Events;
 use ferrolb_kubernetes::retry::Backoff;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
@@ -73,12 +73,28 @@ pub fn condition_text(o: &Ownership, node: &str) -> (&'static str, &'static str,
             "True",
             REASON_ASSIGNED,
             format!(
-                "{} is announced by {node} on {}",
-                o.ip,
+                "{} on {}",
+                announced_by(o.ip, node),
                 o.interfaces.join(", ")
             ),
         )
     }
+}
+
+fn announced_by(ip: IpAddr, node: &str) -> String {
+    format!("{ip} is announced by {node}")
+}
+
+/// Whether `condition` is the one `node` writes when it announces `ip` (on whichever
+/// interfaces): how `ferrolb why` finds the announcing node without parsing the text.
+pub fn reports(condition: &Condition, ip: IpAddr, node: &str) -> bool {
+    condition.type_ == condition_type(ip)
+        && condition.status == "True"
+        && condition.reason == REASON_ASSIGNED
+        && condition
+            .message
+            .strip_prefix(&announced_by(ip, node))
+            .is_some_and(|rest| rest.starts_with(" on "))
 }
 
 /// Hands the newest ownership to the reporting task.
@@ -369,6 +385,42 @@ mod tests {
                 "message": message, "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
         }))
         .unwrap()
+    }
+
+    fn written(ip: IpAddr, status: &str, reason: &str, message: String) -> Condition {
+        Condition {
+            type_: condition_type(ip).into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: Time(Timestamp::now()),
+            observed_generation: None,
+        }
+    }
+
+    #[test]
+    fn the_written_condition_names_its_node_and_no_other() {
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        let o = Ownership {
+            ip,
+            interfaces: vec!["eth0".into(), "eth1".into()],
+            services: vec![],
+        };
+        let (status, reason, message) = condition_text(&o, "node-a");
+        let condition = written(ip, status, reason, message);
+        assert!(reports(&condition, ip, "node-a"));
+        // A node whose name the owner's begins with, another IP, or no owner at all.
+        assert!(!reports(&condition, ip, "node"));
+        assert!(!reports(&condition, "192.0.2.1".parse().unwrap(), "node-a"));
+        let (status, reason, message) = condition_text(
+            &Ownership {
+                interfaces: vec![],
+                ..o
+            },
+            "node-a",
+        );
+        let none = written(ip, status, reason, message);
+        assert!(!reports(&none, ip, "node-a"));
     }
 
     #[test]
