@@ -1,7 +1,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ferrolb_api::address::parse_range;
+use ferrolb_api::Family;
+use ferrolb_api::address::{parse_range, to_u128};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use proptest::prelude::*;
 

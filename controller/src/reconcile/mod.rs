@@ -16,19 +16,25 @@
 //!   its IPs and gets a warning; a pool edit or deletion that strands an assigned IP
 //!   leaves it in place and says so.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrolb_api::selector::Labels;
-use ferrolb_api::validation::{CheckedPool, ProblemKind};
+use ferrolb_api::validation::CheckedPool;
 use ferrolb_api::{AddressEntry, Family, IPAddressPool, IPAddressPoolStatus};
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use ferrolb_allocator::input::{self, Translation, ingress_ips};
 use ferrolb_allocator::{
     Allocator, Assignment, FamilyPolicy, Outcome, ServiceKey, ServiceRequest, Start,
 };
+
+mod events;
+mod failure;
+mod pool_status;
+
+pub use events::{ALLOCATION_FAILED, INVALID_SERVICE, IP_ALLOCATED, IP_RELEASED, IP_STRANDED};
+pub use pool_status::{INVALID, OVERLAPPING, READY, STRANDED, UNRESOLVED};
 
 /// Something to write to the API server.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,21 +66,6 @@ pub struct ServiceEvent {
     /// For AllocationFailed: the kind of failure, a metric label.
     pub failure: Option<&'static str>,
 }
-
-/// Event reasons.
-pub const IP_ALLOCATED: &str = "IPAllocated";
-pub const ALLOCATION_FAILED: &str = "AllocationFailed";
-pub const IP_RELEASED: &str = "IPReleased";
-pub const IP_STRANDED: &str = "IPStranded";
-pub const INVALID_SERVICE: &str = "InvalidService";
-
-/// Pool condition types.
-pub const READY: &str = "Ready";
-pub const INVALID: &str = "Invalid";
-pub const OVERLAPPING: &str = "Overlapping";
-pub const STRANDED: &str = "Stranded";
-/// The Ready condition's reason for a `fromNodeNetwork` pool not resolved (yet).
-pub const UNRESOLVED: &str = "NotResolved";
 
 /// What the last Event about a Service said, so the next one is sent only on change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -286,119 +277,6 @@ impl Reconciler {
         self.settle(key)
     }
 
-    /// Pool statuses that differ from what the pools say; conditions that change get
-    /// `now` as their transition time.
-    pub fn pool_statuses(&self, now: &Time) -> Vec<Action> {
-        if !self.started {
-            return Vec::new();
-        }
-        let usage: BTreeMap<String, _> = self
-            .allocator
-            .usage()
-            .into_iter()
-            .map(|u| (u.name.clone(), u))
-            .collect();
-        let stranded = self.stranded_by_pool();
-        let mut actions = Vec::new();
-        for (name, pool) in &self.pools {
-            let observed = pool.object.status.clone().unwrap_or_default();
-            // What the speakers resolved is theirs: kept as it is.
-            let mut desired = IPAddressPoolStatus {
-                node_network: observed.node_network.clone(),
-                ..Default::default()
-            };
-            if let Some(u) = usage.get(name) {
-                desired.assigned_ipv4 = u64::try_from(u.assigned.ipv4).unwrap_or(u64::MAX);
-                desired.available_ipv4 = u64::try_from(u.available.ipv4).unwrap_or(u64::MAX);
-                desired.assigned_ipv6 = u.assigned.ipv6.to_string();
-                desired.available_ipv6 = u.available.ipv6.to_string();
-            }
-            let generation = pool.object.metadata.generation;
-            let condition = |type_: &str, status: bool, reason: &str, message: String| {
-                let status = if status { "True" } else { "False" };
-                let kept = observed.conditions.iter().find(|c| {
-                    c.type_ == type_
-                        && c.status == status
-                        && c.reason == reason
-                        && c.message == message
-                });
-                Condition {
-                    type_: type_.to_string(),
-                    status: status.to_string(),
-                    reason: reason.to_string(),
-                    message,
-                    observed_generation: generation,
-                    last_transition_time: kept
-                        .map(|c| c.last_transition_time.clone())
-                        .unwrap_or_else(|| now.clone()),
-                }
-            };
-            let problems = pool
-                .checked
-                .as_ref()
-                .map(|c| c.problems.clone())
-                .unwrap_or_default();
-            let of = |kind: ProblemKind| -> Vec<String> {
-                problems
-                    .iter()
-                    .filter(|p| p.kind == kind)
-                    .map(|p| p.message.clone())
-                    .collect()
-            };
-            let (invalid, overlapping) = (of(ProblemKind::Invalid), of(ProblemKind::Overlapping));
-            let unresolved = of(ProblemKind::Unresolved);
-            let field = pool.object.entries().0;
-            desired.conditions.push(
-                match (invalid.first(), overlapping.first(), unresolved.first()) {
-                    (Some(m), _, _) => condition(READY, false, INVALID, m.clone()),
-                    (None, Some(m), _) => condition(READY, false, OVERLAPPING, m.clone()),
-                    (None, None, Some(m)) => condition(READY, false, UNRESOLVED, m.clone()),
-                    (None, None, None) => condition(
-                        READY,
-                        true,
-                        "AddressesValid",
-                        format!("every entry of {field} is valid and overlaps no other pool"),
-                    ),
-                },
-            );
-            if !invalid.is_empty() {
-                desired.conditions.push(condition(
-                    INVALID,
-                    true,
-                    "InvalidAddresses",
-                    invalid.join("; "),
-                ));
-            }
-            if !overlapping.is_empty() {
-                desired.conditions.push(condition(
-                    OVERLAPPING,
-                    true,
-                    "OverlapsAnotherPool",
-                    overlapping.join("; "),
-                ));
-            }
-            if let Some(lines) = stranded.get(name) {
-                desired.conditions.push(condition(
-                    STRANDED,
-                    true,
-                    "AddressesKeptOutsidePool",
-                    format!(
-                        "{} kept in place though the pool no longer gives them out; they move only when their Services change: {}",
-                        plural(lines.len(), "address is", "addresses are"),
-                        lines.join("; ")
-                    ),
-                ));
-            }
-            if !same_status(&observed, &desired) {
-                actions.push(Action::PoolStatus {
-                    name: name.clone(),
-                    status: desired,
-                });
-            }
-        }
-        actions
-    }
-
     /// Addresses in use and total per pool and family, for metrics.
     pub fn usage(&self) -> Vec<ferrolb_allocator::PoolUsage> {
         self.allocator.usage()
@@ -489,23 +367,7 @@ impl Reconciler {
         } else {
             held
         };
-        match &record.request {
-            Ok(r) => Some(ServiceRequest {
-                current: held,
-                ..r.clone()
-            }),
-            // An invalid Service keeps what it holds under its last valid request, or
-            // under one built from its status.
-            Err(_) if held.is_empty() => None,
-            Err(_) => Some(match &record.last_valid {
-                Some(r) => ServiceRequest {
-                    current: held,
-                    requested: Vec::new(),
-                    ..(**r).clone()
-                },
-                None => hold_request(key, held),
-            }),
-        }
+        holding(key, record, held)
     }
 
     /// Decides one Service with the allocator as it stands.
@@ -558,20 +420,10 @@ impl Reconciler {
                 // Not decided yet: what status says.
                 (None, None) => record.observed.clone(),
             };
-            match &record.request {
-                Ok(r) => requests.push(ServiceRequest {
-                    current: held,
-                    ..r.clone()
-                }),
-                Err(_) if !held.is_empty() => invalid_holders.push(match &record.last_valid {
-                    Some(r) => ServiceRequest {
-                        current: held,
-                        requested: Vec::new(),
-                        ..(**r).clone()
-                    },
-                    None => hold_request(key, held),
-                }),
-                Err(_) => {}
+            match holding(key, record, held) {
+                Some(r) if record.request.is_ok() => requests.push(r),
+                Some(r) => invalid_holders.push(r),
+                None => {}
             }
         }
         // Invalid Services hold first: their IPs are nobody else's to take.
@@ -656,19 +508,12 @@ impl Reconciler {
             });
         }
         if !held.is_empty() {
-            let why = if is_load_balancer {
-                "its loadBalancerClass is no longer ferrolb's"
-            } else {
-                "it is no longer of type LoadBalancer"
-            };
-            actions.push(Action::Event(ServiceEvent {
-                key: key.clone(),
-                uid: previous.uid.clone(),
-                warning: false,
-                reason: IP_RELEASED,
-                message: format!("Released {}: {why}", list(&held)),
-                failure: None,
-            }));
+            actions.push(events::no_longer_ours(
+                &key,
+                previous.uid.clone(),
+                &held,
+                is_load_balancer,
+            ));
         }
         actions.extend(self.retry_pending(&key));
         actions
@@ -713,97 +558,29 @@ impl Reconciler {
         if before.as_ref() == Some(&report) || silent {
             return actions;
         }
-        let event = |warning: bool, reason: &'static str, message: String, failure| {
-            Action::Event(ServiceEvent {
-                key: key.clone(),
-                uid: record.uid.clone(),
-                warning,
-                reason,
-                message,
-                failure,
-            })
-        };
-        let had: Vec<IpAddr> = match &before {
-            Some(Report::Assigned(h) | Report::Stranded(h, _) | Report::Invalid(h, _)) => h.clone(),
-            _ => Vec::new(),
-        };
-        match &report {
-            Report::Assigned(now) => {
-                if had != *now {
-                    let pools: BTreeSet<&str> = held.iter().map(|a| a.pool.as_str()).collect();
-                    let pools: Vec<&str> = pools.into_iter().collect();
-                    let mut message = format!(
-                        "Assigned {} from {} {}",
-                        list(now),
-                        plural(pools.len(), "pool", "pools"),
-                        pools.join(", ")
-                    );
-                    if !had.is_empty() {
-                        message.push_str(&format!(" (was {})", list(&had)));
-                    }
-                    actions.push(event(false, IP_ALLOCATED, message, None));
-                }
-            }
-            Report::Stranded(_, reason) => {
-                actions.push(event(
-                    true,
-                    IP_STRANDED,
-                    format!("{reason}; the IP stays assigned until this Service changes"),
-                    None,
-                ));
-            }
-            Report::Pending(reason) => {
-                if !had.is_empty() {
-                    actions.push(event(
-                        false,
-                        IP_RELEASED,
-                        format!("Released {}", list(&had)),
-                        None,
-                    ));
-                }
-                let failure = if record.request.is_err() {
-                    "invalid_service"
-                } else {
-                    failure_kind(reason)
-                };
-                actions.push(event(
-                    true,
-                    ALLOCATION_FAILED,
-                    reason.clone(),
-                    Some(failure),
-                ));
-            }
-            // Only ever remembered, never decided.
-            Report::Untold => {}
-            Report::Invalid(kept, reason) => {
-                actions.push(event(
-                    true,
-                    INVALID_SERVICE,
-                    format!("{reason}; keeping {} until this is fixed", list(kept)),
-                    None,
-                ));
-            }
-        }
+        actions.extend(events::told(key, record, before.as_ref(), &report, &held));
         actions
     }
+}
 
-    /// Per pool, one line per stranded IP that the pool gave out.
-    fn stranded_by_pool(&self) -> BTreeMap<String, Vec<String>> {
-        let mut by_pool: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (key, record) in &self.services {
-            let Some(Outcome::Stranded { reason, .. }) = &record.outcome else {
-                continue;
-            };
-            for (ip, pool) in &record.from_pool {
-                if reason.contains(&ip.to_string()) && self.pools.contains_key(pool) {
-                    by_pool
-                        .entry(pool.clone())
-                        .or_default()
-                        .push(format!("{ip} ({key})"));
-                }
-            }
-        }
-        by_pool
+/// The request to decide a Service with, holding `held`: what it asks for while it is
+/// valid. An invalid Service keeps what it holds under its last valid request, or under
+/// one built from its status, asking for nothing new; holding nothing, it has none.
+fn holding(key: &ServiceKey, record: &Record, held: Vec<IpAddr>) -> Option<ServiceRequest> {
+    match &record.request {
+        Ok(r) => Some(ServiceRequest {
+            current: held,
+            ..r.clone()
+        }),
+        Err(_) if held.is_empty() => None,
+        Err(_) => Some(match &record.last_valid {
+            Some(r) => ServiceRequest {
+                current: held,
+                requested: Vec::new(),
+                ..(**r).clone()
+            },
+            None => hold_request(key, held),
+        }),
     }
 }
 
@@ -822,63 +599,6 @@ fn hold_request(key: &ServiceKey, ips: Vec<IpAddr>) -> ServiceRequest {
         families,
         current: ips,
         ..Default::default()
-    }
-}
-
-/// A metric label for why allocation failed.
-fn failure_kind(reason: &str) -> &'static str {
-    if reason.contains("exhausted") {
-        "exhausted"
-    } else if reason.contains("requested") {
-        "requested_unavailable"
-    } else if reason.contains("no IPAddressPool exists")
-        || reason.contains("pool is open")
-        || reason.contains("no pool has")
-        || reason.contains("does not exist")
-    {
-        "no_pool"
-    } else if reason.contains("RequireDualStack") {
-        "dual_stack"
-    } else {
-        "other"
-    }
-}
-
-/// Statuses equal but for the conditions' transition times.
-fn same_status(a: &IPAddressPoolStatus, b: &IPAddressPoolStatus) -> bool {
-    let key = |s: &IPAddressPoolStatus| {
-        s.conditions
-            .iter()
-            .map(|c| {
-                (
-                    c.type_.clone(),
-                    c.status.clone(),
-                    c.reason.clone(),
-                    c.message.clone(),
-                    c.observed_generation,
-                )
-            })
-            .collect::<Vec<_>>()
-    };
-    key(a) == key(b)
-        && a.assigned_ipv4 == b.assigned_ipv4
-        && a.available_ipv4 == b.available_ipv4
-        && a.assigned_ipv6 == b.assigned_ipv6
-        && a.available_ipv6 == b.available_ipv6
-}
-
-fn list(ips: &[IpAddr]) -> String {
-    ips.iter()
-        .map(|ip| ip.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn plural(n: usize, one: &str, many: &str) -> String {
-    if n == 1 {
-        one.to_string()
-    } else {
-        many.to_string()
     }
 }
 

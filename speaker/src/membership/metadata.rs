@@ -1,0 +1,180 @@
+//! What each node gossips about itself ([`NodeMeta`]), versioned so that the newest word
+//! of the newest process wins, and small enough to fit in one datagram.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, bail};
+use foca::Invalidates;
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use super::identity::NodeId;
+
+/// Our own [`NodeMeta`] must fit in a datagram next to foca's header and updates.
+const MAX_META_BYTES: usize = 900;
+
+/// What a node tells the others about itself (small; gossiped on change).
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeMeta {
+    /// Subnets of the node's usable links: the election only picks a node that can reach
+    /// an IP's segment.
+    pub subnets: Vec<IpNetwork>,
+    /// Up for longer than the rejoin hold-down (see `crate::cluster`).
+    pub settled: bool,
+    /// When the node's speaker started (Unix milliseconds), to tell a cold start (every
+    /// node starting together) from one node rejoining a running cluster.
+    pub started_at_ms: u64,
+    /// True in every NodeMeta a node sends; false in the default shown for a member
+    /// whose metadata has not arrived yet, so that "unknown" is not read as "no subnets".
+    pub reported: bool,
+}
+
+/// A node's metadata as gossiped: versioned by (epoch, version) so that a newer one
+/// replaces an older one, and a restarted node (larger epoch) replaces what its
+/// previous process said.
+#[derive(Serialize, Deserialize)]
+struct MetaUpdate {
+    name: String,
+    epoch: u64,
+    version: u64,
+    meta: NodeMeta,
+}
+
+pub(super) fn encode_meta(
+    name: &str,
+    epoch: u64,
+    version: u64,
+    meta: &NodeMeta,
+) -> anyhow::Result<Vec<u8>> {
+    let update = MetaUpdate {
+        name: name.to_owned(),
+        epoch,
+        version,
+        meta: meta.clone(),
+    };
+    let bytes = postcard::to_allocvec(&update).context("encoding node metadata")?;
+    // Names are at most 253 bytes; checking the worst case keeps set_meta honest.
+    if bytes.len() + 253usize.saturating_sub(name.len()) > MAX_META_BYTES {
+        bail!(
+            "node metadata too large to gossip ({} subnets)",
+            meta.subnets.len()
+        );
+    }
+    Ok(bytes)
+}
+
+pub(super) struct MetaKey {
+    name: String,
+    epoch: u64,
+    version: u64,
+}
+
+impl Invalidates for MetaKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.name == other.name && (self.epoch, self.version) >= (other.epoch, other.version)
+    }
+}
+
+/// Newest metadata per node name, with its (epoch, version).
+pub(super) type MetaTable = HashMap<String, (u64, u64, NodeMeta)>;
+
+/// Keeps the newest metadata per node; foca passes on only what is new to us.
+pub(super) struct MetaHandler {
+    pub(super) metas: Arc<Mutex<MetaTable>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad node metadata: {0}")]
+pub(super) struct BadMeta(#[from] postcard::Error);
+
+impl foca::BroadcastHandler<NodeId> for MetaHandler {
+    type Key = MetaKey;
+    type Error = BadMeta;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&NodeId>,
+    ) -> Result<Option<MetaKey>, BadMeta> {
+        let update: MetaUpdate = postcard::from_bytes(data)?;
+        let mut metas = self.metas.lock().unwrap_or_else(|e| e.into_inner());
+        let newer = metas
+            .get(&update.name)
+            .is_none_or(|(epoch, version, _)| (update.epoch, update.version) > (*epoch, *version));
+        if !newer {
+            return Ok(None);
+        }
+        metas.insert(
+            update.name.clone(),
+            (update.epoch, update.version, update.meta),
+        );
+        Ok(Some(MetaKey {
+            name: update.name,
+            epoch: update.epoch,
+            version: update.version,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_metadata_replaces_older_and_restarts_win() {
+        let mut handler = MetaHandler {
+            metas: Arc::default(),
+        };
+        let meta = |n: &str| NodeMeta {
+            subnets: vec![n.parse().expect("net")],
+            settled: false,
+            started_at_ms: 0,
+            reported: true,
+        };
+        let send = |h: &mut MetaHandler, epoch, version, m: &NodeMeta| {
+            let data = encode_meta("a", epoch, version, m).expect("encode");
+            foca::BroadcastHandler::receive_item(h, &data, None)
+                .expect("decode")
+                .is_some()
+        };
+        assert!(send(&mut handler, 5, 1, &meta("10.0.0.0/24")));
+        assert!(
+            !send(&mut handler, 5, 1, &meta("10.0.0.0/24")),
+            "same version is stale"
+        );
+        assert!(send(&mut handler, 5, 2, &meta("10.0.1.0/24")));
+        assert!(
+            !send(&mut handler, 5, 1, &meta("10.0.0.0/24")),
+            "older is stale"
+        );
+        assert!(
+            send(&mut handler, 6, 1, &meta("10.0.2.0/24")),
+            "restart wins"
+        );
+        let metas = handler.metas.lock().expect("lock");
+        assert_eq!(metas["a"].2, meta("10.0.2.0/24"));
+    }
+
+    #[test]
+    fn oversized_metadata_is_refused() {
+        let subnets = (0..200)
+            .map(|i| format!("10.{i}.0.0/16").parse().expect("net"))
+            .collect();
+        assert!(
+            encode_meta(
+                "n",
+                1,
+                1,
+                &NodeMeta {
+                    subnets,
+                    settled: false,
+                    started_at_ms: 0,
+                    reported: true,
+                }
+            )
+            .is_err()
+        );
+        assert!(encode_meta("n", 1, 1, &NodeMeta::default()).is_ok());
+    }
+}

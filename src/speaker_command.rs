@@ -1,0 +1,164 @@
+//! `ferrolb speaker`: announces this node's external IPs, in a cluster or from manifests.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::logging;
+
+#[derive(clap::Args)]
+pub struct SpeakerArgs {
+    /// Directory (or file) of manifests to run from, with no cluster. Without it the
+    /// speaker runs in a cluster, found as kubectl finds it (--kubeconfig, $KUBECONFIG,
+    /// ~/.kube/config, or the Pod's ServiceAccount).
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<std::path::PathBuf>,
+    /// Kubeconfig to use in a cluster.
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// In a cluster: the spec.loadBalancerClass announced besides Services with no class
+    /// (the controller's --load-balancer-class).
+    #[arg(long, default_value = ferrolb_api::annotations::LOAD_BALANCER_CLASS)]
+    load_balancer_class: String,
+    /// Where /metrics, /healthz and /readyz are served (default in a cluster:
+    /// 0.0.0.0:7473; with --manifests: not served unless given).
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
+    /// This node's name, as in its Node object.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
+    /// RFC 5227 probes before first announcing an IP on a link (0: do not probe).
+    #[arg(long, default_value_t = 2)]
+    probe_count: u32,
+    /// Milliseconds between probes.
+    #[arg(long, default_value_t = 30)]
+    probe_interval_ms: u64,
+    /// Milliseconds to wait for an answer after the last probe.
+    #[arg(long, default_value_t = 100)]
+    probe_wait_ms: u64,
+    /// Gratuitous ARPs / unsolicited NAs sent when taking an IP (the first at once).
+    #[arg(long, default_value_t = 5)]
+    announce_count: u32,
+    /// Milliseconds between those announcements.
+    #[arg(long, default_value_t = 500)]
+    announce_interval_ms: u64,
+    /// Re-announce every owned IP this often (seconds), for fabrics that age out ARP
+    /// entries. 0: never.
+    #[arg(long, default_value_t = 0)]
+    refresh_secs: u64,
+    /// Milliseconds between checks of the manifest directory.
+    #[arg(long, default_value_t = 200)]
+    poll_interval_ms: u64,
+    /// UDP port of speaker membership (on each node's InternalIP).
+    #[arg(long, default_value_t = ferrolb_speaker::membership::DEFAULT_PORT)]
+    memberlist_port: u16,
+    /// File whose contents authenticate and encrypt membership traffic; every speaker
+    /// must read the same bytes. Messages from speakers without it are dropped.
+    #[arg(long, value_name = "FILE")]
+    memberlist_secret_file: Option<std::path::PathBuf>,
+    /// Run without membership: every declared node counts as alive (single node, tests).
+    #[arg(long)]
+    no_membership: bool,
+    /// Membership probe period (ms). Shorter: faster failover, more packets and more
+    /// false suspicions under load or loss.
+    #[arg(long, default_value_t = 50)]
+    member_probe_period_ms: u64,
+    /// How long a probe waits for its answer (ms).
+    #[arg(long, default_value_t = 20)]
+    member_probe_rtt_ms: u64,
+    /// How long a suspected speaker has to refute before it is declared down (ms).
+    #[arg(long, default_value_t = 100)]
+    member_suspect_ms: u64,
+    /// A (re)started node takes IPs back from settled nodes only after this long (ms).
+    #[arg(long, default_value_t = 3000)]
+    rejoin_hold_ms: u64,
+    /// At start, announce nothing until every declared peer is heard from, or this long (ms).
+    #[arg(long, default_value_t = 1000)]
+    join_grace_ms: u64,
+}
+
+pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
+    use std::time::Duration;
+    logging::init(args.log_format);
+    let settings = ferrolb_speaker::responder::Settings {
+        probe_count: args.probe_count,
+        probe_interval: Duration::from_millis(args.probe_interval_ms),
+        probe_wait: Duration::from_millis(args.probe_wait_ms),
+        announce_count: args.announce_count.max(1),
+        announce_interval: Duration::from_millis(args.announce_interval_ms),
+        refresh: (args.refresh_secs > 0).then(|| Duration::from_secs(args.refresh_secs)),
+        ..Default::default()
+    };
+    let secret = match &args.memberlist_secret_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("--memberlist-secret-file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let cluster = (!args.no_membership).then(|| ferrolb_speaker::cluster::ClusterOptions {
+        port: args.memberlist_port,
+        secret,
+        settings: ferrolb_speaker::membership::Settings {
+            probe_period: Duration::from_millis(args.member_probe_period_ms),
+            probe_rtt: Duration::from_millis(args.member_probe_rtt_ms),
+            suspect_to_down: Duration::from_millis(args.member_suspect_ms),
+            ..Default::default()
+        },
+        hold: Duration::from_millis(args.rejoin_hold_ms),
+        join_grace: Duration::from_millis(args.join_grace_ms),
+    });
+    let metrics = std::sync::Arc::new(ferrolb_speaker::metrics::Metrics::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match args.manifests {
+        Some(manifests) => {
+            let options = ferrolb_speaker::standalone::Options {
+                manifests,
+                node_name: args.node_name,
+                settings,
+                poll_interval: Duration::from_millis(args.poll_interval_ms),
+                cluster,
+                metrics: metrics.clone(),
+            };
+            runtime.block_on(async {
+                if let Some(address) = args.metrics_address {
+                    let render = std::sync::Arc::new(move || metrics.encode());
+                    ferrolb_kubernetes::http::serve(
+                        address,
+                        render,
+                        std::sync::Arc::new(|| Ok(())),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--metrics-address {address}: {e}"))?;
+                }
+                ferrolb_speaker::standalone::run(options).await
+            })?;
+        }
+        None => {
+            let options = ferrolb_speaker::kubernetes::Options {
+                daemon: ferrolb_speaker::daemon::Options {
+                    node_name: args.node_name,
+                    settings,
+                    cluster,
+                    addresses: ferrolb_speaker::announcements::Addresses::FromStatus {
+                        class: args.load_balancer_class.clone(),
+                    },
+                    metrics,
+                },
+                metrics_address: args
+                    .metrics_address
+                    .unwrap_or_else(|| ([0, 0, 0, 0], 7473).into()),
+            };
+            runtime.block_on(async {
+                let client = ferrolb_kubernetes::client::client(args.kubeconfig.as_deref()).await?;
+                ferrolb_speaker::kubernetes::run(client, options).await
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
