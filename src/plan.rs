@@ -193,7 +193,7 @@ fn service_line(key: &ServiceKey, outcome: &Outcome) -> ServiceLine {
             })
             .collect(),
         pending: match outcome {
-            Outcome::Pending { reason } => Some(reason.clone()),
+            Outcome::Pending { reason, .. } => Some(reason.clone()),
             _ => None,
         },
         stranded,

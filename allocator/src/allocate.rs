@@ -10,7 +10,9 @@ use ferrolb_api::address::{from_u128, is_buggy, to_u128};
 use ferrolb_api::hash::stable_hash128;
 
 use crate::pools::{Standing, slot};
-use crate::{Allocator, Assignment, FamilyPolicy, Outcome, ServiceKey, ServiceRequest, Start};
+use crate::{
+    Allocator, Assignment, FamilyPolicy, Outcome, ServiceKey, ServiceRequest, Shortfall, Start,
+};
 
 /// A Service's position in every pool: from its sharing key when it has one (so Services
 /// meant to share start at the same address), else from its namespace and name.
@@ -133,7 +135,12 @@ impl Allocator {
         self.release(&svc.key);
         let families = match wanted_families(svc) {
             Ok(f) => f,
-            Err(reason) => return Outcome::Pending { reason },
+            Err(reason) => {
+                return Outcome::Pending {
+                    reason,
+                    kind: Shortfall::DualStack,
+                };
+            }
         };
         if let Some(ip) = svc
             .requested
@@ -147,6 +154,7 @@ impl Allocator {
                     Family::of(*ip),
                     allowed.join(", ")
                 ),
+                kind: Shortfall::RequestedUnavailable,
             };
         }
         let mut problems = Vec::new();
@@ -157,13 +165,13 @@ impl Allocator {
             let chosen = match (requested, current) {
                 // Asked for and held: kept like any held IP, even if a pool change
                 // stranded it.
-                (Some(r), Some(c)) if *r == c => {
-                    self.keep(svc, c).map_err(|e| format!("requested {e}"))
-                }
+                (Some(r), Some(c)) if *r == c => self
+                    .keep(svc, c)
+                    .map_err(|e| (Shortfall::RequestedUnavailable, format!("requested {e}"))),
                 (Some(r), _) => self
                     .check_ip(svc, *r)
                     .map(|pool| (*r, Some(pool), None))
-                    .map_err(|e| format!("requested {e}")),
+                    .map_err(|e| (Shortfall::RequestedUnavailable, format!("requested {e}"))),
                 (None, Some(c)) => self.keep(svc, c).or_else(|_| self.pick(svc, *family)),
                 (None, None) => self.pick(svc, *family),
             };
@@ -172,7 +180,7 @@ impl Allocator {
                     self.occupy(ip, pool, svc);
                     stranded.extend(why);
                 }
-                Err(reason) => problems.push(reason),
+                Err(problem) => problems.push(problem),
             }
         }
         let got = self.assignments(&svc.key).to_vec();
@@ -182,26 +190,34 @@ impl Allocator {
             return if stranded.is_empty() {
                 Outcome::Assigned {
                     assignments: got,
-                    notes: problems,
+                    notes: problems.into_iter().map(|(_, text)| text).collect(),
                 }
             } else {
                 Outcome::Stranded {
                     assignments: got,
                     reason: stranded.join("; "),
-                    notes: problems,
+                    notes: problems.into_iter().map(|(_, text)| text).collect(),
                 }
             };
         }
         self.release(&svc.key);
-        let prefix = if svc.family_policy == FamilyPolicy::RequireDualStack
-            && problems.len() < families.len()
-        {
+        let partial =
+            svc.family_policy == FamilyPolicy::RequireDualStack && problems.len() < families.len();
+        let prefix = if partial {
             "RequireDualStack needs both families: "
         } else {
             ""
         };
+        let texts: Vec<&str> = problems.iter().map(|(_, text)| text.as_str()).collect();
+        let kind = problems
+            .iter()
+            .map(|(kind, _)| *kind)
+            .chain(partial.then_some(Shortfall::DualStack))
+            .max()
+            .unwrap_or(Shortfall::Other);
         Outcome::Pending {
-            reason: format!("{prefix}{}", problems.join("; ")),
+            reason: format!("{prefix}{}", texts.join("; ")),
+            kind,
         }
     }
 
@@ -281,12 +297,13 @@ impl Allocator {
         &self,
         svc: &ServiceRequest,
         family: Family,
-    ) -> Result<(IpAddr, Option<usize>, Option<String>), String> {
+    ) -> Result<(IpAddr, Option<usize>, Option<String>), (Shortfall, String)> {
         if let Some(wanted) = &svc.pool
             && !self.pools.iter().any(|p| p.config.name == *wanted)
         {
-            return Err(format!(
-                "pool {wanted:?} (annotation ferrolb.io/address-pool) does not exist"
+            return Err((
+                Shortfall::NoPool,
+                format!("pool {wanted:?} (annotation ferrolb.io/address-pool) does not exist"),
             ));
         }
         let mut candidates: Vec<usize> = (0..self.pools.len())
@@ -299,7 +316,7 @@ impl Allocator {
             })
             .collect();
         if candidates.is_empty() {
-            return Err(self.explain_no_pool(svc, family));
+            return Err((Shortfall::NoPool, self.explain_no_pool(svc, family)));
         }
         // Among equal priorities, a pool whose serviceAllocation singles the Service out
         // (it passed the filter above) is what an admin dedicated to it: before open ones.
@@ -338,11 +355,14 @@ impl Allocator {
             .iter()
             .map(|&i| format!("{:?}", self.pools[i].config.name))
             .collect();
-        Err(if names.len() == 1 {
-            format!("pool {} is exhausted", names[0])
-        } else {
-            format!("pools {} are exhausted", names.join(", "))
-        })
+        Err((
+            Shortfall::Exhausted,
+            if names.len() == 1 {
+                format!("pool {} is exhausted", names[0])
+            } else {
+                format!("pools {} are exhausted", names.join(", "))
+            },
+        ))
     }
 }
 

@@ -46,7 +46,7 @@ use ferrolb_api::selector::Labels;
 
 pub use model::{
     Assignment, FamilyCounts, FamilyPolicy, Outcome, Plan, PoolConfig, PoolUsage, PortKey,
-    ServiceKey, ServiceRequest, Start, Traffic,
+    ServiceKey, ServiceRequest, Shortfall, Start, Traffic,
 };
 use pools::PoolState;
 use sharing::Holders;

@@ -145,8 +145,38 @@ pub enum Outcome {
         reason: String,
         notes: Vec<String>,
     },
-    /// No IP; `reason` is a sentence a person can act on.
-    Pending { reason: String },
+    /// No IP; `reason` is a sentence a person can act on, `kind` what sort of failure it
+    /// is, for metrics and advice.
+    Pending { reason: String, kind: Shortfall },
+}
+
+/// Why a Service gets no IP. When several families fail for different reasons the
+/// greatest (in this order) stands for all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Shortfall {
+    /// Anything else: an IP held or requested cannot be shared, say.
+    Other,
+    /// RequireDualStack, and a family cannot be served.
+    DualStack,
+    /// No pool is open to the Service for a family, or the pool it names does not exist.
+    NoPool,
+    /// The IP it requests cannot be given.
+    RequestedUnavailable,
+    /// The pools open to it are full.
+    Exhausted,
+}
+
+impl Shortfall {
+    /// The label of the allocation-failure metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Shortfall::Other => "other",
+            Shortfall::DualStack => "dual_stack",
+            Shortfall::NoPool => "no_pool",
+            Shortfall::RequestedUnavailable => "requested_unavailable",
+            Shortfall::Exhausted => "exhausted",
+        }
+    }
 }
 
 impl Outcome {

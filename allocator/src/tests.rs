@@ -104,7 +104,7 @@ fn pools_of(p: &Plan, key: &str) -> Vec<String> {
 fn reason_of(p: &Plan, key: &str) -> String {
     let (ns, name) = key.split_once('/').unwrap();
     match &p.services[&ServiceKey::new(ns, name)] {
-        Outcome::Pending { reason } => reason.clone(),
+        Outcome::Pending { reason, .. } => reason.clone(),
         other => panic!("{key} is not pending: {other:?}"),
     }
 }
@@ -1049,4 +1049,60 @@ proptest! {
                 "{}: {:?}", s.key, after.services[&s.key]);
         }
     }
+}
+
+#[test]
+fn each_way_to_be_pending_has_its_kind_whatever_the_names() {
+    let kind_of = |p: &Plan, key: &str| {
+        let (ns, name) = key.split_once('/').unwrap();
+        match &p.services[&ServiceKey::new(ns, name)] {
+            Outcome::Pending { kind, .. } => *kind,
+            other => panic!("{key} is not pending: {other:?}"),
+        }
+    };
+    let mut requested = svc("default/requested");
+    requested.requested = vec![ip("10.9.9.9")];
+    // A name holding another kind's word does not change the kind.
+    let mut named = svc("default/named");
+    named.pool = Some("requested-exhausted".into());
+    let mut v6 = svc("default/v6");
+    v6.families = vec![Family::V6];
+    let mut require = svc("default/require");
+    require.family_policy = FamilyPolicy::RequireDualStack;
+    let p = run(
+        vec![pool("exhausted", &["10.0.0.10"])],
+        &[
+            svc("default/a"),
+            svc("default/b"),
+            requested,
+            named,
+            v6,
+            require,
+        ],
+    );
+    assert_eq!(kind_of(&p, "default/b"), Shortfall::Exhausted);
+    assert_eq!(
+        kind_of(&p, "default/requested"),
+        Shortfall::RequestedUnavailable
+    );
+    assert_eq!(kind_of(&p, "default/named"), Shortfall::NoPool);
+    assert_eq!(kind_of(&p, "default/v6"), Shortfall::NoPool);
+    assert_eq!(kind_of(&p, "default/require"), Shortfall::DualStack);
+    assert_eq!(
+        [
+            Shortfall::Exhausted,
+            Shortfall::RequestedUnavailable,
+            Shortfall::NoPool,
+            Shortfall::DualStack,
+            Shortfall::Other
+        ]
+        .map(Shortfall::label),
+        [
+            "exhausted",
+            "requested_unavailable",
+            "no_pool",
+            "dual_stack",
+            "other"
+        ]
+    );
 }

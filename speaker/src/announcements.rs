@@ -222,7 +222,7 @@ fn allocated<'m>(
     out.problems = prepared.problems;
     let services = prepared.services;
     for (key, outcome) in &allocation.services {
-        if let Outcome::Pending { reason } = outcome {
+        if let Outcome::Pending { reason, .. } = outcome {
             out.problems.push(format!(
                 "{} (Service \"{key}\"): no IP, so nothing is announced for it: {reason}",
                 services[key].origin

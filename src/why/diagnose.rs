@@ -18,9 +18,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrolb_allocator::input::{self, Translation};
-use ferrolb_allocator::{Outcome, ServiceKey, Start};
+use ferrolb_allocator::{Outcome, ServiceKey, Shortfall, Start};
 use ferrolb_api::Forwarding;
 use ferrolb_api::manifests::Manifests;
+use ferrolb_api::validation::ProblemKind;
 use ferrolb_speaker::announcements::{self, Ineligible};
 use ferrolb_speaker::election;
 use ferrolb_speaker::kubernetes::report;
@@ -212,14 +213,18 @@ fn pending(
         d.evidence.push(format!("pool {}: {state}", p.name));
     }
     match plan.services.get(key) {
-        Some(Outcome::Pending { reason }) => {
+        Some(Outcome::Pending { reason, kind }) => {
+            let unresolved = prepared
+                .checked
+                .iter()
+                .any(|c| c.problems.iter().any(|p| p.kind == ProblemKind::Unresolved));
             let next = if m.pools.is_empty() {
                 "create an IPAddressPool (docs/api.md)"
-            } else if reason.contains("spec.fromNodeNetwork") {
+            } else if *kind == Shortfall::NoPool && unresolved {
                 "a fromNodeNetwork pool gets its addresses from the speakers: an L2Advertisement must announce it, and status.nodeNetwork says what they found (kubectl get ippool -o yaml; docs/api.md)"
-            } else if reason.contains("exhausted") {
+            } else if *kind == Shortfall::Exhausted {
                 "add addresses to the pool, or another pool open to this Service"
-            } else if reason.contains("requested") {
+            } else if *kind == Shortfall::RequestedUnavailable {
                 "request a free address of a pool open to this Service, or remove the request"
             } else {
                 "open a pool to this Service (spec.serviceAllocation, autoAssign) or name one with ferrolb.io/address-pool"

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ferrolb_allocator::{Assignment, ServiceKey};
 
-use super::{Action, Record, Report, ServiceEvent, failure};
+use super::{Action, Record, Report, ServiceEvent};
 
 /// Event reasons.
 pub const IP_ALLOCATED: &str = "IPAllocated";
@@ -66,7 +66,7 @@ pub(super) fn told(
                 None,
             ));
         }
-        Report::Pending(reason) => {
+        Report::Pending(reason, failure) => {
             if !had.is_empty() {
                 actions.push(event(
                     false,
@@ -75,7 +75,6 @@ pub(super) fn told(
                     None,
                 ));
             }
-            let failure = failure::label(record.request.is_err(), reason);
             actions.push(event(
                 true,
                 ALLOCATION_FAILED,

@@ -26,12 +26,15 @@ use k8s_openapi::api::core::v1::{Namespace, Service};
 
 use ferrolb_allocator::input::{self, Translation, ingress_ips};
 use ferrolb_allocator::{
-    Allocator, Assignment, FamilyPolicy, Outcome, ServiceKey, ServiceRequest, Start,
+    Allocator, Assignment, FamilyPolicy, Outcome, ServiceKey, ServiceRequest, Shortfall, Start,
 };
 
 mod events;
-mod failure;
 mod pool_status;
+
+/// The allocation-failure label of a Service whose own request cannot be honoured;
+/// the allocator's [`Shortfall`] labels the rest.
+const INVALID_SERVICE_FAILURE: &str = "invalid_service";
 
 pub use events::{ALLOCATION_FAILED, INVALID_SERVICE, IP_ALLOCATED, IP_RELEASED, IP_STRANDED};
 pub use pool_status::{INVALID, OVERLAPPING, READY, STRANDED, UNRESOLVED};
@@ -72,7 +75,8 @@ pub struct ServiceEvent {
 enum Report {
     Assigned(Vec<IpAddr>),
     Stranded(Vec<IpAddr>, String),
-    Pending(String),
+    /// No IP: why, and the allocation-failure metric's label for it.
+    Pending(String, &'static str),
     /// Invalid, keeping these IPs.
     Invalid(Vec<IpAddr>, String),
     /// The last Event (or the status it told of) could not be written: tell it again.
@@ -541,14 +545,20 @@ impl Reconciler {
             });
         }
         let report = match (&record.request, &record.outcome) {
-            (Err(reason), _) if ips.is_empty() => Report::Pending(reason.clone()),
+            (Err(reason), _) if ips.is_empty() => {
+                Report::Pending(reason.clone(), INVALID_SERVICE_FAILURE)
+            }
             (Err(reason), _) => Report::Invalid(ips.clone(), reason.clone()),
             (Ok(_), Some(Outcome::Stranded { reason, .. })) => {
                 Report::Stranded(ips.clone(), reason.clone())
             }
             (Ok(_), Some(Outcome::Assigned { .. })) => Report::Assigned(ips.clone()),
-            (Ok(_), Some(Outcome::Pending { reason })) => Report::Pending(reason.clone()),
-            (Ok(_), None) => Report::Pending("not decided yet".to_string()),
+            (Ok(_), Some(Outcome::Pending { reason, kind })) => {
+                Report::Pending(reason.clone(), kind.label())
+            }
+            (Ok(_), None) => {
+                Report::Pending("not decided yet".to_string(), Shortfall::Other.label())
+            }
         };
         let before = record.reported.replace(report.clone());
         // After a restart, a Service whose status already says what was decided needs
