@@ -15,6 +15,7 @@
 
 pub mod objects;
 pub mod pools;
+pub mod readiness;
 pub mod report;
 
 use std::net::SocketAddr;
@@ -106,22 +107,15 @@ async fn serve(
     metrics: Arc<Metrics>,
     health: watch::Receiver<WatchHealth>,
 ) -> Result<SocketAddr> {
-    let ready = move || {
-        let h = health.borrow();
-        if !h.errors.is_empty() {
-            let lines: Vec<String> = h.errors.iter().map(|(r, e)| format!("{r}: {e}")).collect();
-            // Still answering on the last objects seen: ready for traffic, but say why
-            // it may be stale.
-            return Err(format!("watch failing: {}", lines.join("; ")));
-        }
-        if h.synced {
-            Ok(())
-        } else {
-            Err("watches have not listed yet".into())
-        }
+    let ready = {
+        let health = health.clone();
+        move || readiness::readiness(&health.borrow())
     };
-    let render = move || metrics.encode();
-    ferrolb_kubernetes::http::serve(address, Arc::new(render), Arc::new(ready))
+    let render = move || {
+        readiness::record(&metrics, &health.borrow());
+        metrics.encode()
+    };
+    ferrolb_kubernetes::http::serve_readiness(address, Arc::new(render), Arc::new(ready))
         .await
         .map_err(|e| anyhow::anyhow!("serving metrics on {address}: {e}"))
 }
