@@ -189,15 +189,21 @@ async fn deleting_the_service_stops_answers_and_rules_within_a_second() {
         w.connects(vip).then_some(())
     })
     .await;
-    let deleted = Instant::now();
+    // kubectl returns once the Service is gone: the second starts there.
     w.cluster.kubectl(&["delete", "svc", "web"]);
+    let deleted = Instant::now();
     let node = w.lab.node(owner);
-    ferrolb::lab::poll_until(Duration::from_secs(5), "answers and rules to stop", || {
+    ferrolb::lab::poll_until(Duration::from_secs(1), "answers and rules to stop", || {
         let table = node
             .run("nft", ["list", "table", "inet", "ferrolb"])
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        (w.lab.client().arping(vip).is_empty() && !table.contains(&vip.to_string())).then_some(())
+        let silent = w
+            .lab
+            .client()
+            .arping_within(vip, Duration::from_millis(100))
+            .is_empty();
+        (silent && !table.contains(&vip.to_string())).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
     eprintln!(

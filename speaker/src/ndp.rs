@@ -1044,7 +1044,19 @@ mod tests {
         #[test]
         fn truncation_at_any_length_is_rejected(frame in valid_frames(), len in 0usize..86) {
             let len = len % frame.len();
-            prop_assert!(parse(&frame[..len]).is_err());
+            // Rejected as too short, whichever layer runs out first.
+            let err = parse(&frame[..len]).expect_err("a truncated frame");
+            prop_assert!(
+                matches!(
+                    err,
+                    NdpError::TruncatedEthernet { .. }
+                        | NdpError::TruncatedIpv6 { .. }
+                        | NdpError::PayloadLengthMismatch { .. }
+                        | NdpError::TruncatedIcmp { .. }
+                        | NdpError::TooShort { .. }
+                ),
+                "{len} bytes: {err}"
+            );
         }
     }
 }
