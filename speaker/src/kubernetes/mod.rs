@@ -8,10 +8,13 @@
 //!   pool's `status.nodeNetwork`.
 //! * [`report`]: the `ferrolb.io/AnnouncedIPv4`/`IPv6` condition and `NodeAssigned`
 //!   Events, written on ownership changes only.
+//! * [`readiness`]: what `/readyz` and `ferrolb_speaker_api_connected` say of the
+//!   watches.
 //!
 //! The API server is needed to learn of changes, never to keep announcing: when it is
 //! unreachable the speaker keeps the last objects, keeps answering and keeps failing
-//! over on membership, and catches up when it returns.
+//! over on membership, and catches up when it returns. It stays ready meanwhile, and
+//! says it is degraded.
 
 pub mod objects;
 pub mod pools;
