@@ -41,7 +41,7 @@ async fn services(cluster: &Cluster) -> Api<Service> {
 #[tokio::test]
 async fn a_service_gets_the_first_address_with_an_event_and_pool_counts() {
     let cluster = Cluster::start().await;
-    let _controller = cluster.controller("a", &[]).await;
+    let controller = cluster.controller("a", &[]).await;
     cluster.apply(&pool("lab", &["198.51.100.10-198.51.100.20"]));
     let started = Instant::now();
     cluster.apply(
@@ -84,6 +84,20 @@ async fn a_service_gets_the_first_address_with_an_event_and_pool_counts() {
     })
     .await;
     assert_eq!(counts, "1/10/True");
+
+    // The same counts on /metrics, under ferrolb's names and MetalLB's.
+    let series = [
+        "ferrolb_controller_addresses_in_use{pool=\"lab\",family=\"IPv4\"}",
+        "ferrolb_controller_addresses_capacity{pool=\"lab\",family=\"IPv4\"}",
+        "metallb_allocator_addresses_in_use_total{pool=\"lab\"}",
+        "metallb_allocator_addresses_total{pool=\"lab\"}",
+    ];
+    let values = eventually(DEADLINE, "pool counts on /metrics", || async {
+        let values: Vec<Option<f64>> = series.iter().map(|s| controller.metric(s)).collect();
+        (values == [Some(1.0), Some(11.0), Some(1.0), Some(11.0)]).then_some(values)
+    })
+    .await;
+    assert_eq!(values, [Some(1.0), Some(11.0), Some(1.0), Some(11.0)]);
 }
 
 #[tokio::test]

@@ -34,19 +34,7 @@ async fn an_applied_service_answers_from_outside_and_says_which_node_announces_i
     assert!(described.contains("NodeAssigned"), "{described}");
     assert_eq!(w.event_count("web", "NodeAssigned"), 1);
     // The speakers are what they claim on /metrics.
-    let node = w.lab.node(owner);
-    let metrics_addr = SocketAddr::new(node.ipv4().into(), 7473);
-    let body = node
-        .in_netns(|| {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(metrics_addr).ok()?;
-            write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).ok()?;
-            Some(body)
-        })
-        .unwrap()
-        .unwrap();
+    let body = speaker_get(&w, owner, "/metrics").unwrap();
     assert!(
         body.contains(&format!(
             "ferrolb_speaker_announced{{ip=\"{vip}\",interface=\"eth0\"}} 1"
@@ -58,6 +46,41 @@ async fn an_applied_service_answers_from_outside_and_says_which_node_announces_i
         "{body}"
     );
     assert!(body.contains("ferrolb_speaker_members 3"), "{body}");
+    assert!(body.contains("ferrolb_speaker_api_connected 1"), "{body}");
+    // MetalLB's name for the same, for existing dashboards.
+    assert!(
+        body.lines().any(|l| l.starts_with(
+            "metallb_speaker_announced{service=\"default/web\",protocol=\"layer2\",node=\""
+        ) && l.ends_with(&format!(",ip=\"{vip}\"}} 1"))),
+        "{body}"
+    );
+}
+
+/// The whole HTTP answer (status line, headers, body) of node `i`'s speaker to `GET path`
+/// on its metrics port, or `None` when it does not answer.
+fn speaker_get(w: &World, i: usize, path: &str) -> Option<String> {
+    let node = w.lab.node(i);
+    let address = SocketAddr::new(node.ipv4().into(), 7473);
+    node.in_netns(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(address).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        Some(answer)
+    })
+    .ok()
+    .flatten()
+}
+
+/// Whether node `i`'s speaker answers `/readyz` with 200 and a body containing `text`,
+/// and `/metrics` with `ferrolb_speaker_api_connected` at `connected`.
+fn speaker_says(w: &World, i: usize, text: &str, connected: u8) -> bool {
+    let ready = speaker_get(w, i, "/readyz").unwrap_or_default();
+    let metrics = speaker_get(w, i, "/metrics").unwrap_or_default();
+    ready.lines().next().is_some_and(|l| l.contains(" 200 "))
+        && ready.contains(text)
+        && metrics.contains(&format!("ferrolb_speaker_api_connected {connected}\n"))
 }
 
 #[tokio::test]
@@ -189,15 +212,21 @@ async fn deleting_the_service_stops_answers_and_rules_within_a_second() {
         w.connects(vip).then_some(())
     })
     .await;
-    let deleted = Instant::now();
+    // kubectl returns once the Service is gone: the second starts there.
     w.cluster.kubectl(&["delete", "svc", "web"]);
+    let deleted = Instant::now();
     let node = w.lab.node(owner);
-    ferrolb::lab::poll_until(Duration::from_secs(5), "answers and rules to stop", || {
+    ferrolb::lab::poll_until(Duration::from_secs(1), "answers and rules to stop", || {
         let table = node
             .run("nft", ["list", "table", "inet", "ferrolb"])
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        (w.lab.client().arping(vip).is_empty() && !table.contains(&vip.to_string())).then_some(())
+        let silent = w
+            .lab
+            .client()
+            .arping_within(vip, Duration::from_millis(100))
+            .is_empty();
+        (silent && !table.contains(&vip.to_string())).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
     eprintln!(
@@ -229,6 +258,18 @@ async fn an_api_server_outage_interrupts_no_traffic_and_failover_still_works() {
     )
     .unwrap();
     assert_eq!(stopped.duration, Duration::ZERO, "{stopped:?}");
+    // Serving, so still ready (a failing readiness probe would only alarm), and saying
+    // it is degraded.
+    eventually(DEADLINE, "the owner to say it is degraded", || async {
+        speaker_says(
+            &w,
+            owner,
+            "ok, degraded: answering on the last objects seen",
+            0,
+        )
+        .then_some(())
+    })
+    .await;
     // Still down: a speaker dies, membership alone moves its IP.
     let killed = w.speakers[owner].take().unwrap();
     let outage = measure_tcp_outage(
@@ -243,4 +284,10 @@ async fn an_api_server_outage_interrupts_no_traffic_and_failover_still_works() {
     w.cluster.cp.start_apiserver().await.unwrap();
     let new_owner = w.owner(vip);
     w.wait_reported("web", vip, new_owner).await;
+    eventually(
+        DEADLINE,
+        "the new owner to say it is connected again",
+        || async { speaker_says(&w, new_owner, "ok\n", 1).then_some(()) },
+    )
+    .await;
 }

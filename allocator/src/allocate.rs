@@ -224,11 +224,7 @@ impl Allocator {
     /// Whether the Service may go on holding `ip`: an error (reading after "requested ")
     /// when it cannot share it with its holders; else the pool and, for a stranded IP,
     /// why it is no longer valid.
-    fn keep(
-        &self,
-        svc: &ServiceRequest,
-        ip: IpAddr,
-    ) -> Result<(IpAddr, Option<usize>, Option<String>), String> {
+    fn keep(&self, svc: &ServiceRequest, ip: IpAddr) -> Result<Chosen, String> {
         if let Some(why) = self.sharing_refusal(ip, svc) {
             return Err(why);
         }
@@ -293,11 +289,7 @@ impl Allocator {
     }
 
     /// A new IP of `family` for the Service (shaped like [`Allocator::keep`]'s answer).
-    fn pick(
-        &self,
-        svc: &ServiceRequest,
-        family: Family,
-    ) -> Result<(IpAddr, Option<usize>, Option<String>), (Shortfall, String)> {
+    fn pick(&self, svc: &ServiceRequest, family: Family) -> Result<Chosen, (Shortfall, String)> {
         if let Some(wanted) = &svc.pool
             && !self.pools.iter().any(|p| p.config.name == *wanted)
         {
@@ -388,6 +380,10 @@ fn wanted_families(svc: &ServiceRequest) -> Result<Vec<Family>, String> {
     }
     Ok(families)
 }
+
+/// An IP for a Service: the IP, the index of its pool (none when no pool holds it any
+/// more) and, for a stranded IP, why it is no longer valid.
+type Chosen = (IpAddr, Option<usize>, Option<String>);
 
 /// Sorted by key, without duplicates (the first of equal keys stays).
 fn sorted(services: &[ServiceRequest]) -> Vec<&ServiceRequest> {

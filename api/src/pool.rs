@@ -247,8 +247,10 @@ pub struct IPAddressPoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     #[serde(default, rename = "assignedIPv4")]
+    #[schemars(schema_with = "count_schema")]
     pub assigned_ipv4: u64,
     #[serde(default, rename = "availableIPv4")]
+    #[schemars(schema_with = "count_schema")]
     pub available_ipv4: u64,
     #[serde(default, rename = "assignedIPv6")]
     pub assigned_ipv6: String,
@@ -257,6 +259,16 @@ pub struct IPAddressPoolStatus {
     /// For a `fromNodeNetwork` pool: what the speakers resolved, written by them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_network: Option<NodeNetworkStatus>,
+}
+
+/// A count of IPv4 addresses: at most 2^32, so an `int64` (schemars would say
+/// `uint64`, a format the API server does not know and warns about on every apply).
+fn count_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "integer",
+        "format": "int64",
+        "minimum": 0,
+    })
 }
 
 /// The addresses a `fromNodeNetwork` pool resolved to, and how. Written once by the

@@ -14,11 +14,35 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 /// Ok when ready, else why not.
 pub type Ready = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// What `/readyz` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// 200 `ok`.
+    Ready,
+    /// 200 `ok, degraded: <why>`: serving, but something it depends on is failing.
+    Degraded(String),
+    /// 503 `<why>`.
+    NotReady(String),
+}
+
 /// Binds `address` (port 0: any) and serves in the background; returns the bound address.
 pub async fn serve(
     address: SocketAddr,
     metrics: Render,
     ready: Ready,
+) -> std::io::Result<SocketAddr> {
+    let readiness = move || match ready() {
+        Ok(()) => Readiness::Ready,
+        Err(why) => Readiness::NotReady(why),
+    };
+    serve_readiness(address, metrics, Arc::new(readiness)).await
+}
+
+/// As [`serve`], with a `/readyz` that may also say it is degraded.
+pub async fn serve_readiness(
+    address: SocketAddr,
+    metrics: Render,
+    ready: Arc<dyn Fn() -> Readiness + Send + Sync>,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
@@ -43,8 +67,11 @@ pub async fn serve(
             "/readyz",
             get(move || {
                 let answer = match ready() {
-                    Ok(()) => (StatusCode::OK, "ok\n".to_string()),
-                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    Readiness::Ready => (StatusCode::OK, "ok\n".to_string()),
+                    Readiness::Degraded(why) => (StatusCode::OK, format!("ok, degraded: {why}\n")),
+                    Readiness::NotReady(why) => {
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
+                    }
                 };
                 async move { answer.into_response() }
             }),

@@ -483,7 +483,12 @@ mod tests {
 
         #[test]
         fn truncation_inside_the_arp_payload_is_rejected(frame in valid_frames(), len in 0usize..42) {
-            prop_assert!(parse(&frame[..len]).is_err());
+            let err = parse(&frame[..len]).expect_err("a truncated frame");
+            if len < 14 {
+                prop_assert!(matches!(err, ArpError::TruncatedEthernet { len: l } if l == len), "{err}");
+            } else {
+                prop_assert!(matches!(err, ArpError::TruncatedArp { len: l } if l == len - 14), "{err}");
+            }
         }
 
         #[test]

@@ -97,6 +97,7 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
     let mut cluster = join(&manifests, &opts, &links.borrow()).await;
     let mut down_at: BTreeMap<String, StdInstant> = BTreeMap::new();
     let mut alive_before: BTreeSet<String> = BTreeSet::new();
+    let mut rejected_before = 0;
     let (resolved_tx, mut resolved_rx) = tokio::sync::mpsc::channel::<Resolved>(8);
     let mut resolving = Resolving::default();
     loop {
@@ -122,9 +123,12 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             alive_before = alive;
         }
         if let Some(c) = &cluster {
-            opts.metrics
-                .membership_rejected
-                .set(c.stats().map_or(0, |s| s.rejected) as i64);
+            let rejected = c.stats().map_or(0, |s| s.rejected);
+            Metrics::count_to(
+                &opts.metrics.membership_rejected,
+                rejected,
+                &mut rejected_before,
+            );
         }
         let pass = StdInstant::now();
         let plan = plan(&manifests, &opts.node_name, &view, &opts.addresses);
@@ -143,7 +147,15 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         state.report(&plan);
         responder.update(specs);
         account(&opts.metrics, &previous, &previous_owners, &state, &down_at);
-        objects.owned(ownership(&plan, &state));
+        let owned = ownership(&plan, &state);
+        opts.metrics.set_services_announced(
+            &opts.node_name,
+            owned
+                .iter()
+                .filter(|o| !o.interfaces.is_empty())
+                .map(|o| (&o.ip, &o.services[..])),
+        );
+        objects.owned(owned);
         if plan.forwards != state.forwards || !forwarding_ok {
             match forwarder.apply(&plan.forwards) {
                 Ok(_) => {

@@ -1,5 +1,8 @@
 //! The speaker's Prometheus metrics: what it answered and announced on each interface,
-//! which IPs it owns, how often ownership moved, and what membership sees.
+//! which IPs it owns, how often ownership moved, what membership sees and whether the
+//! API server's objects are current; and the MetalLB speaker metrics that mean the same
+//! thing, under MetalLB's names and labels (so that MetalLB dashboards and alerts keep
+//! working).
 
 use std::net::IpAddr;
 
@@ -19,6 +22,17 @@ pub struct InterfaceLabels {
 pub struct AnnouncedLabels {
     pub ip: String,
     pub interface: String,
+}
+
+/// MetalLB's `metallb_speaker_announced` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MetallbAnnouncedLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// Always `layer2`.
+    pub protocol: String,
+    pub node: String,
+    pub ip: String,
 }
 
 pub struct Metrics {
@@ -42,12 +56,18 @@ pub struct Metrics {
     pub plan_seconds: Histogram,
     pub members: Gauge,
     pub members_declared_down: Counter,
-    pub membership_rejected: Gauge,
+    pub membership_rejected: Counter,
+    /// 1 while every watch of the API server has listed and none is failing.
+    pub api_connected: Gauge,
+    /// MetalLB's `metallb_speaker_announced`: 1 per Service and IP this node announces.
+    pub metallb_announced: Family<MetallbAnnouncedLabels, Gauge>,
+    /// MetalLB's `metallb_k8s_client_config_loaded_bool`: 1 once every watch has listed.
+    pub metallb_config_loaded: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("ferrolb_speaker");
+        let mut root = Registry::default();
         let m = Metrics {
             registry: Registry::default(),
             arp_requests: Family::default(),
@@ -62,9 +82,22 @@ impl Default for Metrics {
             plan_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             members: Gauge::default(),
             members_declared_down: Counter::default(),
-            membership_rejected: Gauge::default(),
+            membership_rejected: Counter::default(),
+            api_connected: Gauge::default(),
+            metallb_announced: Family::default(),
+            metallb_config_loaded: Gauge::default(),
         };
-        let r = &mut registry;
+        root.register(
+            "metallb_speaker_announced",
+            "Services being announced from this node (MetalLB's name)",
+            m.metallb_announced.clone(),
+        );
+        root.register(
+            "metallb_k8s_client_config_loaded_bool",
+            "1 once the objects were listed from the API server (MetalLB's name)",
+            m.metallb_config_loaded.clone(),
+        );
+        let r = root.sub_registry_with_prefix("ferrolb_speaker");
         r.register(
             "arp_requests",
             "ARP requests received for IPs this node answers for",
@@ -126,7 +159,15 @@ impl Default for Metrics {
             "Membership datagrams that failed authentication",
             m.membership_rejected.clone(),
         );
-        Metrics { registry, ..m }
+        r.register(
+            "api_connected",
+            "1 while every watch of the API server has listed and none is failing; 0 while this node answers on the last objects it saw",
+            m.api_connected.clone(),
+        );
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 }
 
@@ -155,10 +196,92 @@ impl Metrics {
         }
     }
 
+    /// Sets MetalLB's `metallb_speaker_announced` to exactly the Services on `owned`
+    /// (IP, and the Services on it), announced from `node`.
+    pub fn set_services_announced<'a>(
+        &self,
+        node: &str,
+        owned: impl IntoIterator<Item = (&'a IpAddr, &'a [ferrolb_allocator::ServiceKey])>,
+    ) {
+        self.metallb_announced.clear();
+        for (ip, services) in owned {
+            for service in services {
+                self.metallb_announced
+                    .get_or_create(&MetallbAnnouncedLabels {
+                        service: service.to_string(),
+                        protocol: "layer2".into(),
+                        node: node.to_string(),
+                        ip: ip.to_string(),
+                    })
+                    .set(1);
+            }
+        }
+    }
+
+    /// Counts up to `total`, a running total kept elsewhere (membership's count of
+    /// rejected datagrams, which starts again at 0 when membership restarts).
+    pub fn count_to(counter: &Counter, total: u64, last: &mut u64) {
+        if total >= *last {
+            counter.inc_by(total - *last);
+        } else {
+            counter.inc_by(total);
+        }
+        *last = total;
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrolb_allocator::ServiceKey;
+
+    /// By the Prometheus conventions: a gauge is never named `_total`, a counter always
+    /// is (prometheus-client adds it).
+    #[test]
+    fn names_follow_the_conventions() {
+        let m = Metrics::default();
+        let mut last = 0;
+        Metrics::count_to(&m.membership_rejected, 4, &mut last);
+        Metrics::count_to(&m.membership_rejected, 6, &mut last);
+        // Membership restarted: its count starts again.
+        Metrics::count_to(&m.membership_rejected, 1, &mut last);
+        let text = m.encode();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ferrolb_")) {
+            let [_, _, name, kind] = line.split(' ').collect::<Vec<_>>()[..] else {
+                panic!("{line}");
+            };
+            if kind == "gauge" {
+                assert!(
+                    !name.ends_with("_total"),
+                    "gauge {name} is named like a counter"
+                );
+            }
+        }
+        assert!(
+            text.contains("ferrolb_speaker_membership_rejected_datagrams_total 7"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn metallb_announced_carries_metallbs_labels() {
+        let m = Metrics::default();
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        let services = [ServiceKey::new("default", "web")];
+        m.set_services_announced("n1", [(&ip, &services[..])]);
+        let text = m.encode();
+        assert!(
+            text.contains("metallb_speaker_announced{service=\"default/web\",protocol=\"layer2\",node=\"n1\",ip=\"192.0.2.10\"} 1"),
+            "{text}"
+        );
+        m.set_services_announced("n1", []);
+        assert!(!m.encode().contains("default/web"));
     }
 }

@@ -4,8 +4,10 @@
 //! runtime of its own, so its socket belongs there; "killing" one shuts that runtime
 //! down without a goodbye, like kill -9.
 //!
-//! Needs root and `ip` (iproute2). The tests in this file run one at a time: they
-//! measure detection times, which other tests' load would blur.
+//! Needs root and `ip` (iproute2). The tests in this file run one at a time: they print
+//! detection times, which other tests' load would blur. They assert behaviour, never a
+//! duration: each wait polls up to a generous deadline (speed targets live in benchmarks
+//! that print figures, see docs/architecture.md).
 
 mod support;
 
@@ -74,13 +76,13 @@ impl Lab {
             .collect()
     }
 
-    fn config(i: usize, secret: Option<&[u8]>) -> Config {
+    fn config(i: usize, secret: Option<&[u8]>, settings: Settings) -> Config {
         Config {
             node_name: NAMES[i].to_owned(),
             bind: Self::addr(i),
             peers: Self::peers(),
             secret: secret.map(<[u8]>::to_vec),
-            settings: Settings::default(),
+            settings,
             meta: NodeMeta {
                 subnets: vec![Self::cidr(i).parse().expect("cidr")],
                 ..NodeMeta::default()
@@ -96,7 +98,16 @@ impl Lab {
 
     /// Starts a speaker's membership in node `i`'s namespace.
     fn start(&self, i: usize, secret: Option<&[u8]>) -> anyhow::Result<Speaker> {
-        Speaker::start(&self.nodes[i].name, Self::config(i, secret))
+        self.start_with(i, secret, Settings::default())
+    }
+
+    fn start_with(
+        &self,
+        i: usize,
+        secret: Option<&[u8]>,
+        settings: Settings,
+    ) -> anyhow::Result<Speaker> {
+        Speaker::start(&self.nodes[i].name, Self::config(i, secret, settings))
     }
 
     fn start_all(&self, secret: Option<&[u8]>) -> anyhow::Result<Vec<Speaker>> {
@@ -284,8 +295,7 @@ async fn three_members_see_each_other_and_traffic_stays_small() -> anyhow::Resul
 }
 
 #[tokio::test]
-async fn a_killed_member_is_declared_down_quickly_and_a_restart_is_admitted() -> anyhow::Result<()>
-{
+async fn a_killed_member_is_declared_down_and_a_restart_is_admitted() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let lab = Lab::new()?;
     let mut speakers: Vec<Option<Speaker>> = lab.start_all(None)?.into_iter().map(Some).collect();
@@ -333,33 +343,34 @@ async fn a_killed_member_is_declared_down_quickly_and_a_restart_is_admitted() ->
         ms(rejoin_median),
         ms(rejoin_max)
     );
-    // The product's failover budget is a median outage under 300 ms and a maximum under
-    // 500 ms; detection must leave room for the takeover. Loose bounds here so a loaded
-    // CI machine does not fail it; the printed figures are the real result.
-    assert!(
-        median < Duration::from_millis(400),
-        "median detection {median:?}"
-    );
-    assert!(max < Duration::from_secs(2), "max detection {max:?}");
+    // What is asserted is that every kill was detected and every restart admitted
+    // (each wait above fails past its deadline). How fast is a figure, printed here and
+    // measured against the failover budget, end to end, by `benches/failover.rs`.
     Ok(())
 }
 
 #[tokio::test]
-async fn a_member_that_leaves_is_dropped_at_once() -> anyhow::Result<()> {
+async fn a_member_that_leaves_is_dropped_without_waiting_for_detection() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let lab = Lab::new()?;
-    let mut speakers = lab.start_all(None)?;
+    // Failure detection would take an hour to declare anyone down: a member dropped
+    // before the deadline was dropped because it said it was leaving.
+    let settings = Settings {
+        suspect_to_down: Duration::from_secs(3600),
+        ..Settings::default()
+    };
+    let mut speakers = (0..NAMES.len())
+        .map(|i| lab.start_with(i, None, settings.clone()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     wait_alive(&speakers.iter().collect::<Vec<_>>(), &NAMES).await?;
 
     let leaving = speakers.pop().context("three speakers")?;
     let start = Instant::now();
     leaving.leave().await;
-    let took = wait_alive(&speakers.iter().collect::<Vec<_>>(), &NAMES[..2]).await?;
-    let took = took.max(start.elapsed());
-    println!("graceful leave seen by both others in {}", ms(took));
-    assert!(
-        took < Duration::from_millis(100),
-        "leave took {took:?}: peers waited for detection instead"
+    wait_alive(&speakers.iter().collect::<Vec<_>>(), &NAMES[..2]).await?;
+    println!(
+        "graceful leave seen by both others in {}",
+        ms(start.elapsed())
     );
     Ok(())
 }
@@ -456,7 +467,7 @@ async fn members_without_the_right_secret_are_never_admitted() -> anyhow::Result
 }
 
 #[tokio::test]
-async fn new_metadata_reaches_the_others_quickly() -> anyhow::Result<()> {
+async fn new_metadata_reaches_the_others() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let lab = Lab::new()?;
     let speakers = lab.start_all(Some(b"s"))?;
@@ -481,9 +492,7 @@ async fn new_metadata_reaches_the_others_quickly() -> anyhow::Result<()> {
         })
         .await?;
     }
-    let took = start.elapsed();
-    println!("new metadata seen by all in {}", ms(took));
-    assert!(took < Duration::from_millis(500), "metadata took {took:?}");
+    println!("new metadata seen by all in {}", ms(start.elapsed()));
     Ok(())
 }
 

@@ -304,8 +304,13 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let ip = "192.0.2.10".parse().unwrap();
-        assert!(neighbour_in("{", ip).is_err());
+        let err = neighbour_in("{", ip).expect_err("not JSON");
+        assert!(err.to_string().contains("expected a sequence"), "{err:#}");
         let bad = r#"[{"dst":"192.0.2.10","lladdr":"zz","state":["STALE"]}]"#;
-        assert!(neighbour_in(bad, ip).is_err());
+        let err = neighbour_in(bad, ip).expect_err("a malformed lladdr");
+        assert_eq!(
+            err.to_string(),
+            "neighbour 192.0.2.10 has a malformed lladdr \"zz\""
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Thin helpers around the programs the lab drives (`ip`, `sh`) and `/proc`.
 //!
-//! The root package has no libc binding, so signals go through the shell's `kill`
-//! builtin and namespace membership is read from `/proc`.
+//! Signals go through the shell's `kill` builtin (one process for many targets, process
+//! groups included, and a target that vanished meanwhile is no error); which processes
+//! are in which namespace is read from `/proc`.
 
 use std::ffi::OsStr;
 use std::io::Write;
@@ -238,7 +239,7 @@ pub(crate) fn destroy_netns(who: &str, netns: &[String]) -> Result<()> {
     killed.with_context(|| format!("{who}: killing processes left in the lab"))
 }
 
-/// The effective uid, from `/proc/self/status` (no libc binding in this package).
+/// The effective uid, from `/proc/self/status`.
 pub(crate) fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;

@@ -8,13 +8,17 @@
 //!   pool's `status.nodeNetwork`.
 //! * [`report`]: the `ferrolb.io/AnnouncedIPv4`/`IPv6` condition and `NodeAssigned`
 //!   Events, written on ownership changes only.
+//! * [`readiness`]: what `/readyz` and `ferrolb_speaker_api_connected` say of the
+//!   watches.
 //!
 //! The API server is needed to learn of changes, never to keep announcing: when it is
 //! unreachable the speaker keeps the last objects, keeps answering and keeps failing
-//! over on membership, and catches up when it returns.
+//! over on membership, and catches up when it returns. It stays ready meanwhile, and
+//! says it is degraded.
 
 pub mod objects;
 pub mod pools;
+pub mod readiness;
 pub mod report;
 
 use std::net::SocketAddr;
@@ -106,22 +110,15 @@ async fn serve(
     metrics: Arc<Metrics>,
     health: watch::Receiver<WatchHealth>,
 ) -> Result<SocketAddr> {
-    let ready = move || {
-        let h = health.borrow();
-        if !h.errors.is_empty() {
-            let lines: Vec<String> = h.errors.iter().map(|(r, e)| format!("{r}: {e}")).collect();
-            // Still answering on the last objects seen: ready for traffic, but say why
-            // it may be stale.
-            return Err(format!("watch failing: {}", lines.join("; ")));
-        }
-        if h.synced {
-            Ok(())
-        } else {
-            Err("watches have not listed yet".into())
-        }
+    let ready = {
+        let health = health.clone();
+        move || readiness::readiness(&health.borrow())
     };
-    let render = move || metrics.encode();
-    ferrolb_kubernetes::http::serve(address, Arc::new(render), Arc::new(ready))
+    let render = move || {
+        readiness::record(&metrics, &health.borrow());
+        metrics.encode()
+    };
+    ferrolb_kubernetes::http::serve_readiness(address, Arc::new(render), Arc::new(ready))
         .await
         .map_err(|e| anyhow::anyhow!("serving metrics on {address}: {e}"))
 }

@@ -1,9 +1,10 @@
 //! Which speakers are alive, learned over UDP with SWIM ([foca]).
 //!
-//! Every speaker runs one [`Membership`]: a tokio task owning one UDP socket (default port
-//! [`DEFAULT_PORT`]) that drives a sans-IO foca instance — feeding it datagrams and timer
-//! events, sending what it asks to send — and publishes the live members, each with the
-//! [`NodeMeta`] it gossips about itself, on a [`watch`] channel.
+//! Every speaker runs one [`Membership`]: a thread of its own, with a single-threaded
+//! tokio runtime (so a busy speaker still answers probes on time), owning one UDP socket
+//! (default port [`DEFAULT_PORT`]) and driving a sans-IO foca instance — feeding it
+//! datagrams and timer events, sending what it asks to send — and publishing the live
+//! members, each with the [`NodeMeta`] it gossips about itself, on a [`watch`] channel.
 //!
 //! * Peers come from the Node objects ([`Config::peers`]); the task announces itself to
 //!   every configured peer that is not a live member, so a cluster forms from any
