@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::logging;
+use tracing::Instrument;
 
 #[derive(clap::Args)]
 pub struct SpeakerArgs {
@@ -115,6 +116,8 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // Every line names the node, so that logs gathered from all nodes can be followed.
+    let span = tracing::info_span!("speaker", node = %args.node_name);
     match args.manifests {
         Some(manifests) => {
             let options = ferrolb_speaker::standalone::Options {
@@ -125,19 +128,22 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
                 cluster,
                 metrics: metrics.clone(),
             };
-            runtime.block_on(async {
-                if let Some(address) = args.metrics_address {
-                    let render = std::sync::Arc::new(move || metrics.encode());
-                    ferrolb_kubernetes::http::serve(
-                        address,
-                        render,
-                        std::sync::Arc::new(|| Ok(())),
-                    )
-                    .await
-                    .map_err(|e| anyhow::anyhow!("--metrics-address {address}: {e}"))?;
+            runtime.block_on(
+                async {
+                    if let Some(address) = args.metrics_address {
+                        let render = std::sync::Arc::new(move || metrics.encode());
+                        ferrolb_kubernetes::http::serve(
+                            address,
+                            render,
+                            std::sync::Arc::new(|| Ok(())),
+                        )
+                        .await
+                        .map_err(|e| anyhow::anyhow!("--metrics-address {address}: {e}"))?;
+                    }
+                    ferrolb_speaker::standalone::run(options).await
                 }
-                ferrolb_speaker::standalone::run(options).await
-            })?;
+                .instrument(span),
+            )?;
         }
         None => {
             let options = ferrolb_speaker::kubernetes::Options {
@@ -154,10 +160,14 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
                     .metrics_address
                     .unwrap_or_else(|| ([0, 0, 0, 0], 7473).into()),
             };
-            runtime.block_on(async {
-                let client = ferrolb_kubernetes::client::client(args.kubeconfig.as_deref()).await?;
-                ferrolb_speaker::kubernetes::run(client, options).await
-            })?;
+            runtime.block_on(
+                async {
+                    let client =
+                        ferrolb_kubernetes::client::client(args.kubeconfig.as_deref()).await?;
+                    ferrolb_speaker::kubernetes::run(client, options).await
+                }
+                .instrument(span),
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)

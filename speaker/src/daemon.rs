@@ -15,7 +15,7 @@ use std::time::Instant as StdInstant;
 use anyhow::Context;
 use ferrolb_api::manifests::Manifests;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::announcements::{Addresses, NodePlan, plan};
 use crate::cluster::{Cluster, ClusterOptions};
@@ -180,14 +180,17 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             resolving.keep(&pools);
             for pool in pools {
                 if resolving.start(&pool.pool) {
-                    tokio::spawn(resolve_pool(
-                        pool,
-                        current_links.clone(),
-                        manifests.clone(),
-                        view.clone(),
-                        opts.node_name.clone(),
-                        resolved_tx.clone(),
-                    ));
+                    tokio::spawn(
+                        resolve_pool(
+                            pool,
+                            current_links.clone(),
+                            manifests.clone(),
+                            view.clone(),
+                            opts.node_name.clone(),
+                            resolved_tx.clone(),
+                        )
+                        .in_current_span(),
+                    );
                 }
             }
         }

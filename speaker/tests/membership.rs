@@ -7,7 +7,7 @@
 //! Needs root and `ip` (iproute2). The tests in this file run one at a time: they print
 //! detection times, which other tests' load would blur. They assert behaviour, never a
 //! duration: each wait polls up to a generous deadline (speed targets live in benchmarks
-//! that print figures, see docs/architecture.md).
+//! that print figures, see docs/testing.md).
 
 mod support;
 

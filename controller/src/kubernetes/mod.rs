@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use tokio::sync::watch as channel;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::reconcile::{Action, Reconciler};
 use ferrolb_allocator::ServiceKey;
@@ -287,10 +287,12 @@ async fn active(
             .reconcile_duration
             .observe(started.elapsed().as_secs_f64());
         Metrics::count(&metrics.reconciles, trigger);
+        // Each batch's writes and their log lines under one span naming what set it off.
+        let span = tracing::info_span!("reconcile", trigger);
         tokio::select! {
             biased;
             _ = &mut lost => return Ok(()),
-            _ = writer.carry_out(actions, &mut reconciler, &mut retries) => {}
+            _ = writer.carry_out(actions, &mut reconciler, &mut retries).instrument(span) => {}
         }
         metrics.set_usage(&reconciler.usage());
         let (pending, stranded) = reconciler.counts();

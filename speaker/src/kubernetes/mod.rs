@@ -28,7 +28,7 @@ use anyhow::Result;
 use ferrolb_api::manifests::Manifests;
 use kube::Client;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{Instrument, info};
 
 use crate::daemon::{self, Objects, Ownership, Resolved};
 use crate::metrics::Metrics;
@@ -70,11 +70,9 @@ impl Objects for ClusterObjects {
     }
 
     fn resolved(&mut self, resolved: Resolved) {
-        tokio::spawn(pools::write(
-            self.client.clone(),
-            self.snapshots.clone(),
-            resolved,
-        ));
+        tokio::spawn(
+            pools::write(self.client.clone(), self.snapshots.clone(), resolved).in_current_span(),
+        );
     }
 }
 

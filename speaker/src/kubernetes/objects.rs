@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch as channel;
-use tracing::{error, info};
+use tracing::{Instrument, error, info};
 
 use crate::announcements::SERVICE_NAME_LABEL;
 
@@ -78,7 +78,7 @@ pub fn watch(
 ) {
     let (snapshots, snapshot_rx) = channel::channel(Arc::new(Manifests::default()));
     let (health, health_rx) = channel::channel(WatchHealth::default());
-    tokio::spawn(run(client, snapshots, health));
+    tokio::spawn(run(client, snapshots, health).in_current_span());
     (snapshot_rx, health_rx)
 }
 

@@ -44,7 +44,7 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 pub const REASON_ASSIGNED: &str = "NodeAssigned";
 pub const REASON_NONE: &str = "NoEligibleNode";
@@ -109,7 +109,7 @@ impl Reports {
         snapshots: watch::Receiver<Arc<Manifests>>,
     ) -> Reports {
         let (tx, rx) = watch::channel(Vec::new());
-        tokio::spawn(run(client, node, rx, snapshots));
+        tokio::spawn(run(client, node, rx, snapshots).in_current_span());
         Reports { tx }
     }
 

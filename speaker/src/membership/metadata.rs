@@ -161,19 +161,21 @@ mod tests {
         let subnets = (0..200)
             .map(|i| format!("10.{i}.0.0/16").parse().expect("net"))
             .collect();
-        assert!(
-            encode_meta(
-                "n",
-                1,
-                1,
-                &NodeMeta {
-                    subnets,
-                    settled: false,
-                    started_at_ms: 0,
-                    reported: true,
-                }
-            )
-            .is_err()
+        let error = encode_meta(
+            "n",
+            1,
+            1,
+            &NodeMeta {
+                subnets,
+                settled: false,
+                started_at_ms: 0,
+                reported: true,
+            },
+        )
+        .expect_err("200 subnets do not fit");
+        assert_eq!(
+            error.to_string(),
+            "node metadata too large to gossip (200 subnets)"
         );
         assert!(encode_meta("n", 1, 1, &NodeMeta::default()).is_ok());
     }

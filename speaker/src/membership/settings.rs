@@ -111,6 +111,14 @@ mod tests {
             probe_rtt: Duration::from_millis(60),
             ..Settings::default()
         };
-        assert!(bad.foca_config().is_err());
+        let error = bad
+            .foca_config()
+            .expect_err("an RTT above the probe period");
+        assert!(
+            error
+                .to_string()
+                .contains("must be above zero and below the probe period"),
+            "{error}"
+        );
     }
 }
