@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch as channel;
@@ -171,55 +172,59 @@ fn changes(client: Client) -> BoxStream<'static, Change> {
     .boxed()
 }
 
-/// Objects by namespace/name, with relists accounted for. Each is kept behind an `Arc`,
-/// so that a snapshot shares them instead of copying them.
-struct Store<T> {
-    objects: BTreeMap<(String, String), Arc<T>>,
-    relist: Option<BTreeMap<(String, String), Arc<T>>>,
+/// One kind's objects: kube-runtime's reflector store (relists included), each object
+/// trimmed before it is stored and kept behind an `Arc`, so that a snapshot shares them
+/// instead of copying them.
+struct Store<T: kube::Resource<DynamicType = ()> + Clone + 'static> {
+    writer: Writer<T>,
+    objects: reflector::Store<T>,
 }
 
-impl<T> Default for Store<T> {
+impl<T: kube::Resource<DynamicType = ()> + Clone + 'static> Default for Store<T> {
     fn default() -> Self {
+        let writer = Writer::default();
         Store {
-            objects: BTreeMap::new(),
-            relist: None,
+            objects: writer.as_reader(),
+            writer,
         }
     }
 }
 
-impl<T: kube::Resource> Store<T> {
-    /// Applies one event; true when the store changed (or a relist completed).
+impl<T: kube::Resource<DynamicType = ()> + Clone + 'static> Store<T> {
+    /// Applies one event: (whether the objects changed, whether a list completed).
     fn apply(&mut self, event: watcher::Event<T>, trim: impl Fn(T) -> T) -> (bool, bool) {
-        let key = |o: &T| {
-            (
-                o.meta().namespace.clone().unwrap_or_default(),
-                o.meta().name.clone().unwrap_or_default(),
-            )
+        let outcome = match &event {
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) => (true, false),
+            watcher::Event::Init | watcher::Event::InitApply(_) => (false, false),
+            watcher::Event::InitDone => (true, true),
         };
-        match event {
-            watcher::Event::Apply(o) => {
-                self.objects.insert(key(&o), Arc::new(trim(o)));
-                (true, false)
-            }
-            watcher::Event::Delete(o) => {
-                self.objects.remove(&key(&o));
-                (true, false)
-            }
-            watcher::Event::Init => {
-                self.relist = Some(BTreeMap::new());
-                (false, false)
-            }
-            watcher::Event::InitApply(o) => {
-                self.relist
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(key(&o), Arc::new(trim(o)));
-                (false, false)
-            }
-            watcher::Event::InitDone => {
-                self.objects = self.relist.take().unwrap_or_default();
-                (true, true)
-            }
-        }
+        let event = match event {
+            watcher::Event::Apply(o) => watcher::Event::Apply(trim(o)),
+            watcher::Event::InitApply(o) => watcher::Event::InitApply(trim(o)),
+            other => other,
+        };
+        self.writer.apply_watcher_event(&event);
+        outcome
+    }
+
+    fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// Every object, by namespace and name (the store's own order is a hash's).
+    fn located(&self) -> Vec<Located<T>> {
+        let mut objects = self.objects.state();
+        objects.sort_by(|a, b| {
+            (a.meta().namespace.as_deref(), a.meta().name.as_deref())
+                .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
+        });
+        objects
+            .into_iter()
+            .map(|object| Located {
+                origin: Origin::cluster(),
+                object,
+            })
+            .collect()
     }
 }
 
@@ -260,32 +265,22 @@ impl State {
 
     fn count(&self, kind: Kind) -> usize {
         match kind {
-            Kind::Services => self.services.objects.len(),
-            Kind::EndpointSlices => self.slices.objects.len(),
-            Kind::Nodes => self.nodes.objects.len(),
-            Kind::Pools => self.pools.objects.len(),
-            Kind::Advertisements => self.advertisements.objects.len(),
+            Kind::Services => self.services.len(),
+            Kind::EndpointSlices => self.slices.len(),
+            Kind::Nodes => self.nodes.len(),
+            Kind::Pools => self.pools.len(),
+            Kind::Advertisements => self.advertisements.len(),
         }
     }
 
     fn manifests(&self) -> Manifests {
-        fn located<T>(store: &Store<T>) -> Vec<Located<T>> {
-            store
-                .objects
-                .values()
-                .map(|o| Located {
-                    origin: Origin::cluster(),
-                    object: Arc::clone(o),
-                })
-                .collect()
-        }
         Manifests {
-            pools: located(&self.pools),
-            l2_advertisements: located(&self.advertisements),
-            services: located(&self.services),
+            pools: self.pools.located(),
+            l2_advertisements: self.advertisements.located(),
+            services: self.services.located(),
             namespaces: Vec::new(),
-            nodes: located(&self.nodes),
-            endpoint_slices: located(&self.slices),
+            nodes: self.nodes.located(),
+            endpoint_slices: self.slices.located(),
             pods: Vec::new(),
             warnings: Vec::new(),
         }
