@@ -131,6 +131,11 @@ pub enum Step<K, T> {
 /// A relist streams through: each listed object is applied as it arrives (nothing is
 /// buffered, so listing 10,000 Services never holds them all at once), and at its end
 /// the keys it did not list are deleted.
+///
+/// Not kube-runtime's reflector store, which the speaker uses: a reflector keeps every
+/// object and buffers a whole relist before swapping it in, while the controller keeps
+/// only the Services' keys (the reconciler remembers the little it needs of each) and
+/// hands each listed Service to the reconciler as it arrives.
 pub struct Mirror<K, T> {
     objects: BTreeMap<K, Option<T>>,
     /// Keys seen by the relist in progress.
