@@ -102,6 +102,15 @@ fn why(documents: &[&str], components: Option<Components>) -> Diagnosis {
     )
 }
 
+/// `why` in a running cluster where node-a announces the Service, with `extra` objects
+/// (EndpointSlices, Pods) beside it.
+fn announced_with(extra: &[&str]) -> Diagnosis {
+    let svc = service("", &announced_by("node-a"));
+    let mut docs = vec![NODES, POOL, ADVERTISEMENT, svc.as_str()];
+    docs.extend_from_slice(extra);
+    why(&docs, Some(running()))
+}
+
 /// A healthy cluster's objects with `service` in place of the Service.
 fn cluster(service: &str) -> Vec<String> {
     vec![
@@ -137,14 +146,7 @@ fn healthy_names_the_node_that_reported_and_the_ready_endpoints() {
 #[test]
 fn a_ready_endpoint_without_pod_objects_is_healthy() {
     // EndpointSlices are what kube-proxy uses; Pods are not needed to trust them.
-    let docs = [
-        NODES,
-        POOL,
-        ADVERTISEMENT,
-        &service("", &announced_by("node-a")),
-        &slice("node-a", true),
-    ];
-    let d = why(&docs, Some(running()));
+    let d = announced_with(&[&slice("node-a", true)]);
     assert!(d.healthy, "{d:?}");
 }
 
@@ -375,13 +377,7 @@ fn a_report_by_a_node_that_may_no_longer_announce() {
 
 #[test]
 fn the_selector_matches_no_pod() {
-    let docs = [
-        NODES,
-        POOL,
-        ADVERTISEMENT,
-        &service("", &announced_by("node-a")),
-    ];
-    let d = why(&docs, Some(running()));
+    let d = announced_with(&[]);
     assert_eq!(
         d.headline,
         format!(
@@ -392,15 +388,7 @@ fn the_selector_matches_no_pod() {
 
 #[test]
 fn no_pod_is_ready() {
-    let docs = [
-        NODES,
-        POOL,
-        ADVERTISEMENT,
-        &service("", &announced_by("node-a")),
-        &slice("node-a", false),
-        &pod("node-a", false, 8080),
-    ];
-    let d = why(&docs, Some(running()));
+    let d = announced_with(&[&slice("node-a", false), &pod("node-a", false, 8080)]);
     assert_eq!(
         d.headline,
         format!("{IP} is announced by node-a, but none of the 1 Pods matching app=web is Ready")
@@ -409,14 +397,7 @@ fn no_pod_is_ready() {
 
 #[test]
 fn ready_pods_without_endpoints() {
-    let docs = [
-        NODES,
-        POOL,
-        ADVERTISEMENT,
-        &service("", &announced_by("node-a")),
-        &pod("node-a", true, 8080),
-    ];
-    let d = why(&docs, Some(running()));
+    let d = announced_with(&[&pod("node-a", true, 8080)]);
     assert_eq!(
         d.headline,
         format!(
@@ -442,15 +423,7 @@ fn local_traffic_reported_by_a_node_whose_endpoint_moved_away() {
 
 #[test]
 fn a_target_port_the_pods_do_not_expose() {
-    let docs = [
-        NODES,
-        POOL,
-        ADVERTISEMENT,
-        &service("", &announced_by("node-a")),
-        &slice("node-a", true),
-        &pod("node-a", true, 9090),
-    ];
-    let d = why(&docs, Some(running()));
+    let d = announced_with(&[&slice("node-a", true), &pod("node-a", true, 9090)]);
     assert_eq!(
         d.headline,
         format!(
