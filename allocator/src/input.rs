@@ -294,17 +294,14 @@ fn request(svc: &Service, key: ServiceKey) -> Result<ServiceRequest, String> {
     })
 }
 
-/// The pool an IP in a Service's status belongs to, for announcing it: a usable pool
-/// holding it first, else any (an invalid pool keeps the IPs it gave out).
+/// The pool an IP in a Service's status belongs to, for announcing it (the allocator's
+/// rule, for a Service that names no pool).
 pub fn pool_of(configs: &[PoolConfig], ip: IpAddr) -> Option<&PoolConfig> {
-    let containing = || {
-        configs
-            .iter()
-            .filter(move |c| c.ranges.iter().any(|r| r.contains(ip)))
-    };
-    containing()
-        .find(|c| c.usable)
-        .or_else(|| containing().next())
+    let holding = configs
+        .iter()
+        .filter(move |c| c.ranges.iter().any(|r| r.contains(ip)))
+        .map(|c| (c, c));
+    crate::pools::belongs_to(holding, None)
 }
 
 /// The IPs in `status.loadBalancer.ingress`.

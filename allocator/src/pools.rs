@@ -23,6 +23,21 @@ pub(crate) struct PoolState {
     pub(crate) assigned: [u128; 2],
 }
 
+/// Of the pools holding an IP, in order, the one the IP belongs to: the pool `named` (a
+/// Service's `address-pool`) if it holds it, else the first usable one, else the first
+/// (an invalid pool keeps the IPs it gave out). The allocator, the speakers and `why`
+/// all place an IP by this rule.
+pub(crate) fn belongs_to<'p, T: Copy>(
+    holding: impl Iterator<Item = (T, &'p PoolConfig)> + Clone,
+    named: Option<&str>,
+) -> Option<T> {
+    let find = |pick: &dyn Fn(&PoolConfig) -> bool| holding.clone().find(|(_, c)| pick(c));
+    find(&|c| Some(c.name.as_str()) == named)
+        .or_else(|| find(&|c| c.usable))
+        .or_else(|| holding.clone().next())
+        .map(|(t, _)| t)
+}
+
 pub(crate) fn slot(family: Family) -> usize {
     match family {
         Family::V4 => 0,
@@ -153,18 +168,12 @@ impl Allocator {
         Standing::Valid(pool)
     }
 
-    /// The pool an IP belongs to: the one the Service names if it holds the IP, else a
-    /// usable one if any holds it.
+    /// The pool an IP belongs to, by [`belongs_to`].
     pub(crate) fn pool_of(&self, ip: IpAddr, svc: &ServiceRequest) -> Option<usize> {
-        let containing: Vec<usize> = (0..self.pools.len())
+        let holding = (0..self.pools.len())
             .filter(|&i| self.pools[i].contains(ip))
-            .collect();
-        containing
-            .iter()
-            .find(|&&i| svc.pool.as_deref() == Some(self.pools[i].config.name.as_str()))
-            .or_else(|| containing.iter().find(|&&i| self.pools[i].config.usable))
-            .or(containing.first())
-            .copied()
+            .map(|i| (i, &self.pools[i].config));
+        belongs_to(holding, svc.pool.as_deref())
     }
 
     /// Why a pool does not serve this Service, if it does not (autoAssign and
