@@ -83,3 +83,26 @@ pub async fn serve_readiness(
     });
     Ok(bound)
 }
+/// ferrolb's gauges in a Prometheus text exposition that are named like counters
+/// (`_total`), which the naming conventions forbid. MetalLB's aliases keep MetalLB's names.
+pub fn gauges_named_like_counters(exposition: &str) -> Vec<&str> {
+    exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ferrolb_"))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, kind)| *kind == "gauge" && name.ends_with("_total"))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gauge_named_total_is_found_and_metallbs_aliases_are_not() {
+        let text = "# TYPE ferrolb_a_total counter\n# TYPE ferrolb_b_total gauge\n\
+                    # TYPE ferrolb_c gauge\n# TYPE metallb_x_total gauge\n";
+        assert_eq!(gauges_named_like_counters(text), ["b_total"]);
+    }
+}

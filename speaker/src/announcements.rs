@@ -356,16 +356,12 @@ pub fn has_ready_endpoint(slices: &[&EndpointSlice], svc: &Service, node: &str) 
 
 /// The endpoints of the Service that its EndpointSlices list as ready: what kube-proxy
 /// sends traffic to (a missing `ready` means ready, as the API defines).
-pub fn ready_endpoints<'s>(
-    slices: &[&'s EndpointSlice],
-    svc: &Service,
-) -> impl Iterator<Item = &'s Endpoint> {
-    let name = svc.metadata.name.clone();
-    let namespace = svc
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+pub fn ready_endpoints<'a>(
+    slices: &'a [&'a EndpointSlice],
+    svc: &'a Service,
+) -> impl Iterator<Item = &'a Endpoint> + 'a {
+    let name = svc.metadata.name.as_ref();
+    let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
     slices
         .iter()
         .copied()
@@ -375,7 +371,7 @@ pub fn ready_endpoints<'s>(
                     .labels
                     .as_ref()
                     .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    == name.as_ref()
+                    == name
         })
         .flat_map(|s| s.endpoints.iter().flatten())
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))

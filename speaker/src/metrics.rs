@@ -253,17 +253,11 @@ mod tests {
         // Membership restarted: its count starts again.
         Metrics::count_to(&m.membership_rejected, 1, &mut last);
         let text = m.encode();
-        for line in text.lines().filter(|l| l.starts_with("# TYPE ferrolb_")) {
-            let [_, _, name, kind] = line.split(' ').collect::<Vec<_>>()[..] else {
-                panic!("{line}");
-            };
-            if kind == "gauge" {
-                assert!(
-                    !name.ends_with("_total"),
-                    "gauge {name} is named like a counter"
-                );
-            }
-        }
+        let misnamed = ferrolb_kubernetes::http::gauges_named_like_counters(&text);
+        assert!(
+            misnamed.is_empty(),
+            "gauges named like counters: {misnamed:?}"
+        );
         assert!(
             text.contains("ferrolb_speaker_membership_rejected_datagrams_total 7"),
             "{text}"

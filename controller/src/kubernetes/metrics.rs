@@ -296,17 +296,11 @@ mod tests {
         Metrics::count(&m.writes, "event");
         Metrics::count(&m.reconciles, "start");
         let text = m.encode();
-        for line in text.lines().filter(|l| l.starts_with("# TYPE ferrolb_")) {
-            let [_, _, name, kind] = line.split(' ').collect::<Vec<_>>()[..] else {
-                panic!("{line}");
-            };
-            if kind == "gauge" {
-                assert!(
-                    !name.ends_with("_total"),
-                    "gauge {name} is named like a counter"
-                );
-            }
-        }
+        let misnamed = ferrolb_kubernetes::http::gauges_named_like_counters(&text);
+        assert!(
+            misnamed.is_empty(),
+            "gauges named like counters: {misnamed:?}"
+        );
         for name in [
             "ferrolb_controller_api_writes_total{kind=\"event\"} 1",
             "ferrolb_controller_reconciles_total{trigger=\"start\"} 1",
