@@ -23,7 +23,7 @@ pub struct ControllerArgs {
     #[arg(long, default_value = ferrolb_api::annotations::LOAD_BALANCER_CLASS)]
     load_balancer_class: String,
     /// Where /metrics, /healthz and /readyz are served.
-    #[arg(long, default_value = "0.0.0.0:7472")]
+    #[arg(long, default_value = "0.0.0.0:7472", value_parser = ferrolb_kubernetes::http::parse_address)]
     metrics_address: SocketAddr,
     /// Run several replicas with one active at a time, elected through a Lease. With
     /// false, this replica is always active: run exactly one.

@@ -21,8 +21,9 @@ pub struct SpeakerArgs {
     #[arg(long, default_value = ferrolb_api::annotations::LOAD_BALANCER_CLASS)]
     load_balancer_class: String,
     /// Where /metrics, /healthz and /readyz are served (default in a cluster:
-    /// 0.0.0.0:7473; with --manifests: not served unless given).
-    #[arg(long, value_name = "ADDRESS")]
+    /// 0.0.0.0:7473; with --manifests: not served unless given). The chart binds the
+    /// node's own IP; an IPv6 address may go without brackets ($(NODE_IP):7473).
+    #[arg(long, value_name = "ADDRESS", value_parser = ferrolb_kubernetes::http::parse_address)]
     metrics_address: Option<std::net::SocketAddr>,
     /// This node's name, as in its Node object.
     #[arg(long, env = "NODE_NAME")]
@@ -59,6 +60,11 @@ pub struct SpeakerArgs {
     /// must read the same bytes. Messages from speakers without it are dropped.
     #[arg(long, value_name = "FILE")]
     memberlist_secret_file: Option<std::path::PathBuf>,
+    /// Forward VIP traffic to NodePorts where an L2Advertisement asks for it
+    /// (spec.forwarding: nodePort). Needs CAP_NET_ADMIN (nftables); with false the
+    /// speaker needs only CAP_NET_RAW and never touches nftables.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    node_port_forwarding: bool,
     /// Run without membership: every declared node counts as alive (single node, tests).
     #[arg(long)]
     no_membership: bool,
@@ -127,6 +133,7 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
                 poll_interval: Duration::from_millis(args.poll_interval_ms),
                 cluster,
                 metrics: metrics.clone(),
+                node_port_forwarding: args.node_port_forwarding,
             };
             runtime.block_on(
                 async {
@@ -155,6 +162,7 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
                         class: args.load_balancer_class.clone(),
                     },
                     metrics,
+                    node_port_forwarding: args.node_port_forwarding,
                 },
                 metrics_address: args
                     .metrics_address

@@ -51,6 +51,8 @@ prometheus:
 speaker:
   memberlist: {existingSecret: my-key}
   priorityClassName: system-node-critical
+  nodePortForwarding: {enabled: true}
+  metricsBindAddress: 0.0.0.0
 controller:
   priorityClassName: system-cluster-critical
   nodeSelector: {kubernetes.io/os: linux}
@@ -99,7 +101,8 @@ fn lint_and_template_with_defaults_and_every_feature() {
             "ServiceAccount",
         ]
     );
-    // The speaker gets exactly NET_RAW and NET_ADMIN, unprivileged, on the host network.
+    // The speaker gets exactly NET_RAW, unprivileged, on the host network, and serves its
+    // metrics on the node's IP only.
     let speaker = default
         .split("\n---")
         .find(|d| d.contains("kind: DaemonSet"))
@@ -110,8 +113,11 @@ fn lint_and_template_with_defaults_and_every_feature() {
         "allowPrivilegeEscalation: false",
         "readOnlyRootFilesystem: true",
         "drop: [ALL]",
-        "add: [NET_RAW, NET_ADMIN]",
+        "add: [NET_RAW]\n",
+        "--node-port-forwarding=false",
         "fieldPath: spec.nodeName",
+        "--metrics-address=$(NODE_IP):7473",
+        "fieldPath: status.hostIP",
     ] {
         assert!(speaker.contains(line), "no `{line}` in\n{speaker}");
     }
@@ -133,6 +139,31 @@ fn lint_and_template_with_defaults_and_every_feature() {
     assert!(!kinds(&everything).iter().any(|k| k == "Secret"));
     assert!(everything.contains("secretName: my-key"));
     assert!(everything.contains("--load-balancer-class=example.com/ferrolb"));
+    // NodePort forwarding, and only it, brings CAP_NET_ADMIN (nftables).
+    assert!(everything.contains("add: [NET_RAW, NET_ADMIN]"));
+    assert!(everything.contains("--node-port-forwarding=true"));
+    assert!(everything.contains("--metrics-address=0.0.0.0:7473"));
+}
+
+#[test]
+fn an_advertisement_asking_for_forwarding_without_its_capability_is_refused_by_name() {
+    let f = values_file("l2Advertisements:\n  - name: lab\n    forwarding: nodePort\n");
+    let out = helm(&[
+        "template",
+        "ferrolb",
+        CHART,
+        "-f",
+        f.path().to_str().unwrap(),
+    ]);
+    assert!(
+        !out.status.success(),
+        "forwarding without NET_ADMIN was accepted"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("l2Advertisements lab: forwarding: nodePort needs speaker.nodePortForwarding.enabled=true"),
+        "{stderr}"
+    );
 }
 
 #[test]

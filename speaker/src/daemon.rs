@@ -69,6 +69,10 @@ pub struct Options {
     /// Allocate from the objects (standalone) or take the IPs in Service status.
     pub addresses: Addresses,
     pub metrics: Arc<Metrics>,
+    /// Whether this speaker may forward VIP traffic to NodePorts (nftables, so
+    /// CAP_NET_ADMIN). Off, it never touches nftables, and advertisements asking for it
+    /// are reported, not served.
+    pub node_port_forwarding: bool,
 }
 
 /// The longest a change of objects waits for the previous pass's cost to be paid off.
@@ -84,13 +88,16 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         .context("watching network interfaces (rtnetlink)")?;
     let forwarder = Forwarder::new();
     // A predecessor killed with rules in place leaves them behind: start from nothing.
-    let mut forwarding_ok = match forwarder.reset() {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(error = %e, "nftables unavailable: NodePort forwarding is disabled until it works");
-            false
-        }
-    };
+    let mut forwarding_ok = !opts.node_port_forwarding
+        || match forwarder.reset() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "nftables unavailable: NodePort forwarding is disabled until it works");
+                false
+            }
+        };
+    // Whether the NodePort forwarding this speaker may not do has been reported.
+    let mut unforwarded_reported = false;
     let mut responder = Responder::new(opts.settings.clone(), opts.metrics.clone());
     let mut state = Reported::default();
     let mut manifests = objects.current();
@@ -156,7 +163,23 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
                 .map(|o| (&o.ip, &o.services[..])),
         );
         objects.owned(owned);
-        if plan.forwards != state.forwards || !forwarding_ok {
+        if !opts.node_port_forwarding {
+            let asked = plan.forwards.first();
+            if let Some(first) = asked
+                && !unforwarded_reported
+            {
+                error!(
+                    "{} port(s) of VIPs this node owns (first {}:{}) are under an L2Advertisement \
+                     with spec.forwarding: nodePort, but this speaker runs with \
+                     --node-port-forwarding=false (chart: speaker.nodePortForwarding.enabled, which \
+                     grants CAP_NET_ADMIN): their traffic is not forwarded to the NodePort",
+                    plan.forwards.len(),
+                    first.vip,
+                    first.port
+                );
+            }
+            unforwarded_reported = asked.is_some();
+        } else if plan.forwards != state.forwards || !forwarding_ok {
             match forwarder.apply(&plan.forwards) {
                 Ok(_) => {
                     if plan.forwards != state.forwards {

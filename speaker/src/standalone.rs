@@ -26,6 +26,8 @@ pub struct Options {
     /// Speaker membership; `None`: every declared node counts as alive.
     pub cluster: Option<ClusterOptions>,
     pub metrics: Arc<Metrics>,
+    /// See [`daemon::Options::node_port_forwarding`].
+    pub node_port_forwarding: bool,
 }
 
 /// Runs until SIGTERM or SIGINT, then withdraws everything it announced.
@@ -48,6 +50,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         cluster: opts.cluster,
         addresses: Addresses::Allocated,
         metrics: opts.metrics,
+        node_port_forwarding: opts.node_port_forwarding,
     };
     daemon::run(objects, daemon).await
 }
@@ -176,6 +179,7 @@ mod tests {
             poll_interval: Duration::from_millis(200),
             cluster: None,
             metrics: Arc::default(),
+            node_port_forwarding: true,
         };
         let result = tokio::time::timeout(Duration::from_secs(30), run(opts))
             .await

@@ -92,7 +92,7 @@ pub fn installs(suite: &Suite) -> Result<()> {
                 .context("a speaker Pod without a securityContext")?;
             let added = security.capabilities.and_then(|c| c.add).unwrap_or_default();
             ensure!(
-                added == ["NET_RAW", "NET_ADMIN"] && security.privileged == Some(false),
+                added == ["NET_RAW"] && security.privileged == Some(false),
                 "a speaker runs with {added:?} (privileged {:?})",
                 security.privileged
             );

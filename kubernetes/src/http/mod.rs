@@ -1,5 +1,11 @@
 //! `/metrics`, `/healthz` and `/readyz` on one small HTTP server (the speaker uses it
-//! too).
+//! too), with bounded connections ([`connections`]).
+
+mod address;
+mod connections;
+
+pub use address::parse_address;
+pub use connections::Limits;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,11 +82,7 @@ pub async fn serve_readiness(
                 async move { answer.into_response() }
             }),
         );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("the metrics server stopped: {e}");
-        }
-    });
+    tokio::spawn(connections::serve(listener, app, Limits::default()));
     Ok(bound)
 }
 /// ferrolb's gauges in a Prometheus text exposition that are named like counters
