@@ -28,6 +28,8 @@ fn pool(cidr: &str) -> PoolConfig {
         ranges: vec![parse_range(cidr).unwrap()],
         usable: true,
         auto_assign: true,
+        // The sharing pairs are in different namespaces.
+        share_across_namespaces: true,
         ..Default::default()
     }
 }

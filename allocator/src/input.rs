@@ -111,6 +111,7 @@ pub fn pool_configs(pools: &[IPAddressPool]) -> (Vec<PoolConfig>, Vec<CheckedPoo
                 problem: c.problems.first().map(|p| p.message.clone()),
                 auto_assign: pool.spec.auto_assign(),
                 avoid_buggy_ips: pool.spec.avoid_buggy_ips(),
+                share_across_namespaces: pool.spec.allow_sharing_across_namespaces(),
                 priority: alloc.priority,
                 namespaces: alloc.namespaces,
                 namespace_selectors: alloc.namespace_selectors,

@@ -101,6 +101,8 @@ pub struct PoolConfig {
     pub problem: Option<String>,
     pub auto_assign: bool,
     pub avoid_buggy_ips: bool,
+    /// Services of different namespaces may share an IP of this pool.
+    pub share_across_namespaces: bool,
     pub priority: Option<i32>,
     pub namespaces: Vec<String>,
     pub namespace_selectors: Vec<LabelSelector>,

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use ferrolb_api::Family;
 use ferrolb_api::address::to_u128;
 
-use crate::pools::slot;
+use crate::pools::{belongs_to, slot};
 use crate::{Allocator, Assignment, PortKey, ServiceKey, ServiceRequest, Traffic};
 
 /// The Services holding one IP, sorted by key. Nearly always one, so a vector, not a
@@ -112,6 +112,16 @@ impl Allocator {
                 }
                 (Some(mine), Some(_)) => mine,
             };
+            if other.namespace != svc.key.namespace
+                && !svc.current.contains(&ip)
+                && let Some(pool) = self.pool_closed_to_other_namespaces(ip, svc)
+            {
+                return Some(format!(
+                    "{ip} is used by {other}, of another namespace; pool {pool:?} lets Services \
+                     of different namespaces share an IP only with \
+                     spec.allowSharingAcrossNamespaces: true"
+                ));
+            }
             let clash: Vec<String> = svc
                 .ports
                 .iter()
@@ -132,6 +142,17 @@ impl Allocator {
             }
         }
         None
+    }
+
+    /// The pool `ip` belongs to, when it keeps its IPs within a namespace.
+    fn pool_closed_to_other_namespaces(&self, ip: IpAddr, svc: &ServiceRequest) -> Option<&str> {
+        let holding = self
+            .pools
+            .iter()
+            .filter(|p| p.contains(ip))
+            .map(|p| (&p.config, &p.config));
+        let pool = belongs_to(holding, svc.pool.as_deref())?;
+        (!pool.share_across_namespaces).then_some(pool.name.as_str())
     }
 
     pub(crate) fn occupy(&mut self, ip: IpAddr, pool: Option<usize>, svc: &ServiceRequest) {

@@ -407,9 +407,63 @@ fn hashed_start_removing_a_service_moves_no_other() {
 #[test]
 fn hashed_start_services_with_one_sharing_key_start_at_the_same_address() {
     let a = shared(with_port(svc("one/a"), 80), "k");
-    let b = shared(with_port(svc("two/b"), 443), "k");
+    let b = shared(with_port(svc("one/b"), 443), "k");
     let p = run_hashed(vec![pool("a", &["10.0.0.0/16"])], &[a, b]);
-    assert_eq!(ips_of(&p, "one/a"), ips_of(&p, "two/b"));
+    assert_eq!(ips_of(&p, "one/a"), ips_of(&p, "one/b"));
+}
+
+fn open_to_all_namespaces(mut p: PoolConfig) -> PoolConfig {
+    p.share_across_namespaces = true;
+    p
+}
+
+#[test]
+fn a_sharing_key_joins_another_namespace_only_where_the_pool_allows_it() {
+    let mut tenant = shared(with_port(svc("tenant-a/web"), 80), "k");
+    tenant.current = vec![ip("10.0.0.0")];
+    let mut intruder = shared(with_port(svc("tenant-b/steal"), 443), "k");
+    intruder.requested = vec![ip("10.0.0.0")];
+    let closed = run(
+        vec![pool("shared", &["10.0.0.0/24"])],
+        &[tenant.clone(), intruder.clone()],
+    );
+    assert_eq!(ips_of(&closed, "tenant-a/web"), ["10.0.0.0"]);
+    assert!(ips_of(&closed, "tenant-b/steal").is_empty());
+    assert_eq!(
+        reason_of(&closed, "tenant-b/steal"),
+        "requested 10.0.0.0 is used by tenant-a/web, of another namespace; pool \"shared\" \
+         lets Services of different namespaces share an IP only with \
+         spec.allowSharingAcrossNamespaces: true"
+    );
+    // Without asking for the IP, the key does not pull it in either.
+    intruder.requested.clear();
+    let unasked = run(
+        vec![pool("shared", &["10.0.0.0/24"])],
+        &[tenant.clone(), intruder.clone()],
+    );
+    assert_ne!(
+        ips_of(&unasked, "tenant-b/steal"),
+        ips_of(&unasked, "tenant-a/web")
+    );
+    let open = run(
+        vec![open_to_all_namespaces(pool("shared", &["10.0.0.0/24"]))],
+        &[tenant, intruder],
+    );
+    assert_eq!(
+        ips_of(&open, "tenant-b/steal"),
+        ips_of(&open, "tenant-a/web")
+    );
+}
+
+#[test]
+fn services_of_two_namespaces_already_sharing_an_ip_keep_it() {
+    let mut a = shared(with_port(svc("one/a"), 80), "k");
+    let mut b = shared(with_port(svc("two/b"), 443), "k");
+    a.current = vec![ip("10.0.0.7")];
+    b.current = vec![ip("10.0.0.7")];
+    let p = run(vec![pool("shared", &["10.0.0.0/24"])], &[a, b]);
+    assert_eq!(ips_of(&p, "one/a"), ["10.0.0.7"]);
+    assert_eq!(ips_of(&p, "two/b"), ["10.0.0.7"]);
 }
 
 #[test]

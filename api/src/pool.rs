@@ -99,6 +99,12 @@ pub struct IPAddressPoolSpec {
     /// Restricts the pool to some namespaces or Services and orders it among pools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_allocation: Option<ServiceAllocation>,
+    /// Whether Services of different namespaces may share an IP of this pool when their
+    /// ferrolb.io/allow-shared-ip keys match. Off by default: in a cluster shared by
+    /// tenants, anyone who can create a Service could otherwise join another namespace's
+    /// key and receive part of its traffic. Services already sharing an IP keep it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_sharing_across_namespaces: Option<bool>,
 }
 
 const EXACTLY_ONE_SOURCE_RULE: &str =
@@ -164,6 +170,9 @@ impl IPAddressPoolSpec {
     }
     pub fn avoid_buggy_ips(&self) -> bool {
         self.avoid_buggy_ips.unwrap_or(false)
+    }
+    pub fn allow_sharing_across_namespaces(&self) -> bool {
+        self.allow_sharing_across_namespaces.unwrap_or(false)
     }
 }
 
