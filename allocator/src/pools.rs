@@ -38,6 +38,12 @@ pub(crate) fn belongs_to<'p, T: Copy>(
         .map(|(t, _)| t)
 }
 
+/// Addresses from `first` to `last`, both included; the whole IPv6 space (2^128, one more
+/// than a u128 holds) counts as u128::MAX.
+fn span_len(first: u128, last: u128) -> u128 {
+    (last - first).saturating_add(1)
+}
+
 pub(crate) fn slot(family: Family) -> usize {
     match family {
         Family::V4 => 0,
@@ -66,7 +72,7 @@ impl PoolState {
                     } else {
                         0
                     };
-                    (e - s + 1) - buggy
+                    span_len(s, e) - buggy
                 })
                 .fold(0u128, u128::saturating_add);
             spans[slot(family)] = space.intervals().collect();
@@ -95,14 +101,14 @@ impl PoolState {
         let spans = &self.spans[slot(family)];
         let size = spans
             .iter()
-            .map(|(s, e)| e - s + 1)
+            .map(|(s, e)| span_len(*s, *e))
             .fold(0u128, u128::saturating_add);
         if size == 0 {
             return None;
         }
         let mut offset = position % size;
         for (s, e) in spans {
-            let len = e - s + 1;
+            let len = span_len(*s, *e);
             if offset < len {
                 return Some(s + offset);
             }

@@ -553,6 +553,20 @@ fn ipv6_counts_do_not_overflow() {
     assert_eq!(p.pools[0].available.ipv4, 1 << 24);
 }
 
+/// Every IPv6 address, as a range (the CIDR ::/0 is refused as a whole family).
+const ALL_V6: &str = "::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff";
+
+#[test]
+fn the_whole_ipv6_space_is_a_pool_that_counts_and_hands_out_without_overflow() {
+    let mut one = svc("default/a");
+    one.families = vec![Family::V6];
+    let p = run(vec![pool("all", &[ALL_V6])], &[one.clone()]);
+    assert_eq!(ips_of(&p, "default/a"), ["::"]);
+    assert_eq!(p.pools[0].available.ipv6, u128::MAX - 1);
+    let hashed = run_hashed(vec![pool("all", &[ALL_V6])], &[one]);
+    assert_eq!(ips_of(&hashed, "default/a").len(), 1);
+}
+
 // ---- lowest-free start (the cluster controller) ----
 
 #[test]
