@@ -5,7 +5,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --bin ferrolb
+RUN cargo build --release --locked --bin ferrolb
 
 FROM debian:bookworm-slim AS rootfs
 RUN apt-get update && apt-get install -y --no-install-recommends nftables binutils \
