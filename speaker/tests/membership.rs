@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use ferrolb_speaker::membership::{Config, Members, Membership, NodeMeta, Settings, Stats};
+use ferrolb_speaker::membership::{
+    Config, Keyring, Members, Membership, NodeMeta, Settings, Stats,
+};
 use support::{Netns, unique};
 use tokio::sync::{oneshot, watch};
 
@@ -81,7 +83,8 @@ impl Lab {
             node_name: NAMES[i].to_owned(),
             bind: Self::addr(i),
             peers: Self::peers(),
-            secret: secret.map(<[u8]>::to_vec),
+            keyring: secret.map(|s| Keyring::parse(s).expect("a valid key")),
+            keyring_file: None,
             settings,
             meta: NodeMeta {
                 subnets: vec![Self::cidr(i).parse().expect("cidr")],
