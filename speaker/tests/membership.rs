@@ -473,7 +473,7 @@ async fn members_without_the_right_secret_are_never_admitted() -> anyhow::Result
 async fn new_metadata_reaches_the_others() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let lab = Lab::new()?;
-    let speakers = lab.start_all(Some(b"s"))?;
+    let speakers = lab.start_all(Some(b"a shared key"))?;
     let all: Vec<&Speaker> = speakers.iter().collect();
     wait_alive(&all, &NAMES).await?;
 
