@@ -532,10 +532,32 @@ fn a_lone_speaker_keeps_answering_while_junk_and_replays_reach_its_membership_po
     println!("junk and replays at {rate:.0} datagrams/s: the lone speaker answered throughout");
 }
 
+/// One metric's value from node `i`'s speaker (started with
+/// `--metrics-address=127.0.0.1:7473`).
+fn metric(w: &World, i: usize, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let text = w
+        .lab
+        .node(i)
+        .in_netns(|| {
+            let mut s = TcpStream::connect(("127.0.0.1", 7473)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                .ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            Some(text)
+        })
+        .ok()??;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 #[test]
 fn replayed_datagrams_of_a_killed_owner_do_not_keep_its_vip() {
     let keys = tempfile::tempdir().unwrap();
-    let args = keyring(&keys.path().join("keys"), &["s3cret-of-the-cluster"]);
+    let mut args = keyring(&keys.path().join("keys"), &["s3cret-of-the-cluster"]);
+    args.push("--metrics-address=127.0.0.1:7473".into());
     let w = World::start_each(&service("web", 80, 30080, ""), |_| args.clone());
     let vip = w.ips_of("web")[0];
     w.wait_answered(vip);
@@ -549,9 +571,14 @@ fn replayed_datagrams_of_a_killed_owner_do_not_keep_its_vip() {
         "captured {} datagrams",
         captured[witness].len()
     );
-    w.speakers[owner].kill_hard().unwrap();
-    // Replayed at the rate they were sent, and faster: the killed owner still "talks".
+    // Replayed at the rate they were sent, and faster, from before the kill on: the
+    // killed owner still "talks".
     let flood = Flood::start(&w, captured, Some(Duration::from_micros(500)));
+    poll_until(DEADLINE, "the replay to start", || {
+        (flood.sent.load(std::sync::atomic::Ordering::Relaxed) > 100).then_some(())
+    })
+    .unwrap();
+    w.speakers[owner].kill_hard().unwrap();
     let new = poll_until(DEADLINE, "another node answering for the VIP", || {
         match w.answering(vip).as_slice() {
             [one] if *one != owner => Some(*one),
@@ -569,8 +596,19 @@ fn replayed_datagrams_of_a_killed_owner_do_not_keep_its_vip() {
             w.logs()
         );
     }
+    // The witness recognised them as replays (they never reached membership).
+    let replayed = metric(
+        &w,
+        witness,
+        "ferrolb_speaker_membership_replayed_datagrams_total",
+    );
+    assert!(
+        replayed.is_some_and(|n| n > 0.0),
+        "node{witness} counted {replayed:?} replays\n{}",
+        w.logs()
+    );
     println!(
-        "replaying node{owner}'s datagrams at {:.0}/s after its kill: node{new} took over",
+        "replaying node{owner}'s datagrams at {:.0}/s after its kill: node{new} took over; node{witness} dropped {replayed:?} replays",
         flood.rate()
     );
 }
