@@ -12,6 +12,11 @@
 //!   only takes a message addressed to the receiver's current identity (its random
 //!   epoch is new), except announcements, and the sender's own traffic moves the window
 //!   past any recording within a probe period.
+//! * A datagram names its destination, so one captured on its way to a node cannot be
+//!   replayed to another (checked in the driver).
+//! * [`Freshness::verdict`] runs before the tag is checked (replays cost no
+//!   cryptography); [`Freshness::accept`] after it, so only authentic datagrams move
+//!   a window.
 //! * Pure: no clock and no I/O; memory bounded per sender and in senders.
 
 use std::collections::HashMap;
