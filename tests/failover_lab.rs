@@ -258,6 +258,12 @@ fn a_node_with_a_wrong_or_missing_secret_is_not_admitted_and_announces_nothing()
         }
         let log = w.speakers[2].stderr().unwrap();
         assert!(log.contains("cannot authenticate"), "node2 says why: {log}");
+        if odd.is_none() {
+            assert!(
+                log.contains("membership runs UNENCRYPTED"),
+                "no key is an error: {log}"
+            );
+        }
         // Neither side ever counted the other among the members (while node0 and
         // node1 count each other: the check can see an admission).
         let names: Vec<String> = w.lab.nodes().iter().map(|n| n.name().to_string()).collect();
