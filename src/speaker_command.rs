@@ -56,8 +56,11 @@ pub struct SpeakerArgs {
     /// UDP port of speaker membership (on each node's InternalIP).
     #[arg(long, default_value_t = ferrolb_speaker::membership::DEFAULT_PORT)]
     memberlist_port: u16,
-    /// File whose contents authenticate and encrypt membership traffic; every speaker
-    /// must read the same bytes. Messages from speakers without it are dropped.
+    /// Keyring that authenticates and encrypts membership traffic: one key per line
+    /// (at least 8 bytes each, at most 8 keys); the first seals what this speaker sends,
+    /// every one opens what it receives, so a key can be rotated without splitting the
+    /// cluster (docs/security.md). Read again every 5 s: a rotation needs no restart.
+    /// Without it membership is unencrypted and anyone on the network can forge it.
     #[arg(long, value_name = "FILE")]
     memberlist_secret_file: Option<std::path::PathBuf>,
     /// Forward VIP traffic to NodePorts where an L2Advertisement asks for it
@@ -98,16 +101,21 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
         refresh: (args.refresh_secs > 0).then(|| Duration::from_secs(args.refresh_secs)),
         ..Default::default()
     };
-    let secret = match &args.memberlist_secret_file {
+    let keyring = match &args.memberlist_secret_file {
         Some(path) => Some(
             std::fs::read(path)
-                .map_err(|e| anyhow::anyhow!("--memberlist-secret-file {}: {e}", path.display()))?,
+                .map_err(anyhow::Error::from)
+                .and_then(|contents| ferrolb_speaker::membership::Keyring::parse(&contents))
+                .map_err(|e| {
+                    anyhow::anyhow!("--memberlist-secret-file {}: {e:#}", path.display())
+                })?,
         ),
         None => None,
     };
     let cluster = (!args.no_membership).then(|| ferrolb_speaker::cluster::ClusterOptions {
         port: args.memberlist_port,
-        secret,
+        keyring,
+        keyring_file: args.memberlist_secret_file.clone(),
         settings: ferrolb_speaker::membership::Settings {
             probe_period: Duration::from_millis(args.member_probe_period_ms),
             probe_rtt: Duration::from_millis(args.member_probe_rtt_ms),

@@ -138,6 +138,13 @@ fn lint_and_template_with_defaults_and_every_feature() {
     // Bringing one's own key: no Secret generated, and the speakers use it.
     assert!(!kinds(&everything).iter().any(|k| k == "Secret"));
     assert!(everything.contains("secretName: my-key"));
+    // Rendered without a cluster (helm template, as Argo CD does) with one's own key,
+    // nothing is random: every render is the same, so a sync changes nothing and
+    // restarts no speaker.
+    let again = ok(helm(&[
+        "template", "ferrolb", CHART, "-n", NAMESPACE, "-f", all,
+    ]));
+    assert_eq!(everything, again, "two renders differ");
     assert!(everything.contains("--load-balancer-class=example.com/ferrolb"));
     // NodePort forwarding, and only it, brings CAP_NET_ADMIN (nftables).
     assert!(everything.contains("add: [NET_RAW, NET_ADMIN]"));

@@ -12,6 +12,22 @@
 //!   hold-down, and a crash-looping node never drags IPs back and forth. Because the
 //!   node declares it itself, all nodes see the same flag (a local "first seen" clock
 //!   would differ between the returning node and the others).
+//!
+//! What does *not* count: datagrams that fail authentication, replays, floods. Only
+//! authenticated, fresh traffic from a peer changes who is alive, so no packet from
+//! outside the keyring can black out or move an IP. A speaker whose key is wrong or
+//! missing therefore acts as a node cut off from the others (as it is): it logs an
+//! error naming the source of what it cannot authenticate, counts it in
+//! `membership_rejected_datagrams_total`, and before announcing an IP it probes for it
+//! (RFC 5227): the cluster's owner answers, so the stray node does not claim it.
+//! (Until this version a lone node went silent while unauthenticated datagrams
+//! arrived, which one spoofed packet every few seconds could exploit.)
+//!
+//! `started_at_ms` is the wall clock, compared across nodes, but only to tell a cold
+//! start from a rejoin: a node whose clock is off by more than `join_grace` either
+//! waits out one hold-down it could have skipped or skips one; it is never locked out
+//! and never makes two owners (`settled` is declared by each node itself and gossiped,
+//! so every node's election sees the same flag). Membership identity uses no clock.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,7 +47,10 @@ use crate::membership::{self, Config, Members, Membership, NodeMeta};
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
     pub port: u16,
-    pub secret: Option<Vec<u8>>,
+    /// The keys that seal membership; `None`: unencrypted (logged as an error).
+    pub keyring: Option<membership::Keyring>,
+    /// Where the keyring is read again from, so a rotation needs no restart.
+    pub keyring_file: Option<std::path::PathBuf>,
     pub settings: membership::Settings,
     /// How long a (re)started node waits before taking IPs back from settled nodes.
     pub hold: Duration,
@@ -43,7 +62,8 @@ impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             port: membership::DEFAULT_PORT,
-            secret: None,
+            keyring: None,
+            keyring_file: None,
             settings: membership::Settings::default(),
             hold: Duration::from_secs(3),
             join_grace: Duration::from_secs(1),
@@ -58,8 +78,6 @@ pub struct Cluster {
     started: Instant,
     /// Since when this node has been up and connected; `hold` counts from here.
     hold_from: Instant,
-    /// Rejected datagrams seen so far, and when the count last grew.
-    rejected: (u64, Option<Instant>),
     opts: ClusterOptions,
     meta: NodeMeta,
     peers: Vec<(String, SocketAddr)>,
@@ -67,11 +85,7 @@ pub struct Cluster {
     /// Until when a node whose link came back holds off, as if joining (see
     /// [`Cluster::set_subnets`]).
     rejoining_until: Option<Instant>,
-    warned_cut_off: bool,
 }
-
-/// How long rejected datagrams count as a sign of a cluster we are not part of.
-const REJECT_MEMORY: Duration = Duration::from_secs(3);
 
 impl Cluster {
     /// Joins the speakers of the Nodes in `m`, at this node's InternalIP.
@@ -105,7 +119,8 @@ impl Cluster {
             node_name: node.to_string(),
             bind,
             peers: peers.clone(),
-            secret: opts.secret.clone(),
+            keyring: opts.keyring.clone(),
+            keyring_file: opts.keyring_file.clone(),
             settings: opts.settings.clone(),
             meta: meta.clone(),
         })
@@ -118,13 +133,11 @@ impl Cluster {
             node: node.to_string(),
             started: Instant::now(),
             hold_from: Instant::now(),
-            rejected: (0, None),
             opts,
             meta,
             peers,
             joined: false,
             rejoining_until: None,
-            warned_cut_off: false,
         })
     }
 
@@ -158,6 +171,16 @@ impl Cluster {
                 self.meta.settled = true;
                 self.publish_meta();
             }
+            // Alone at join while peers are declared: they are all down, or this node
+            // cannot authenticate them (a wrong key) — nothing it receives can tell,
+            // since junk proves nothing. Wait one more join grace, so that a cluster
+            // starting beside it owns its IPs by the time this node probes for them
+            // (RFC 5227): their owners answer, and a stray node claims none. A lone
+            // survivor answers after that wait.
+            let alone = members.alive.keys().all(|n| *n == self.node);
+            if alone && self.peers.iter().any(|(n, _)| *n != self.node) {
+                self.rejoining_until = Some(now + self.opts.join_grace);
+            }
             info!(
                 alive = members.alive.len(),
                 declared = self.peers.len(),
@@ -173,11 +196,6 @@ impl Cluster {
                     members: Some(BTreeMap::new()),
                 };
             }
-        }
-        if self.cut_off(now, &members) {
-            return ClusterView {
-                members: Some(BTreeMap::new()),
-            };
         }
         if !self.meta.settled && now >= self.hold_from + self.opts.hold {
             self.meta.settled = true;
@@ -228,12 +246,7 @@ impl Cluster {
         if !self.joined {
             return Some(self.started + self.opts.join_grace);
         }
-        let later = if !self.meta.settled {
-            Some(self.hold_from + self.opts.hold)
-        } else {
-            // Re-check isolation while rejected datagrams keep coming.
-            self.rejected.1.map(|at| at + REJECT_MEMORY)
-        };
+        let later = (!self.meta.settled).then(|| self.hold_from + self.opts.hold);
         match (self.rejoining_until, later) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -269,31 +282,6 @@ impl Cluster {
             self.meta.subnets = subnets;
             self.publish_meta();
         }
-    }
-
-    /// Alone, while datagrams we cannot authenticate keep arriving: a cluster is there
-    /// that we are not part of (wrong or missing --memberlist-secret-file). Claiming its
-    /// IPs would make two owners, so this node announces nothing until it is admitted.
-    fn cut_off(&mut self, now: Instant, members: &Members) -> bool {
-        let Some(m) = &self.membership else {
-            return false;
-        };
-        let rejected = m.stats().rejected;
-        if rejected > self.rejected.0 {
-            self.rejected = (rejected, Some(now));
-        }
-        let alone = members.alive.keys().all(|n| *n == self.node);
-        let recent = self.rejected.1.is_some_and(|at| now < at + REJECT_MEMORY);
-        let cut_off = alone && recent && self.peers.len() > 1;
-        if cut_off && !self.warned_cut_off {
-            tracing::error!(
-                "peers are sending membership messages this node cannot authenticate, and none \
-                 has admitted it: check that every speaker reads the same --memberlist-secret-file; \
-                 announcing nothing meanwhile"
-            );
-        }
-        self.warned_cut_off = cut_off;
-        cut_off
     }
 
     /// The Node objects changed.
@@ -396,7 +384,6 @@ mod tests {
             node: "node0".into(),
             started: Instant::now(),
             hold_from: Instant::now(),
-            rejected: (0, None),
             opts: ClusterOptions::default(),
             meta: NodeMeta {
                 subnets: vec![LAN.parse().unwrap()],
@@ -407,7 +394,6 @@ mod tests {
             peers,
             joined: true,
             rejoining_until: None,
-            warned_cut_off: false,
         };
         (cluster, tx)
     }

@@ -105,6 +105,7 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
     let mut down_at: BTreeMap<String, StdInstant> = BTreeMap::new();
     let mut alive_before: BTreeSet<String> = BTreeSet::new();
     let mut rejected_before = 0;
+    let mut replayed_before = 0;
     let (resolved_tx, mut resolved_rx) = tokio::sync::mpsc::channel::<Resolved>(8);
     let mut resolving = Resolving::default();
     loop {
@@ -129,13 +130,20 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             opts.metrics.members.set(alive.len() as i64);
             alive_before = alive;
         }
-        if let Some(c) = &cluster {
-            let rejected = c.stats().map_or(0, |s| s.rejected);
+        if let Some(stats) = cluster.as_ref().and_then(Cluster::stats) {
             Metrics::count_to(
                 &opts.metrics.membership_rejected,
-                rejected,
+                stats.rejected,
                 &mut rejected_before,
             );
+            Metrics::count_to(
+                &opts.metrics.membership_replayed,
+                stats.replayed + stats.rate_limited,
+                &mut replayed_before,
+            );
+            opts.metrics
+                .membership_encrypted
+                .set(i64::from(stats.encrypted));
         }
         let pass = StdInstant::now();
         let plan = plan(&manifests, &opts.node_name, &view, &opts.addresses);

@@ -57,6 +57,10 @@ pub struct Metrics {
     pub members: Gauge,
     pub members_declared_down: Counter,
     pub membership_rejected: Counter,
+    /// Authenticated membership datagrams dropped as replays or over a sender's allowance.
+    pub membership_replayed: Counter,
+    /// 1 when membership is sealed with a keyring; 0 when it runs unencrypted.
+    pub membership_encrypted: Gauge,
     /// 1 while every watch of the API server has listed and none is failing.
     pub api_connected: Gauge,
     /// MetalLB's `metallb_speaker_announced`: 1 per Service and IP this node announces.
@@ -83,6 +87,8 @@ impl Default for Metrics {
             members: Gauge::default(),
             members_declared_down: Counter::default(),
             membership_rejected: Counter::default(),
+            membership_replayed: Counter::default(),
+            membership_encrypted: Gauge::default(),
             api_connected: Gauge::default(),
             metallb_announced: Family::default(),
             metallb_config_loaded: Gauge::default(),
@@ -158,6 +164,16 @@ impl Default for Metrics {
             "membership_rejected_datagrams",
             "Membership datagrams that failed authentication",
             m.membership_rejected.clone(),
+        );
+        r.register(
+            "membership_replayed_datagrams",
+            "Authenticated membership datagrams dropped as replays (seen already or too old) or over their sender's rate",
+            m.membership_replayed.clone(),
+        );
+        r.register(
+            "membership_encrypted",
+            "1 when membership is sealed with a keyring; 0 when it runs unencrypted and anyone on the network can forge it",
+            m.membership_encrypted.clone(),
         );
         r.register(
             "api_connected",

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use ferrolb_speaker::membership::{Config, Members, Membership, NodeMeta, Settings, Stats};
+use ferrolb_speaker::membership::{
+    Config, Keyring, Members, Membership, NodeMeta, Settings, Stats,
+};
 use support::{Netns, unique};
 use tokio::sync::{oneshot, watch};
 
@@ -81,7 +83,8 @@ impl Lab {
             node_name: NAMES[i].to_owned(),
             bind: Self::addr(i),
             peers: Self::peers(),
-            secret: secret.map(<[u8]>::to_vec),
+            keyring: secret.map(|s| Keyring::parse(s).expect("a valid key")),
+            keyring_file: None,
             settings,
             meta: NodeMeta {
                 subnets: vec![Self::cidr(i).parse().expect("cidr")],
@@ -470,7 +473,7 @@ async fn members_without_the_right_secret_are_never_admitted() -> anyhow::Result
 async fn new_metadata_reaches_the_others() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let lab = Lab::new()?;
-    let speakers = lab.start_all(Some(b"s"))?;
+    let speakers = lab.start_all(Some(b"a shared key"))?;
     let all: Vec<&Speaker> = speakers.iter().collect();
     wait_alive(&all, &NAMES).await?;
 

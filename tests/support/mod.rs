@@ -73,7 +73,12 @@ impl World {
 
     /// Starts node `i`'s speaker again (after it was killed).
     pub fn restart(&mut self, i: usize) {
-        self.speakers[i] = World::spawn(&self.lab, self.dir.path(), i, &[]);
+        self.restart_with(i, &[]);
+    }
+
+    /// [`World::restart`] with extra speaker arguments.
+    pub fn restart_with(&mut self, i: usize, extra: &[String]) {
+        self.speakers[i] = World::spawn(&self.lab, self.dir.path(), i, extra);
     }
 
     /// The nodes answering ARP for `ip` right now, one entry per reply.

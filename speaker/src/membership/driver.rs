@@ -2,56 +2,139 @@
 //! send, and publishes the live members.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chacha20poly1305::ChaCha20Poly1305;
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, PostcardCodec};
 use rand::rngs::StdRng;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::freshness::{Freshness, Verdict};
 use super::identity::NodeId;
 use super::metadata::{MetaHandler, MetaTable, encode_meta};
-use super::sealing::{MAX_DATAGRAM, open, seal};
+use super::sealing::{Header, Keyring, MAX_DATAGRAM, Rejected, name_hash, peek, seal};
 use super::timers::{Scheduled, sleep_until};
 use super::{Command, Counters, Members, NodeMeta};
 
-/// How often at most a failed authentication is logged at warn.
-const AUTH_WARN_EVERY: Duration = Duration::from_secs(10);
+/// Datagrams received per wake-up at most, before timers and commands get a turn.
+const RECV_BATCH: usize = 256;
+/// How often at most a rejected datagram is logged at error.
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Authenticated datagrams a sender may send us per second, sustained (a steady
+/// cluster sends a few tens), and in a burst.
+const SENDER_RATE: f64 = 1000.0;
+const SENDER_BURST: f64 = 2000.0;
+/// How often the keyring file is read again, so a rotated Secret takes effect without
+/// a restart (the kubelet updates a mounted Secret within a minute or so).
+pub(super) const KEYRING_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) type Swim = Foca<NodeId, PostcardCodec, StdRng, MetaHandler>;
+
+/// Where the keyring comes from, and what it said last.
+pub(super) struct KeyringFile {
+    pub(super) path: PathBuf,
+    pub(super) contents: Vec<u8>,
+}
+
+/// A sender's allowance of datagrams (token bucket).
+struct Allowance {
+    tokens: f64,
+    at: Instant,
+}
 
 /// The membership task: owns foca, the socket and the timers, on a thread of its own.
 pub(super) struct Driver {
     pub(super) foca: Swim,
     pub(super) runtime: AccumulatingRuntime<NodeId>,
     pub(super) socket: UdpSocket,
-    pub(super) cipher: Option<ChaCha20Poly1305>,
+    pub(super) keyring: Option<Keyring>,
+    pub(super) keyring_file: Option<KeyringFile>,
     pub(super) timers: BinaryHeap<Reverse<Scheduled>>,
     pub(super) timer_seq: u64,
     /// Configured peers other than ourselves.
     pub(super) peers: Vec<(String, SocketAddr)>,
     pub(super) name: String,
+    /// This process's random incarnation: our identity's epoch, and what our datagrams
+    /// are numbered under.
     pub(super) epoch: u64,
+    /// Datagrams sent by this process.
+    pub(super) sent: u64,
+    pub(super) freshness: Freshness,
+    /// The newest identity (bump, epoch) seen per member name, told to that name in
+    /// every datagram sent to it (see [`Header::floor`]).
+    pub(super) floors: HashMap<String, (u64, u64)>,
+    allowances: HashMap<u64, Allowance>,
+    /// Our name as datagram headers carry it.
+    name_hash: u64,
     pub(super) meta_version: u64,
     pub(super) meta: NodeMeta,
     pub(super) metas: Arc<Mutex<MetaTable>>,
+    /// Set by the metadata handler when something new arrived.
+    pub(super) metas_changed: Arc<AtomicBool>,
+    /// The members must be published again (foca reported a change, or metadata).
+    members_dirty: bool,
     pub(super) members: watch::Sender<Members>,
     pub(super) counters: Arc<Counters>,
-    pub(super) last_auth_warn: Option<Instant>,
+    last_reject_log: Option<Instant>,
     pub(super) rejoin_interval: Duration,
 }
 
 impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        foca: Swim,
+        socket: UdpSocket,
+        keyring: Option<Keyring>,
+        keyring_file: Option<KeyringFile>,
+        name: String,
+        epoch: u64,
+        meta: NodeMeta,
+        metas: Arc<Mutex<MetaTable>>,
+        metas_changed: Arc<AtomicBool>,
+        members: watch::Sender<Members>,
+        counters: Arc<Counters>,
+        rejoin_interval: Duration,
+    ) -> Driver {
+        Driver {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            socket,
+            keyring,
+            keyring_file,
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            peers: Vec::new(),
+            epoch,
+            sent: 0,
+            freshness: Freshness::default(),
+            floors: HashMap::new(),
+            allowances: HashMap::new(),
+            name_hash: name_hash(&name),
+            name,
+            meta_version: 0,
+            meta,
+            metas,
+            metas_changed,
+            members_dirty: true,
+            members,
+            counters,
+            last_reject_log: None,
+            rejoin_interval,
+        }
+    }
+
     pub(super) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut buf = vec![0u8; 2 * MAX_DATAGRAM];
         let mut rejoin = tokio::time::interval(self.rejoin_interval);
         rejoin.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reload = tokio::time::interval(KEYRING_RELOAD_EVERY);
+        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.timers.peek().map(|Reverse(s)| s.at);
             tokio::select! {
@@ -62,6 +145,7 @@ impl Driver {
                     }
                     Some(Command::SetMeta(meta)) => {
                         self.meta = meta;
+                        self.members_dirty = true;
                         self.publish_meta(true);
                     }
                     Some(Command::Leave(done)) => {
@@ -74,12 +158,21 @@ impl Driver {
                     // The handle is gone (dropped): stop like a crash.
                     None => return,
                 },
-                received = self.socket.recv_from(&mut buf) => match received {
-                    Ok((len, from)) => self.receive(&buf[..len], from),
-                    Err(error) => tracing::debug!(%error, "membership receive failed"),
-                },
+                ready = self.socket.readable() => {
+                    if let Err(error) = ready {
+                        tracing::debug!(%error, "membership receive failed");
+                    }
+                    // Junk, forgeries, replays and floods stop in `receive`, before any
+                    // work: no foca, no flush, no members rebuilt. Draining a batch per
+                    // wake-up keeps up with a flood, so the socket's queue does not
+                    // overflow and drop the peers' probes with the junk.
+                    if !self.drain(&mut buf) {
+                        continue;
+                    }
+                }
                 () = sleep_until(next_timer) => self.fire_due_timers(),
                 _ = rejoin.tick() => self.announce_to_missing(),
+                _ = reload.tick() => self.reload_keyring(),
             }
             self.flush().await;
         }
@@ -136,27 +229,170 @@ impl Driver {
         }
     }
 
-    fn receive(&mut self, frame: &[u8], from: SocketAddr) {
-        let Some(message) = open(self.cipher.as_ref(), frame) else {
-            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%from, len = frame.len(), "membership message failed authentication");
-            let now = Instant::now();
-            if self
-                .last_auth_warn
-                .is_none_or(|last| now.duration_since(last) >= AUTH_WARN_EVERY)
-            {
-                self.last_auth_warn = Some(now);
-                tracing::warn!(
-                    "membership message from {} failed authentication — wrong or missing \
-                     --memberlist-secret-file?",
-                    from.ip()
-                );
+    /// Receives what is queued, up to [`RECV_BATCH`] datagrams; whether foca got any.
+    fn drain(&mut self, buf: &mut [u8]) -> bool {
+        let mut fed = false;
+        for _ in 0..RECV_BATCH {
+            match self.socket.try_recv_from(buf) {
+                Ok((len, from)) => fed |= self.receive(&buf[..len], from),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => {
+                    tracing::debug!(%error, "membership receive failed");
+                    break;
+                }
             }
-            return;
+        }
+        fed
+    }
+
+    /// Checks a datagram, cheapest first, and hands it to foca when it is authentic,
+    /// fresh and within its sender's allowance. Returns whether foca got it.
+    fn receive(&mut self, frame: &[u8], from: SocketAddr) -> bool {
+        let rejected = |driver: &mut Driver, why: Rejected| {
+            driver.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            driver.log_rejected(from, frame.len(), why);
+            false
         };
+        let unopened = match peek(self.keyring.as_ref(), frame) {
+            Ok(unopened) => unopened,
+            Err(why) => return rejected(self, why),
+        };
+        let header = unopened.header.clone();
+        let replayed = |driver: &mut Driver, verdict: Verdict| {
+            driver.counters.replayed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%from, ?verdict, "membership: replayed, stale or misdirected datagram dropped");
+            false
+        };
+        if header.sender == self.name_hash || header.destination != self.name_hash {
+            // Ours, or meant for another node (replayed to us): nothing for us.
+            return replayed(self, Verdict::Duplicate);
+        }
+        // Before the tag: a replay costs no cryptography.
+        let verdict = self
+            .freshness
+            .verdict(header.sender, header.incarnation, header.counter);
+        if verdict != Verdict::Fresh {
+            return replayed(self, verdict);
+        }
+        let message = match unopened.open() {
+            Ok(message) => message,
+            Err(why) => return rejected(self, why),
+        };
+        // Authentic: now it may move the window.
+        self.freshness
+            .accept(header.sender, header.incarnation, header.counter);
+        if !self.within_allowance(header.sender) {
+            self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         self.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.outbid(header.floor);
         let result = self.foca.handle_data(&message, &mut self.runtime);
         self.check(result, "handling a message");
+        true
+    }
+
+    fn log_rejected(&mut self, from: SocketAddr, len: usize, why: Rejected) {
+        tracing::debug!(%from, len, ?why, "membership datagram rejected");
+        let now = Instant::now();
+        if self
+            .last_reject_log
+            .is_none_or(|last| now.duration_since(last) >= REJECT_LOG_EVERY)
+        {
+            self.last_reject_log = Some(now);
+            let rejected = self.counters.rejected.load(Ordering::Relaxed);
+            let keys = self.keyring.as_ref().map(Keyring::ids).unwrap_or_default();
+            tracing::error!(
+                source = %from,
+                ?why,
+                rejected_total = rejected,
+                keys = ?keys,
+                "membership datagrams this node cannot authenticate keep arriving (the \
+                 latest from {from}): a speaker with a wrong or missing \
+                 --memberlist-secret-file, or junk; they are ignored, and a speaker that \
+                 cannot authenticate its peers acts as if cut off from them"
+            );
+        }
+    }
+
+    /// Whether `sender` may send one more datagram now (token bucket per sender).
+    fn within_allowance(&mut self, sender: u64) -> bool {
+        let now = Instant::now();
+        if !self.allowances.contains_key(&sender) {
+            if self.allowances.len() >= 4096 {
+                self.allowances
+                    .retain(|_, a| now.duration_since(a.at) < Duration::from_secs(60));
+            }
+            self.allowances.insert(
+                sender,
+                Allowance {
+                    tokens: SENDER_BURST,
+                    at: now,
+                },
+            );
+        }
+        let Some(allowance) = self.allowances.get_mut(&sender) else {
+            return false;
+        };
+        let refill = now.duration_since(allowance.at).as_secs_f64() * SENDER_RATE;
+        allowance.tokens = (allowance.tokens + refill).min(SENDER_BURST);
+        allowance.at = now;
+        if allowance.tokens >= 1.0 {
+            allowance.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A peer knows an identity of our name that wins over ours: a previous process of
+    /// this node whose identity was renewed, or whose tie-break was luckier. Outbid it,
+    /// so that we are admitted now rather than when the peers forget it.
+    fn outbid(&mut self, floor: (u64, u64)) {
+        let ours = self.foca.identity().clone();
+        if floor.1 == self.epoch || floor <= (ours.bump, ours.epoch) {
+            return;
+        }
+        let renewed = NodeId {
+            bump: floor.0.saturating_add(1),
+            ..ours
+        };
+        tracing::info!(
+            bump = renewed.bump,
+            "membership: a previous process of this node is still known; outbidding it"
+        );
+        let result = self.foca.change_identity(renewed, &mut self.runtime);
+        self.check(result, "outbidding a previous identity");
+        self.announce_to_missing();
+    }
+
+    /// Reads the keyring file again; a changed, valid keyring replaces ours. A file
+    /// that cannot be read or parsed keeps the keys we have (logged).
+    fn reload_keyring(&mut self) {
+        let Some(file) = &mut self.keyring_file else {
+            return;
+        };
+        let contents = match std::fs::read(&file.path) {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::error!(path = %file.path.display(), %error, "membership keyring unreadable; keeping the current keys");
+                return;
+            }
+        };
+        if contents == file.contents {
+            return;
+        }
+        match Keyring::parse(&contents) {
+            Ok(keyring) => {
+                file.contents = contents;
+                tracing::info!(path = %file.path.display(), keys = ?keyring.ids(), "membership keyring reloaded; the first key sends");
+                self.keyring = Some(keyring);
+            }
+            Err(error) => {
+                file.contents = contents;
+                tracing::error!(path = %file.path.display(), "membership keyring: {error:#}; keeping the current keys");
+            }
+        }
     }
 
     pub(super) fn check(&self, result: Result<(), foca::Error>, doing: &str) {
@@ -174,11 +410,19 @@ impl Driver {
             let mut republish_meta = false;
             let mut announce = false;
             while let Some(notification) = self.runtime.to_notify() {
+                self.members_dirty = true;
                 match notification {
                     // Someone new (or back): it needs our metadata.
-                    OwnedNotification::MemberUp(_) | OwnedNotification::Rename(_, _) => {
+                    OwnedNotification::MemberUp(id) => {
+                        self.raise_floor(&id);
                         republish_meta = true;
                     }
+                    OwnedNotification::Rename(old, new) => {
+                        self.raise_floor(&old);
+                        self.raise_floor(&new);
+                        republish_meta = true;
+                    }
+                    OwnedNotification::MemberDown(id) => self.raise_floor(&id),
                     // We were declared down (a partition healed): foca renewed our
                     // identity; tell the peers now rather than at the next rejoin tick.
                     OwnedNotification::Rejoin(id) => {
@@ -203,7 +447,15 @@ impl Driver {
             }
             self.schedule();
             while let Some((to, message)) = self.runtime.to_send() {
-                let Some(frame) = seal(self.cipher.as_ref(), &message) else {
+                self.sent += 1;
+                let header = Header {
+                    sender: self.name_hash,
+                    destination: name_hash(&to.name),
+                    incarnation: self.epoch,
+                    counter: self.sent,
+                    floor: self.floors.get(&to.name).copied().unwrap_or_default(),
+                };
+                let Some(frame) = seal(self.keyring.as_ref(), &header, &message) else {
                     tracing::warn!("membership: no randomness for a nonce, dropping a message");
                     continue;
                 };
@@ -218,9 +470,26 @@ impl Driver {
                 break;
             }
         }
-        self.publish_members();
+        if self.metas_changed.swap(false, Ordering::Relaxed) {
+            self.members_dirty = true;
+        }
+        if self.members_dirty {
+            self.members_dirty = false;
+            self.publish_members();
+        }
     }
 
+    /// Remembers `id` as the newest identity of its name, if it is.
+    fn raise_floor(&mut self, id: &NodeId) {
+        let seen = (id.bump, id.epoch);
+        let floor = self.floors.entry(id.name.clone()).or_default();
+        if seen > *floor {
+            *floor = seen;
+        }
+    }
+
+    /// Rebuilds the members map: O(members), so only when foca or the metadata said
+    /// something changed, never per datagram.
     fn publish_members(&mut self) {
         let metas = self.metas.lock().unwrap_or_else(|e| e.into_inner());
         let mut alive: BTreeMap<String, NodeMeta> = self
@@ -230,10 +499,12 @@ impl Driver {
                 let id = m.id();
                 // A restarted node's old metadata (settled, say) must not stand for the
                 // new process: until its own arrives, the member is "not reported".
-                let meta = metas
-                    .get(&id.name)
-                    .filter(|(epoch, _, _)| *epoch == id.epoch)
-                    .map(|(_, _, meta)| meta.clone());
+                let meta = metas.get(&id.name).and_then(|processes| {
+                    processes
+                        .iter()
+                        .find(|(epoch, _, _)| *epoch == id.epoch)
+                        .map(|(_, _, meta)| meta.clone())
+                });
                 (id.name.clone(), meta.unwrap_or_default())
             })
             .collect();

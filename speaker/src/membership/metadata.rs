@@ -2,6 +2,7 @@
 //! of the newest process wins, and small enough to fit in one datagram.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, bail};
@@ -30,9 +31,9 @@ pub struct NodeMeta {
     pub reported: bool,
 }
 
-/// A node's metadata as gossiped: versioned by (epoch, version) so that a newer one
-/// replaces an older one, and a restarted node (larger epoch) replaces what its
-/// previous process said.
+/// A node's metadata as gossiped: kept per process (its random epoch) and versioned
+/// within it, so that a newer word of a process replaces an older one; which process
+/// is the member now is foca's identity (see `Driver::publish_members`).
 #[derive(Serialize, Deserialize)]
 struct MetaUpdate {
     name: String,
@@ -72,16 +73,24 @@ pub(super) struct MetaKey {
 
 impl Invalidates for MetaKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.name == other.name && (self.epoch, self.version) >= (other.epoch, other.version)
+        self.name == other.name && self.epoch == other.epoch && self.version >= other.version
     }
 }
 
-/// Newest metadata per node name, with its (epoch, version).
-pub(super) type MetaTable = HashMap<String, (u64, u64, NodeMeta)>;
+/// Processes remembered per node name: the current one and a few before it (whose
+/// gossip may still be on its way).
+const PROCESSES_PER_NAME: usize = 4;
+
+/// Newest metadata per node name and process: (epoch, version, metadata), the most
+/// recently updated last.
+pub(super) type MetaTable = HashMap<String, Vec<(u64, u64, NodeMeta)>>;
 
 /// Keeps the newest metadata per node; foca passes on only what is new to us.
 pub(super) struct MetaHandler {
     pub(super) metas: Arc<Mutex<MetaTable>>,
+    /// Set when something new arrived, so that the members are published again (and
+    /// only then).
+    pub(super) changed: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,16 +108,20 @@ impl foca::BroadcastHandler<NodeId> for MetaHandler {
     ) -> Result<Option<MetaKey>, BadMeta> {
         let update: MetaUpdate = postcard::from_bytes(data)?;
         let mut metas = self.metas.lock().unwrap_or_else(|e| e.into_inner());
-        let newer = metas
-            .get(&update.name)
-            .is_none_or(|(epoch, version, _)| (update.epoch, update.version) > (*epoch, *version));
-        if !newer {
-            return Ok(None);
+        let processes = metas.entry(update.name.clone()).or_default();
+        let known = processes
+            .iter()
+            .position(|(epoch, _, _)| *epoch == update.epoch);
+        if let Some(i) = known {
+            if processes[i].1 >= update.version {
+                return Ok(None);
+            }
+            processes.remove(i);
+        } else if processes.len() >= PROCESSES_PER_NAME {
+            processes.remove(0);
         }
-        metas.insert(
-            update.name.clone(),
-            (update.epoch, update.version, update.meta),
-        );
+        processes.push((update.epoch, update.version, update.meta));
+        self.changed.store(true, Ordering::Relaxed);
         Ok(Some(MetaKey {
             name: update.name,
             epoch: update.epoch,
@@ -125,6 +138,7 @@ mod tests {
     fn newer_metadata_replaces_older_and_restarts_win() {
         let mut handler = MetaHandler {
             metas: Arc::default(),
+            changed: Arc::default(),
         };
         let meta = |n: &str| NodeMeta {
             subnets: vec![n.parse().expect("net")],
@@ -148,12 +162,33 @@ mod tests {
             !send(&mut handler, 5, 1, &meta("10.0.0.0/24")),
             "older is stale"
         );
+        // A restart: another (random) epoch, whatever its value, is a process of its own.
         assert!(
-            send(&mut handler, 6, 1, &meta("10.0.2.0/24")),
-            "restart wins"
+            send(&mut handler, 2, 1, &meta("10.0.2.0/24")),
+            "a new process's word is kept"
         );
-        let metas = handler.metas.lock().expect("lock");
-        assert_eq!(metas["a"].2, meta("10.0.2.0/24"));
+        assert!(
+            send(&mut handler, 5, 3, &meta("10.0.3.0/24")),
+            "and the old one's still versioned apart"
+        );
+        {
+            let metas = handler.metas.lock().expect("lock");
+            let of = |epoch| {
+                metas["a"]
+                    .iter()
+                    .find(|(e, _, _)| *e == epoch)
+                    .map(|(_, _, m)| m.clone())
+            };
+            assert_eq!(of(2), Some(meta("10.0.2.0/24")));
+            assert_eq!(of(5), Some(meta("10.0.3.0/24")));
+        }
+        for epoch in 10..20 {
+            send(&mut handler, epoch, 1, &meta("10.0.0.0/24"));
+        }
+        assert_eq!(
+            handler.metas.lock().expect("lock")["a"].len(),
+            PROCESSES_PER_NAME
+        );
     }
 
     #[test]

@@ -9,42 +9,50 @@
 //! * Peers come from the Node objects ([`Config::peers`]); the task announces itself to
 //!   every configured peer that is not a live member, so a cluster forms from any
 //!   order of starts and heals after a partition without outside help.
-//! * A restarted speaker (same name and address) has a newer identity (a larger `bump`)
-//!   and is admitted at once; one that the others declared down (a cut link) renews its
-//!   identity and rejoins when it can talk again.
-//! * With a shared secret every datagram is sealed with ChaCha20-Poly1305; datagrams that
-//!   fail to open — wrong secret, no secret, or sealed traffic reaching a node without
-//!   one — are dropped and counted, so nodes with different secrets never admit each
-//!   other.
+//! * A restarted speaker (same name and address) has a new identity (a random epoch,
+//!   no wall clock) and is admitted at once: if a peer still knows a previous identity
+//!   of its name that wins, the peer says so and the new process outbids it. One that
+//!   the others declared down (a cut link) renews its identity and rejoins when it can
+//!   talk again.
+//! * With a keyring every datagram is sealed with ChaCha20-Poly1305 under its first key
+//!   and opened with any of its keys (rotation without a split); datagrams that fail to
+//!   open — wrong key, no key, or sealed traffic reaching a node without one — are
+//!   dropped and counted, so nodes with different keys never admit each other.
+//! * Inside the seal each datagram names its sender's process and a counter: a replayed
+//!   datagram is dropped (see `freshness`). Junk, forgeries, replays and datagrams over
+//!   a sender's allowance cost a few checks and no work; they never reach foca, never
+//!   rebuild the members, and never change who is alive.
 //! * Traffic is per node, never per announced IP: a probe and an ack per
 //!   [`Settings::probe_period`] in steady state, whatever the number of Services.
 
 mod driver;
+mod freshness;
 mod identity;
 mod metadata;
 mod sealing;
 mod settings;
 mod timers;
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use foca::{AccumulatingRuntime, Foca, PostcardCodec};
+use foca::{Foca, PostcardCodec};
 use rand::rngs::StdRng;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use metadata::NodeMeta;
+pub use sealing::{Keyring, MAX_KEYS};
 pub use settings::Settings;
 
-use driver::Driver;
+use driver::{Driver, KeyringFile};
 use identity::NodeId;
 use metadata::{MetaHandler, encode_meta};
-use sealing::cipher_for;
 
 /// The UDP port speakers use for membership unless configured otherwise (memberlist's).
 pub const DEFAULT_PORT: u16 = 7946;
@@ -58,9 +66,12 @@ pub struct Config {
     pub bind: SocketAddr,
     /// Every node's name and membership address (may include ourselves: ignored).
     pub peers: Vec<(String, SocketAddr)>,
-    /// Shared secret (the contents of `--memberlist-secret-file`); `None` sends plain
-    /// messages.
-    pub secret: Option<Vec<u8>>,
+    /// The keys that seal membership (from `--memberlist-secret-file`); `None` sends
+    /// plain messages, which anyone on the network can forge.
+    pub keyring: Option<Keyring>,
+    /// The file `keyring` came from: read again every few seconds, so that a rotated
+    /// key takes effect without a restart.
+    pub keyring_file: Option<PathBuf>,
     /// Failure-detection tuning.
     pub settings: Settings,
     /// What we tell the others about ourselves at start.
@@ -85,6 +96,12 @@ pub struct Stats {
     pub received: u64,
     /// Datagrams dropped because they failed authentication or had the wrong framing.
     pub rejected: u64,
+    /// Authenticated datagrams dropped as replays (seen already, or too old).
+    pub replayed: u64,
+    /// Authenticated datagrams dropped because their sender sent too many.
+    pub rate_limited: u64,
+    /// Whether membership is sealed (a keyring is configured).
+    pub encrypted: bool,
 }
 
 #[derive(Default)]
@@ -92,6 +109,9 @@ struct Counters {
     sent: AtomicU64,
     received: AtomicU64,
     rejected: AtomicU64,
+    replayed: AtomicU64,
+    rate_limited: AtomicU64,
+    encrypted: AtomicBool,
 }
 
 enum Command {
@@ -125,18 +145,32 @@ impl Membership {
         let socket = std::net::UdpSocket::bind(config.bind)
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .with_context(|| format!("binding membership socket {}", config.bind))?;
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        enlarge_receive_queue(&socket);
+        // Random, never 0 (0 means "no identity known" in a datagram's floor), and
+        // persisted nowhere: no clock step can make it look older than a past one.
+        let epoch = rand::random::<u64>() | 1;
         let identity = NodeId {
             name: config.node_name.clone(),
             addr: config.bind,
-            bump: epoch,
+            bump: 0,
             epoch,
         };
+        if config.keyring.is_none() {
+            tracing::error!(
+                "membership runs UNENCRYPTED (no --memberlist-secret-file): anyone who can \
+                 send UDP to port {} can forge liveness and move or black out every IP",
+                config.bind.port()
+            );
+        }
+        let keyring_file = config.keyring_file.as_ref().map(|path| KeyringFile {
+            path: path.clone(),
+            contents: std::fs::read(path).unwrap_or_default(),
+        });
         let metas = Arc::new(Mutex::new(HashMap::new()));
+        let metas_changed = Arc::new(AtomicBool::new(false));
         let handler = MetaHandler {
             metas: Arc::clone(&metas),
+            changed: Arc::clone(&metas_changed),
         };
         let foca = Foca::with_custom_broadcast(
             identity,
@@ -149,26 +183,27 @@ impl Membership {
         alive.insert(config.node_name.clone(), config.meta.clone());
         let (members_tx, members_rx) = watch::channel(Members { alive });
         let counters = Arc::new(Counters::default());
+        counters
+            .encrypted
+            .store(config.keyring.is_some(), Ordering::Relaxed);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let rejoin_interval = config.settings.rejoin_interval;
         let driver_counters = Arc::clone(&counters);
-        let driver = move |socket| Driver {
-            foca,
-            runtime: AccumulatingRuntime::new(),
-            socket,
-            cipher: config.secret.as_deref().map(cipher_for),
-            timers: BinaryHeap::new(),
-            timer_seq: 0,
-            peers: Vec::new(),
-            name: config.node_name,
-            epoch,
-            meta_version: 0,
-            meta: config.meta,
-            metas,
-            members: members_tx,
-            counters: driver_counters,
-            last_auth_warn: None,
-            rejoin_interval,
+        let driver = move |socket| {
+            Driver::new(
+                foca,
+                socket,
+                config.keyring,
+                keyring_file,
+                config.node_name,
+                epoch,
+                config.meta,
+                metas,
+                metas_changed,
+                members_tx,
+                driver_counters,
+                rejoin_interval,
+            )
         };
         let peers = config.peers;
         // A thread and runtime of its own: however long planning 10,000 Services or
@@ -242,6 +277,9 @@ impl Membership {
             sent: self.counters.sent.load(Ordering::Relaxed),
             received: self.counters.received.load(Ordering::Relaxed),
             rejected: self.counters.rejected.load(Ordering::Relaxed),
+            replayed: self.counters.replayed.load(Ordering::Relaxed),
+            rate_limited: self.counters.rate_limited.load(Ordering::Relaxed),
+            encrypted: self.counters.encrypted.load(Ordering::Relaxed),
         }
     }
 
@@ -252,5 +290,18 @@ impl Membership {
         if self.commands.send(Command::Leave(done)).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
         }
+    }
+}
+
+/// Room for a few thousand datagrams in the socket's queue: under a flood, a moment of
+/// scheduling delay must not overflow it and drop the peers' probes with the junk.
+/// Beyond `net.core.rmem_max` only with CAP_NET_ADMIN; without it, as much as allowed.
+fn enlarge_receive_queue(socket: &std::net::UdpSocket) {
+    const BYTES: usize = 4 << 20;
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &BYTES).is_err()
+        && let Err(error) = setsockopt(socket, sockopt::RcvBuf, &BYTES)
+    {
+        tracing::debug!(%error, "membership: cannot enlarge the receive queue");
     }
 }
