@@ -103,6 +103,32 @@ fn ferrolb_version_runs_in_the_image() {
     );
 }
 
+/// CI sets CARGO_CYCLONEDX (.ci/run installs cargo-cyclonedx): the image comes with its
+/// bill of materials, naming the crates in the binary and the Debian packages beside it.
+#[test]
+fn the_image_comes_with_a_bill_of_materials() {
+    assert!(
+        std::env::var_os("CARGO_CYCLONEDX").is_some(),
+        "CARGO_CYCLONEDX is not set: .ci/run installs cargo-cyclonedx and sets it"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    build_image(&dir.path().join("image"));
+    let sbom = dir.path().join("image/ferrolb-test.cdx.json");
+    let sbom: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&sbom).expect("the SBOM beside the archive"))
+            .expect("the SBOM is JSON");
+    assert_eq!(sbom["bomFormat"], "CycloneDX");
+    let names: Vec<&str> = sbom["components"]
+        .as_array()
+        .expect("components")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    for wanted in ["ferrolb-speaker", "tokio", "foca", "nftables", "libc6"] {
+        assert!(names.contains(&wanted), "no {wanted} in the SBOM: {names:?}");
+    }
+}
+
 #[test]
 fn the_speaker_runs_in_the_image_with_only_net_raw_and_net_admin() {
     if let Err(missing) = Lab::check_prerequisites() {
