@@ -116,6 +116,7 @@ fn rule(vip: &str, port: u16, protocol: Protocol, node_ip: &str, node_port: u16)
         protocol,
         node_ip: node_ip.parse().unwrap(),
         node_port,
+        sources: vec![],
     }
 }
 
@@ -147,7 +148,7 @@ fn apply_is_exact_and_idempotent() {
     // Same set again, in another order: nothing is rewritten (rule handles and
     // counters stay as they were).
     let before = ns.nft(&["-a", "list", "table", "inet", "ferrolb"], None);
-    let reversed: Vec<_> = rules.iter().rev().copied().collect();
+    let reversed: Vec<_> = rules.iter().rev().cloned().collect();
     assert!(!fw.apply(&reversed).unwrap(), "same rules: no write");
     assert_eq!(
         ns.nft(&["-a", "list", "table", "inet", "ferrolb"], None),
@@ -187,7 +188,7 @@ fn invalid_rules_leave_the_table_untouched() {
     fw.apply(&rules).unwrap();
 
     let mismatch = rule("192.0.2.201", 443, Protocol::Tcp, "2001:db8::2", 30443);
-    let err = fw.apply(&[rules[0], mismatch]).unwrap_err();
+    let err = fw.apply(&[rules[0].clone(), mismatch]).unwrap_err();
     assert!(
         matches!(err, ForwardingError::FamilyMismatch { .. }),
         "{err}"
@@ -195,7 +196,7 @@ fn invalid_rules_leave_the_table_untouched() {
     assert!(err.to_string().contains("192.0.2.201:443"), "{err}");
 
     let other_target = rule("192.0.2.200", 80, Protocol::Tcp, "192.0.2.3", 30080);
-    let err = fw.apply(&[rules[0], other_target]).unwrap_err();
+    let err = fw.apply(&[rules[0].clone(), other_target]).unwrap_err();
     assert!(matches!(err, ForwardingError::Conflict { .. }), "{err}");
 
     assert_eq!(sorted(fw.current().unwrap()), sorted(rules));
