@@ -524,52 +524,108 @@ fn forwarding_honours_load_balancer_source_ranges() {
 }
 
 /// Issue 21, item 11: ferrolb's NAT chains run after kube-proxy's (priority dstnat):
-/// where kube-proxy translates a VIP, its translation wins, even when its table was
-/// made after ferrolb's (at one priority the later chain runs last).
+/// where kube-proxy translates a VIP, its translation wins. Here kube-proxy's table is
+/// made first, so at one priority ferrolb's later chains would run first and win.
 #[test]
 fn kube_proxy_s_translation_of_a_vip_wins_over_ferrolb_s() {
-    let w = World::start(
+    let w = World::start("");
+    for node in w.lab.nodes() {
+        let rules = format!(
+            "table ip kube-proxy-lab {{\n chain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n  \
+             ip daddr 192.0.2.200-192.0.2.209 tcp dport 80 dnat to {}:31000\n }}\n}}\n",
+            node.ipv4()
+        );
+        let mut nft = node.command("nft", ["-f", "-"]);
+        nft.stdin(std::process::Stdio::piped());
+        let mut child = nft.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "{}", node.name());
+        greeter(node, SocketAddr::new(node.ipv4().into(), 30080), "ferrolb");
+        greeter(
+            node,
+            SocketAddr::new(node.ipv4().into(), 31000),
+            "kube-proxy",
+        );
+    }
+    std::fs::write(
+        w.dir.path().join("services.yaml"),
         "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
          spec:\n  type: LoadBalancer\n  ports: [{port: 80, nodePort: 30080, protocol: TCP}]\n",
-    );
+    )
+    .unwrap();
     let vip = w.ips_of("web")[0];
     w.wait_answered(vip);
     let (_, owner) = w.owner(vip);
-    greeter(
-        owner,
-        SocketAddr::new(owner.ipv4().into(), 30080),
-        "ferrolb",
-    );
-    greeter(
-        owner,
-        SocketAddr::new(owner.ipv4().into(), 31000),
-        "kube-proxy",
-    );
-    let target = SocketAddr::new(vip, 80);
-    let client = w.lab.client();
-    poll_until(DEADLINE, "ferrolb's forwarding", || {
-        (greeting_from(client, target, DEADLINE).as_deref() == Some("ferrolb")).then_some(())
+    poll_until(DEADLINE, "ferrolb's forwarding rule", || {
+        nft_table(owner)
+            .contains(&format!("daddr {vip} "))
+            .then_some(())
     })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", nft_table(owner)));
-    let rules = format!(
-        "table ip kube-proxy-lab {{\n chain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n  \
-         ip daddr {vip} tcp dport 80 dnat to {}:31000\n }}\n}}\n",
-        owner.ipv4()
-    );
-    let mut nft = owner.command("nft", ["-f", "-"]);
-    nft.stdin(std::process::Stdio::piped());
-    let mut child = nft.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
     assert_eq!(
-        greeting_from(client, target, DEADLINE).as_deref(),
+        greeting_from(w.lab.client(), SocketAddr::new(vip, 80), DEADLINE).as_deref(),
         Some("kube-proxy"),
         "{}",
         nft_table(owner)
     );
+}
+
+/// The value of `series` on the metrics endpoint at `address`, asked from `host`.
+fn metric(host: &ferrolb::lab::Host, address: SocketAddr, series: &str) -> Option<f64> {
+    let page = host
+        .in_netns(move || {
+            let mut conn = TcpStream::connect_timeout(&address, DEADLINE).ok()?;
+            conn.set_read_timeout(Some(DEADLINE)).ok()?;
+            conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+            let mut page = String::new();
+            conn.read_to_string(&mut page).ok()?;
+            Some(page)
+        })
+        .ok()??;
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Issue 21 (Low): a host that keeps claiming a VIP (here 200 gratuitous ARPs) is
+/// counted every time but logged once per 10 s, so it cannot fill the owner's log.
+#[test]
+fn conflict_warnings_are_rate_limited_and_counted() {
+    let w = World::start_each(&service("web", 80, 30080, ""), |i| {
+        vec![
+            "--metrics-address".to_string(),
+            format!("192.0.2.{}:7473", 10 + i),
+        ]
+    });
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (owner_index, owner) = w.owner(vip);
+    let IpAddr::V4(v4) = vip else { unreachable!() };
+    let client = w.lab.client();
+    let claims: Vec<Vec<u8>> = (0..200)
+        .map(|_| arp::gratuitous(client.mac(), v4))
+        .collect();
+    frames_answering(client, &claims, Duration::ZERO, ETH_P_ARP, |_| None);
+    let metrics = SocketAddr::new(owner.ipv4().into(), 7473);
+    poll_until(DEADLINE, "200 conflicts counted", || {
+        metric(client, metrics, "ferrolb_speaker_conflicts_total")
+            .filter(|n| *n >= 200.0)
+            .map(drop)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    let log = w.speakers[owner_index].stderr().unwrap_or_default();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("another host claims an IP this node announces"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
 }

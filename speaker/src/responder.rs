@@ -28,7 +28,9 @@ use prometheus_client::metrics::family::Family;
 use crate::arp::{self, Operation};
 use crate::metrics::{InterfaceLabels, Metrics};
 use crate::ndp::{self, NdpKind};
-use crate::packet_socket::{ETH_P_ARP, ETH_P_IPV6, PacketSocket, arp_filter_for, ndp_filter};
+use crate::packet_socket::{
+    ETH_P_ARP, ETH_P_IPV6, PacketSocket, arp_filter, arp_filter_for, ndp_filter,
+};
 
 /// At most one conflict warning per IP and link in this span; the others are counted
 /// (metric `conflicts`) and their number is given with the next warning.
@@ -278,7 +280,13 @@ impl LinkTask {
             match self.arp.set_filter(&arp_filter_for(&wanted)) {
                 Ok(()) => self.filtered = wanted,
                 Err(e) => {
-                    warn!(interface = %spec.name, error = %e, "cannot update the ARP socket filter");
+                    // Answering matters more than shedding a flood: pass all ARP.
+                    let fallback = self.arp.set_filter(&arp_filter());
+                    warn!(interface = %spec.name, error = %e, passing_all_arp = fallback.is_ok(),
+                        "cannot narrow the ARP socket filter to the owned IPs");
+                    if fallback.is_ok() {
+                        self.filtered = wanted;
+                    }
                 }
             }
         }
