@@ -282,6 +282,15 @@ fn watch_notices_carrier_loss_admin_down_removal_addition_and_enslavement() -> a
             .await?,
         );
 
+        // A VIP on no subnet follows the route to it, as soon as the route appears.
+        ip_here("route add 198.51.100.0/24 via 192.0.2.1 dev new0")?;
+        timings.push(
+            changed_within(&mut rx, "a new route", |l| {
+                default_choice(l, "198.51.100.7") == ["new0"]
+            })
+            .await?,
+        );
+
         ip_here("addr add 2001:db8::11/64 dev new0 nodad")?;
         timings.push(
             changed_within(&mut rx, "a new IPv6 address", |l| {
