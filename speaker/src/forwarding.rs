@@ -171,6 +171,17 @@ fn from_u128(family_of: IpAddr, n: u128) -> IpAddr {
     }
 }
 
+/// The prefix length of the range `a..=b` if it is exactly one network (so that nft
+/// lists what an administrator would write), else None.
+fn prefix_len(a: IpAddr, b: IpAddr) -> Option<u8> {
+    let bits: u32 = if a.is_ipv4() { 32 } else { 128 };
+    let (a, b) = (to_u128(a), to_u128(b));
+    let span = b.checked_sub(a)?;
+    let host_bits = 128 - span.leading_zeros();
+    let all_ones = span.count_ones() == host_bits;
+    (all_ones && a & span == 0 && host_bits < bits).then(|| (bits - host_bits) as u8)
+}
+
 /// Sorted, with overlapping and adjacent intervals joined.
 fn merge(mut intervals: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
     intervals.sort_unstable();
@@ -662,15 +673,20 @@ fn rule_statements(rule: &ForwardRule) -> Vec<Statement<'static>> {
             .sources
             .iter()
             .map(|(a, b)| {
-                let element = if a == b {
-                    Expression::String(a.to_string().into())
-                } else {
-                    Expression::Range(Box::new(nftables::expr::Range {
+                let element = match prefix_len(*a, *b) {
+                    Some(_) if a == b => Expression::String(a.to_string().into()),
+                    Some(len) => {
+                        Expression::Named(NamedExpression::Prefix(nftables::expr::Prefix {
+                            addr: Box::new(Expression::String(a.to_string().into())),
+                            len: len.into(),
+                        }))
+                    }
+                    None => Expression::Range(Box::new(nftables::expr::Range {
                         range: [
                             Expression::String(a.to_string().into()),
                             Expression::String(b.to_string().into()),
                         ],
-                    }))
+                    })),
                 };
                 nftables::expr::SetItem::Element(element)
             })
