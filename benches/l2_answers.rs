@@ -8,6 +8,10 @@
 //!   kernel and speaker requests interleaved so both see the same machine load;
 //! * sustained replies/s: a window of requests kept in flight for a fixed time;
 //! * memory: VmRSS/VmHWM of the speaker with 1 VIP, then restarted with 100.
+//! * foreign flood: with 100 VIPs, the client sends [`FLOOD_RATE`] ARP requests per
+//!   second for addresses the speaker does not own (issue 21, item 10) for
+//!   [`FLOOD_TIME`]; the speaker's CPU time over that span is printed. Run only this
+//!   part with `cargo bench --bench l2_answers -- --flood-only`.
 //!
 //! Both round trips include the same client-side cost (a syscall each way and a tokio
 //! wake-up), so the ratio understates the speaker's own extra time; the difference of
@@ -48,6 +52,9 @@ const START_DEADLINE: Duration = Duration::from_secs(15);
 const POOL_FIRST: u8 = 130;
 const POOL_LAST: u8 = 249;
 const MANY_VIPS: usize = 100;
+/// Foreign ARP requests per second in the flood, and for how long.
+const FLOOD_RATE: u64 = 70_000;
+const FLOOD_TIME: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,7 +67,7 @@ fn main() -> ExitCode {
         eprintln!("l2_answers: skipped (it runs under `cargo bench`, which passes --bench)");
         return ExitCode::SUCCESS;
     }
-    match run() {
+    match run(flag("--flood-only")) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("l2_answers: {e:#}");
@@ -69,7 +76,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<()> {
+fn run(flood_only: bool) -> Result<()> {
     let lab = Lab::new(1)?;
     let node = lab.node(0);
     let client = lab.client();
@@ -97,6 +104,14 @@ fn run() -> Result<()> {
     };
 
     eprintln!("l2_answers: lab {} ready, starting the speaker", lab.id());
+    if flood_only {
+        write("services.yaml", &services(&vips))?;
+        let mut speaker = start_speaker(node, &binary, dir.path(), &asker, &vips)?;
+        let flood = client.in_netns(|| asker.flood(speaker.pid()))??;
+        stop(&mut speaker);
+        flood.print();
+        return lab.close();
+    }
     let mut speaker = start_speaker(node, &binary, dir.path(), &asker, &[vip])?;
     let speaker_pid = speaker.pid();
     let one_idle = Memory::of(speaker_pid)?;
@@ -107,6 +122,7 @@ fn run() -> Result<()> {
     write("services.yaml", &services(&vips))?;
     let mut speaker = start_speaker(node, &binary, dir.path(), &asker, &vips)?;
     let many_idle = Memory::of(speaker.pid())?;
+    let flood = client.in_netns(|| asker.flood(speaker.pid()))??;
     stop(&mut speaker);
 
     measured.print(kernel_ip, vip);
@@ -115,6 +131,7 @@ fn run() -> Result<()> {
          {MANY_VIPS} VIPs: {many_idle} (target VmRSS < 15 MiB with {MANY_VIPS}: {})",
         met(many_idle.rss_kib < 15 * 1024)
     );
+    flood.print();
     lab.close()
 }
 
@@ -345,6 +362,50 @@ impl Asker<'_> {
         Ok(None)
     }
 
+    /// Sends [`FLOOD_RATE`] requests per second for [`FLOOD_TIME`], for addresses nobody
+    /// in the lab owns and from senders that are not lab hosts (a scan, a broadcast
+    /// storm), and notes the speaker's CPU time meanwhile.
+    fn flood(&self, speaker_pid: u32) -> Result<Flood> {
+        /// Sender protocol address, as in [`Asker::request`].
+        const SENDER_IP: std::ops::Range<usize> = 28..32;
+        let frames: Vec<Vec<u8>> = (0..1024u32)
+            .map(|i| {
+                let target = Ipv4Addr::from(0x0a09_0000 | i);
+                let mut frame = arp::probe(self.mac, target);
+                frame[SENDER_IP].copy_from_slice(&Ipv4Addr::from(0x0a08_0000 | i).octets());
+                frame
+            })
+            .collect();
+        block_on(async {
+            let socket = self.socket()?;
+            let speaker_dir = format!("/proc/{speaker_pid}");
+            let before = cpu_time(&speaker_dir);
+            let start = Instant::now();
+            let mut sent: u64 = 0;
+            while start.elapsed() < FLOOD_TIME {
+                // Catch up to the rate in 1 ms steps.
+                let due = (start.elapsed().as_secs_f64() * FLOOD_RATE as f64) as u64;
+                while sent < due {
+                    socket
+                        .send(&frames[(sent % frames.len() as u64) as usize])
+                        .await
+                        .context("sending a foreign ARP request")?;
+                    sent += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let elapsed = start.elapsed();
+            let speaker_cpu = cpu_time(&speaker_dir)
+                .zip(before)
+                .map(|(after, before)| after.saturating_sub(before));
+            Ok(Flood {
+                sent,
+                elapsed,
+                speaker_cpu,
+            })
+        })?
+    }
+
     /// Keeps [`WINDOW`] requests in flight for [`ROUND`], sending one more per reply.
     /// Also notes how busy this thread and the speaker were, to tell who set the pace.
     async fn sustained(
@@ -539,6 +600,32 @@ impl Rate {
             busy(self.client_cpu),
             busy(self.speaker_cpu)
         )
+    }
+}
+
+/// What the speaker spent while foreign ARP requests flooded its link.
+struct Flood {
+    sent: u64,
+    elapsed: Duration,
+    speaker_cpu: Option<Duration>,
+}
+
+impl Flood {
+    fn print(&self) {
+        let cpu = match self.speaker_cpu {
+            Some(cpu) => format!(
+                "{:.1}% of one CPU ({} ms)",
+                100.0 * cpu.as_secs_f64() / self.elapsed.as_secs_f64(),
+                cpu.as_millis()
+            ),
+            None => "n/a".to_string(),
+        };
+        println!(
+            "Foreign ARP flood    {:.0} requests/s for addresses nobody owns, {:.1} s, \
+             {MANY_VIPS} VIPs owned: speaker on CPU {cpu}",
+            self.sent as f64 / self.elapsed.as_secs_f64(),
+            self.elapsed.as_secs_f64()
+        );
     }
 }
 

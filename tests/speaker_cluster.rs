@@ -291,3 +291,51 @@ async fn an_api_server_outage_interrupts_no_traffic_and_failover_still_works() {
     )
     .await;
 }
+
+/// Issue 21, item 13: Service status is not only the controller's to write. An address
+/// written there that lies in no IPAddressPool (here one of the node network's, as an
+/// attacker would pick) is never answered for, though an advertisement with no pool
+/// named announces every pool; a pool address in the same status is.
+#[tokio::test]
+async fn a_status_ip_outside_every_pool_is_never_announced() {
+    let mut w = World::bare(Default::default()).await;
+    for i in 0..3 {
+        w.speakers[i] = Some(w.spawn_speaker(i));
+    }
+    w.cluster.apply(
+        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: lab}\n\
+         spec: {addresses: [192.0.2.200-192.0.2.209]}\n---\n\
+         apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: lab}\nspec: {}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+         spec: {type: LoadBalancer, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}\n",
+    );
+    // No controller runs: the status is exactly what this (privileged) writer puts.
+    w.cluster.kubectl(&[
+        "patch",
+        "svc",
+        "web",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.0.2.150"},{"ip":"192.0.2.205"}]}}}"#,
+    ]);
+    let in_pool: std::net::IpAddr = "192.0.2.205".parse().unwrap();
+    w.owner(in_pool);
+    let client = w.lab.client();
+    assert_eq!(
+        client.arping_within(
+            "192.0.2.150".parse::<std::net::IpAddr>().unwrap(),
+            Duration::from_millis(500)
+        ),
+        Vec::<[u8; 6]>::new(),
+        "{}",
+        w.logs()
+    );
+    assert!(
+        w.logs().contains(
+            "192.0.2.150 in the status of Service \\\"default/web\\\" is in no IPAddressPool; it is not announced"
+        ),
+        "{}",
+        w.logs()
+    );
+}

@@ -355,3 +355,277 @@ fn malformed_frames_get_no_reply_and_do_not_hurt_the_speaker() {
     );
     assert_eq!(client.ndisc6(v6), Some(w.owner(v6).1.mac()));
 }
+
+/// Issue 21, item 14: a VIP outside the node subnet is announced where the node routes
+/// it (eth0, the default route), never on a Pod's veth: a Pod asking for it gets no
+/// answer, the node network does.
+#[test]
+fn a_pod_veth_gets_no_answer_and_the_node_network_does() {
+    let w = World::start("");
+    let pods: Vec<Pod> = (0..3)
+        .map(|i| {
+            w.lab
+                .node(i)
+                .run(
+                    "ip",
+                    ["route", "add", "default", "via", "192.0.2.1", "dev", "eth0"],
+                )
+                .unwrap();
+            Pod::on(&w.lab, i, "vethpod", "10.244.0.5/24")
+        })
+        .collect();
+    std::fs::write(
+        w.dir.path().join("routed.yaml"),
+        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: routed}\n\
+         spec: {addresses: [198.51.100.200/32], autoAssign: false}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        w.dir.path().join("services.yaml"),
+        service(
+            "web",
+            80,
+            30080,
+            "ferrolb.io/loadBalancerIPs: 198.51.100.200",
+        ),
+    )
+    .unwrap();
+    let vip: IpAddr = "198.51.100.200".parse().unwrap();
+    let (_, owner) = w.owner(vip);
+    let client = w.lab.client();
+    let answered = poll_until(DEADLINE, "the client's answer for the VIP", || {
+        let replies = arp_replies(client, vip, Duration::from_millis(100));
+        (!replies.is_empty()).then_some(replies)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    assert_eq!(answered, vec![owner.mac()]);
+    for (i, pod) in pods.iter().enumerate() {
+        let index = index_in(&pod.netns, "eth0");
+        assert_eq!(
+            arp_replies_at(&pod.netns, index, pod.mac, vip, Duration::from_millis(300)),
+            Vec::<[u8; 6]>::new(),
+            "the Pod on node{i} was answered\n{}",
+            w.logs()
+        );
+    }
+    assert_eq!(
+        arp_replies(client, vip, Duration::from_millis(300)),
+        vec![owner.mac()],
+        "still answered on the node network"
+    );
+}
+
+/// An 802.1Q tag in front of an Ethernet frame: TPID 0x8100, then priority 0 and `vid`.
+fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(&[0x81, 0x00]);
+    out.extend_from_slice(&vid.to_be_bytes());
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+/// Issue 21, item 15: an ARP request tagged for a VLAN reaches the parent interface
+/// (the kernel takes the tag off); it belongs to another broadcast domain and gets no
+/// answer, where the same request untagged does.
+#[test]
+fn vlan_tagged_arp_on_the_parent_is_not_answered() {
+    let w = World::start(&service("web", 80, 30080, ""));
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (_, owner) = w.owner(vip);
+    let client = w.lab.client();
+    let IpAddr::V4(v4) = vip else { unreachable!() };
+    let request = arp::probe(client.mac(), v4);
+    let replies = |frames: &[Vec<u8>]| {
+        frames_answering(client, frames, Duration::from_millis(300), ETH_P_ARP, |f| {
+            arp::parse(f)
+                .ok()
+                .filter(|p| p.operation == arp::Operation::Reply && p.sender_ip == v4)
+                .map(|p| p.sender_mac)
+        })
+    };
+    assert_eq!(
+        replies(&[tagged(&request, 200), tagged(&request, 4094)]),
+        Vec::<[u8; 6]>::new(),
+        "a request tagged for VLAN 200 or 4094 was answered untagged\n{}",
+        w.logs()
+    );
+    assert_eq!(replies(&[request]), vec![owner.mac()], "untagged: answered");
+}
+
+/// A TCP server on `addr` in `host` that greets each connection with `greeting`.
+fn greeter(host: &ferrolb::lab::Host, addr: SocketAddr, greeting: &'static str) {
+    let listener = host.in_netns(|| TcpListener::bind(addr)).unwrap().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = conn.write_all(greeting.as_bytes());
+        }
+    });
+}
+
+/// Connects from `host` and reads the greeting; None if no connection could be made
+/// within `wait`.
+fn greeting_from(host: &ferrolb::lab::Host, target: SocketAddr, wait: Duration) -> Option<String> {
+    host.in_netns(move || {
+        let mut conn = TcpStream::connect_timeout(&target, wait).ok()?;
+        conn.set_read_timeout(Some(DEADLINE)).ok()?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text).ok()?;
+        Some(text)
+    })
+    .unwrap()
+}
+
+/// Issue 21, item 11: `spec.loadBalancerSourceRanges` holds for forwarded traffic. The
+/// client at 192.0.2.100 (in the range) reaches the Service; a node of the segment
+/// (outside it) is dropped, as kube-proxy drops it.
+#[test]
+fn forwarding_honours_load_balancer_source_ranges() {
+    let w = World::start(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+         spec:\n  type: LoadBalancer\n  loadBalancerSourceRanges: [192.0.2.100/32, 10.0.0.0/8]\n  \
+         ports: [{port: 80, nodePort: 30080, protocol: TCP}]\n",
+    );
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (_, owner) = w.owner(vip);
+    greeter(
+        owner,
+        SocketAddr::new(owner.ipv4().into(), 30080),
+        "the Service",
+    );
+    let outsider = w
+        .lab
+        .nodes()
+        .iter()
+        .find(|n| n.name() != owner.name())
+        .unwrap();
+    let target = SocketAddr::new(vip, 80);
+    assert_eq!(
+        greeting_from(w.lab.client(), target, DEADLINE).as_deref(),
+        Some("the Service"),
+        "inside the range\n{}",
+        nft_table(owner)
+    );
+    assert_eq!(
+        greeting_from(outsider, target, Duration::from_secs(1)),
+        None,
+        "{} ({}) is outside the range\n{}",
+        outsider.name(),
+        outsider.ipv4(),
+        nft_table(owner)
+    );
+    let table = nft_table(owner);
+    assert!(
+        table.contains("ip saddr { 10.0.0.0/8, 192.0.2.100 }"),
+        "{table}"
+    );
+}
+
+/// Issue 21, item 11: ferrolb's NAT chains run after kube-proxy's (priority dstnat):
+/// where kube-proxy translates a VIP, its translation wins. Here kube-proxy's table is
+/// made first, so at one priority ferrolb's later chains would run first and win.
+#[test]
+fn kube_proxy_s_translation_of_a_vip_wins_over_ferrolb_s() {
+    let w = World::start("");
+    for node in w.lab.nodes() {
+        let rules = format!(
+            "table ip kube-proxy-lab {{\n chain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n  \
+             ip daddr 192.0.2.200-192.0.2.209 tcp dport 80 dnat to {}:31000\n }}\n}}\n",
+            node.ipv4()
+        );
+        let mut nft = node.command("nft", ["-f", "-"]);
+        nft.stdin(std::process::Stdio::piped());
+        let mut child = nft.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "{}", node.name());
+        greeter(node, SocketAddr::new(node.ipv4().into(), 30080), "ferrolb");
+        greeter(
+            node,
+            SocketAddr::new(node.ipv4().into(), 31000),
+            "kube-proxy",
+        );
+    }
+    std::fs::write(
+        w.dir.path().join("services.yaml"),
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+         spec:\n  type: LoadBalancer\n  ports: [{port: 80, nodePort: 30080, protocol: TCP}]\n",
+    )
+    .unwrap();
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (_, owner) = w.owner(vip);
+    poll_until(DEADLINE, "ferrolb's forwarding rule", || {
+        nft_table(owner)
+            .contains(&format!("daddr {vip} "))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    assert_eq!(
+        greeting_from(w.lab.client(), SocketAddr::new(vip, 80), DEADLINE).as_deref(),
+        Some("kube-proxy"),
+        "{}",
+        nft_table(owner)
+    );
+}
+
+/// The value of `series` on the metrics endpoint at `address`, asked from `host`.
+fn metric(host: &ferrolb::lab::Host, address: SocketAddr, series: &str) -> Option<f64> {
+    let page = host
+        .in_netns(move || {
+            let mut conn = TcpStream::connect_timeout(&address, DEADLINE).ok()?;
+            conn.set_read_timeout(Some(DEADLINE)).ok()?;
+            conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+            let mut page = String::new();
+            conn.read_to_string(&mut page).ok()?;
+            Some(page)
+        })
+        .ok()??;
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Issue 21 (Low): a host that keeps claiming a VIP (here 200 gratuitous ARPs) is
+/// counted every time but logged once per 10 s, so it cannot fill the owner's log.
+#[test]
+fn conflict_warnings_are_rate_limited_and_counted() {
+    let w = World::start_each(&service("web", 80, 30080, ""), |i| {
+        vec![
+            "--metrics-address".to_string(),
+            format!("192.0.2.{}:7473", 10 + i),
+        ]
+    });
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (owner_index, owner) = w.owner(vip);
+    let IpAddr::V4(v4) = vip else { unreachable!() };
+    let client = w.lab.client();
+    let claims: Vec<Vec<u8>> = (0..200)
+        .map(|_| arp::gratuitous(client.mac(), v4))
+        .collect();
+    frames_answering(client, &claims, Duration::ZERO, ETH_P_ARP, |_| None);
+    let metrics = SocketAddr::new(owner.ipv4().into(), 7473);
+    poll_until(DEADLINE, "200 conflicts counted", || {
+        metric(client, metrics, "ferrolb_speaker_conflicts_total")
+            .filter(|n| *n >= 200.0)
+            .map(drop)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    let log = w.speakers[owner_index].stderr().unwrap_or_default();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("another host claims an IP this node announces"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+}

@@ -2,8 +2,9 @@
 //! interfaces chosen for them and the NodePort forwarding rules. Pure.
 //!
 //! Steps, the same on every node so that all agree without talking:
-//! 1. The IPs: in a cluster, exactly what the controller wrote in each Service's
-//!    `status.loadBalancer.ingress` ([`Addresses::FromStatus`]); in standalone mode, the
+//! 1. The IPs: in a cluster, what the controller wrote in each Service's
+//!    `status.loadBalancer.ingress` ([`Addresses::FromStatus`]), but only IPs that lie in
+//!    an IPAddressPool (never an arbitrary address someone wrote there); in standalone mode, the
 //!    controller's allocator over the declared pools and Services
 //!    ([`Addresses::Allocated`]; a status in the files is kept when valid).
 //! 2. The L2Advertisements that announce each IP's pool (by name, by pool selector, or
@@ -26,7 +27,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use crate::election::{self, ClusterView};
-use crate::forwarding::{ForwardRule, Protocol};
+use crate::forwarding::{self, ForwardRule, Protocol};
+use ipnetwork::IpNetwork;
 
 /// The label Kubernetes uses to keep a node out of load balancing.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
@@ -75,7 +77,9 @@ pub enum Addresses {
     Allocated,
     /// In a cluster: the IPs the controller wrote in Service status, and no others. A
     /// Service the controller has not served yet is not announced, and an IP that a pool
-    /// change stranded keeps being announced, as the controller keeps it. `class` is the
+    /// change stranded keeps being announced while it lies in a pool, as the controller
+    /// keeps it; an IP in no pool (its pool deleted or shrunk, or written by someone
+    /// else) is not announced. `class` is the
     /// `loadBalancerClass` served besides none, as the controller is told.
     FromStatus { class: String },
 }
@@ -90,7 +94,7 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
     let mut out = NodePlan::default();
     let (services, by_ip) = match addresses {
         Addresses::Allocated => allocated(m, &mut out),
-        Addresses::FromStatus { class } => from_status(m, class),
+        Addresses::FromStatus { class } => from_status(m, class, &mut out),
     };
 
     let Some(me) = m
@@ -183,7 +187,13 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
             match internal_ip(&me.object, Family::of(ip)) {
                 Some(node_ip) => {
                     for key in &keys {
-                        out.forwards.extend(forward_rules(ip, node_ip, services[key]));
+                        out.forwards.extend(forward_rules(
+                            ip,
+                            node_ip,
+                            services[key],
+                            key,
+                            &mut out.problems,
+                        ));
                     }
                 }
                 None => out.problems.push(format!(
@@ -244,17 +254,21 @@ fn allocated<'m>(
 }
 
 /// In a cluster: the IPs in status of every Service that is ferrolb's, valid or not (the
-/// controller keeps an invalid Service's IPs, so they stay announced). Problems with
-/// pools and Services are the controller's to report.
-fn from_status<'m>(m: &'m Manifests, class: &str) -> (BTreeMap<ServiceKey, &'m Service>, ByIp) {
+/// controller keeps an invalid Service's IPs, so they stay announced), as long as they
+/// lie in an IPAddressPool ([`input::pool_of`], the allocator's rule). Status is
+/// writable by whoever may patch `services/status`, not only by the controller: an IP in
+/// no pool is one the allocator would never have handed out, so it is never announced,
+/// or anyone able to write a status could make the speakers claim any address on the
+/// segment (a router's, another host's). Other problems with pools and Services are the
+/// controller's to report.
+fn from_status<'m>(
+    m: &'m Manifests,
+    class: &str,
+    out: &mut NodePlan,
+) -> (BTreeMap<ServiceKey, &'m Service>, ByIp) {
     let pools: Vec<ferrolb_api::IPAddressPool> =
         m.pools.iter().map(|p| (*p.object).clone()).collect();
     let (configs, _) = input::pool_configs(&pools);
-    let pool_of = |ip: IpAddr| -> String {
-        input::pool_of(&configs, ip)
-            .map(|c| c.name.clone())
-            .unwrap_or_default()
-    };
     let mut services = BTreeMap::new();
     let mut by_ip = ByIp::new();
     for located in &m.services {
@@ -264,9 +278,15 @@ fn from_status<'m>(m: &'m Manifests, class: &str) -> (BTreeMap<ServiceKey, &'m S
         }
         let key = input::service_key(svc);
         for ip in ferrolb_allocator::input::ingress_ips(svc) {
+            let Some(pool) = input::pool_of(&configs, ip) else {
+                out.problems.push(format!(
+                    "{ip} in the status of Service \"{key}\" is in no IPAddressPool; it is not announced"
+                ));
+                continue;
+            };
             by_ip
                 .entry(ip)
-                .or_insert_with(|| (pool_of(ip), vec![]))
+                .or_insert_with(|| (pool.name.clone(), vec![]))
                 .1
                 .push(key.clone());
         }
@@ -388,7 +408,35 @@ pub(crate) fn internal_ip(node: &Node, family: Family) -> Option<IpAddr> {
         .find(|ip| Family::of(*ip) == family)
 }
 
-fn forward_rules(vip: IpAddr, node_ip: IpAddr, svc: &Service) -> Vec<ForwardRule> {
+/// The clients `spec.loadBalancerSourceRanges` lets in, read as kube-proxy reads it:
+/// CIDRs (host bits ignored); an entry that is not one is skipped and reported.
+fn allowed_sources(svc: &Service, key: &ServiceKey, problems: &mut Vec<String>) -> Vec<IpNetwork> {
+    let ranges = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref())
+        .into_iter()
+        .flatten();
+    let mut nets = Vec::new();
+    for (i, text) in ranges.enumerate() {
+        match text.trim().parse::<IpNetwork>() {
+            Ok(net) => nets.push(net),
+            Err(_) => problems.push(format!(
+                "Service \"{key}\": spec.loadBalancerSourceRanges[{i}] {text:?} is not a CIDR; it is ignored"
+            )),
+        }
+    }
+    nets
+}
+
+fn forward_rules(
+    vip: IpAddr,
+    node_ip: IpAddr,
+    svc: &Service,
+    key: &ServiceKey,
+    problems: &mut Vec<String>,
+) -> Vec<ForwardRule> {
+    let sources = forwarding::source_ranges(vip, &allowed_sources(svc, key, problems));
     let ports = svc
         .spec
         .as_ref()
@@ -408,6 +456,7 @@ fn forward_rules(vip: IpAddr, node_ip: IpAddr, svc: &Service) -> Vec<ForwardRule
                 protocol,
                 node_ip,
                 node_port: u16::try_from(p.node_port?).ok()?,
+                sources: sources.clone(),
             })
         })
         .collect()
@@ -580,7 +629,7 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
         let owner = &announcers(&m)[0];
         let plan = plan_node(&m, owner, &ClusterView::everyone());
         assert_eq!(plan.forwards.len(), 1);
-        let rule = plan.forwards[0];
+        let rule = plan.forwards[0].clone();
         assert_eq!(
             (rule.port, rule.node_port, rule.protocol),
             (80, 30080, Protocol::Tcp)
@@ -635,6 +684,82 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
             plan.problems
                 .iter()
                 .any(|p| p.contains("node \"n9\" is not among the Node objects"))
+        );
+    }
+
+    /// Status is writable by more than the controller: an IP written there that lies in
+    /// no pool is not announced, even by an advertisement that names no pool (which
+    /// announces every pool, not every address).
+    #[test]
+    fn a_status_ip_in_no_pool_is_never_announced() {
+        let with_status = |ip: &str| {
+            svc("").replace(
+                "selector: {app: web}}",
+                &format!(
+                    "selector: {{app: web}}}}\nstatus: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}"
+                ),
+            )
+        };
+        let from_status = Addresses::FromStatus {
+            class: "ferrolb.io/lb".into(),
+        };
+        let announced = |m: &Manifests| -> Vec<(String, IpAddr)> {
+            ["n1", "n2", "n3"]
+                .into_iter()
+                .flat_map(|n| {
+                    plan(m, n, &ClusterView::everyone(), &from_status)
+                        .announcements
+                        .into_iter()
+                        .map(move |a| (n.to_string(), a.ip))
+                })
+                .collect()
+        };
+        // In the pool: announced by one node.
+        let m = manifests(&format!("{}---\n{}", adv("{}"), with_status("192.0.2.203")));
+        let got = announced(&m);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].1, "192.0.2.203".parse::<IpAddr>().unwrap());
+        // In no pool (say, the segment's router): announced by nobody, and said so.
+        for spec in ["{}", "{ipAddressPools: [p]}"] {
+            let m = manifests(&format!("{}---\n{}", adv(spec), with_status("192.0.2.1")));
+            assert_eq!(announced(&m), vec![], "advertisement {spec}");
+            let plan = plan(&m, "n1", &ClusterView::everyone(), &from_status);
+            assert!(
+                plan.problems.iter().any(|p| p
+                    == "192.0.2.1 in the status of Service \"shop/web\" is in no IPAddressPool; it is not announced"),
+                "{:?}",
+                plan.problems
+            );
+            assert!(plan.owners.is_empty(), "{:?}", plan.owners);
+        }
+    }
+
+    /// `spec.loadBalancerSourceRanges` travels into the rules, in the VIP's family only;
+    /// an entry that is no CIDR is reported by name.
+    #[test]
+    fn source_ranges_limit_the_forwarding_rules() {
+        let m = manifests(&format!(
+            "{}---\n{}",
+            adv("{forwarding: nodePort}"),
+            svc(
+                ", loadBalancerSourceRanges: [10.0.0.0/8, 192.0.2.7/24, \"2001:db8::/64\", nonsense]"
+            )
+        ));
+        let owner = &announcers(&m)[0];
+        let plan = plan_node(&m, owner, &ClusterView::everyone());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            plan.forwards[0].sources,
+            [
+                (ip("10.0.0.0"), ip("10.255.255.255")),
+                (ip("192.0.2.0"), ip("192.0.2.255"))
+            ]
+        );
+        assert!(
+            plan.problems.iter().any(|p| p
+                == "Service \"shop/web\": spec.loadBalancerSourceRanges[3] \"nonsense\" is not a CIDR; it is ignored"),
+            "{:?}",
+            plan.problems
         );
     }
 

@@ -10,15 +10,33 @@
 //! ```text
 //! table inet ferrolb {
 //!     chain prerouting {   # traffic arriving from the segment
-//!         type nat hook prerouting priority dstnat; policy accept;
+//!         type nat hook prerouting priority dstnat + 10; policy accept;
 //!         ip daddr 192.0.2.200 tcp dport 80 counter dnat ip to 192.0.2.2:30080 comment "ferrolb tcp 192.0.2.200:80"
+//!         # a Service with spec.loadBalancerSourceRanges: [10.0.0.0/8]
+//!         ip daddr 192.0.2.201 tcp dport 443 ip saddr { 10.0.0.0/8 } counter dnat ip to 192.0.2.2:30443 comment "ferrolb tcp 192.0.2.201:443"
+//!         ip daddr 192.0.2.201 tcp dport 443 counter drop comment "ferrolb tcp 192.0.2.201:443 source ranges"
 //!     }
 //!     chain output {       # traffic the node sends itself
-//!         type nat hook output priority dstnat; policy accept;
+//!         type nat hook output priority dstnat + 10; policy accept;
 //!         (the same rules)
 //!     }
 //! }
 //! ```
+//!
+//! `spec.loadBalancerSourceRanges` is honoured as kube-proxy honours it: traffic to the
+//! VIP's port from outside the ranges is dropped, not forwarded (ranges of the other
+//! family are ignored, and a Service whose ranges hold none of the VIP's family is open
+//! to that family, as kube-proxy does; entries that are not CIDRs are ignored and
+//! reported). Without the rule the NodePort forward would let anyone in.
+//!
+//! Priority `dstnat + 10` (-90), not `dstnat` (-100): kube-proxy's NAT chains (nftables
+//! mode `nat-prerouting`/`nat-output`, and iptables-nft's `PREROUTING`/`OUTPUT`) sit at
+//! exactly `dstnat`, and two chains of one hook at one priority run in an order nobody
+//! chose. The kernel applies only the first destination NAT a new connection meets in a
+//! hook (later nat chains are skipped), so running after kube-proxy means: where
+//! kube-proxy handles the LoadBalancer IP its translation wins, as it would without
+//! ferrolb, and ferrolb's rules take only what kube-proxy leaves alone. Still before
+//! `srcnat` (100) and after kube-proxy's own source-range firewall (`dstnat - 10`).
 //!
 //! Why an `output` chain: the speaker answers ARP/NDP for a VIP without assigning it
 //! to an interface, so a packet the owner node (or a hostNetwork pod on it) sends to
@@ -40,6 +58,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use nftables::batch::Batch;
 use nftables::expr::{Expression, NamedExpression, Payload, PayloadField};
@@ -50,8 +69,14 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 /// Name of ferrolb's table (family `inet`, so one table serves IPv4 and IPv6).
 pub const TABLE: &str = "ferrolb";
 
-/// `priority dstnat`: where NAT chains that rewrite the destination belong.
-const DSTNAT_PRIORITY: i32 = -100;
+/// `priority dstnat + 10`: after kube-proxy's NAT chains at `dstnat` (-100), see the
+/// module documentation.
+pub const PRIORITY: i32 = -90;
+
+/// How long one `nft` run may take before it is killed and reported: nft answers in
+/// milliseconds; a wedged one (a kernel lock, a hung netlink socket) must not stall
+/// the speaker's loop forever.
+pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The base chains [`Forwarder::apply`] creates, each holding every rule.
 const CHAINS: [(&str, NfHook); 2] = [
@@ -83,13 +108,91 @@ impl fmt::Display for Protocol {
 }
 
 /// One forwarded port: `vip:port/protocol` is translated to `node_ip:node_port`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ForwardRule {
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub node_ip: IpAddr,
     pub node_port: u16,
+    /// The clients allowed (from `spec.loadBalancerSourceRanges`), as sorted, merged,
+    /// inclusive address ranges of the VIP's family ([`source_ranges`]); empty:
+    /// everyone.
+    pub sources: Vec<(IpAddr, IpAddr)>,
+}
+
+/// The address ranges of `ranges` in `vip`'s family, sorted and merged (overlapping or
+/// adjacent ranges become one), which is how nft lists them back too.
+pub fn source_ranges(vip: IpAddr, ranges: &[ipnetwork::IpNetwork]) -> Vec<(IpAddr, IpAddr)> {
+    let intervals: Vec<(u128, u128)> = ranges
+        .iter()
+        .filter(|n| n.is_ipv4() == vip.is_ipv4())
+        .map(|n| (to_u128(n.network()), to_u128(n.broadcast_or_last())))
+        .collect();
+    merge(intervals)
+        .into_iter()
+        .map(|(a, b)| (from_u128(vip, a), from_u128(vip, b)))
+        .collect()
+}
+
+trait LastAddress {
+    fn broadcast_or_last(&self) -> IpAddr;
+}
+
+impl LastAddress for ipnetwork::IpNetwork {
+    /// The last address of the network, for both families.
+    fn broadcast_or_last(&self) -> IpAddr {
+        match self {
+            ipnetwork::IpNetwork::V4(n) => IpAddr::V4(n.broadcast()),
+            ipnetwork::IpNetwork::V6(n) => {
+                let host_bits = 128 - u32::from(n.prefix());
+                let mask = if host_bits == 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << host_bits) - 1
+                };
+                IpAddr::V6((u128::from(n.network()) | mask).into())
+            }
+        }
+    }
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+fn from_u128(family_of: IpAddr, n: u128) -> IpAddr {
+    match family_of {
+        IpAddr::V4(_) => IpAddr::V4((n as u32).into()),
+        IpAddr::V6(_) => IpAddr::V6(n.into()),
+    }
+}
+
+/// The prefix length of the range `a..=b` if it is exactly one network (so that nft
+/// lists what an administrator would write), else None.
+fn prefix_len(a: IpAddr, b: IpAddr) -> Option<u8> {
+    let bits: u32 = if a.is_ipv4() { 32 } else { 128 };
+    let (a, b) = (to_u128(a), to_u128(b));
+    let span = b.checked_sub(a)?;
+    let host_bits = 128 - span.leading_zeros();
+    let all_ones = span.count_ones() == host_bits;
+    (all_ones && a & span == 0 && host_bits < bits).then(|| (bits - host_bits) as u8)
+}
+
+/// Sorted, with overlapping and adjacent intervals joined.
+fn merge(mut intervals: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    intervals.sort_unstable();
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(intervals.len());
+    for (start, end) in intervals {
+        match out.last_mut() {
+            Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out
 }
 
 impl ForwardRule {
@@ -106,6 +209,11 @@ impl ForwardRule {
     fn comment(&self) -> String {
         format!("ferrolb {} {}", self.protocol, self.vip_socket())
     }
+
+    /// The key two rules may not share with different targets.
+    fn key(&self) -> (IpAddr, u16, Protocol) {
+        (self.vip, self.port, self.protocol)
+    }
 }
 
 impl fmt::Display for ForwardRule {
@@ -117,7 +225,22 @@ impl fmt::Display for ForwardRule {
             self.protocol,
             self.vip_socket(),
             self.node_socket()
-        )
+        )?;
+        if !self.sources.is_empty() {
+            let ranges: Vec<String> = self
+                .sources
+                .iter()
+                .map(|(a, b)| {
+                    if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}-{b}")
+                    }
+                })
+                .collect();
+            write!(f, " from {}", ranges.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -139,6 +262,12 @@ pub enum ForwardingError {
         #[source]
         source: io::Error,
     },
+    #[error("`{command}` did not finish within {timeout:?} while {action}; it was killed")]
+    TimedOut {
+        action: String,
+        command: String,
+        timeout: Duration,
+    },
     #[error("`{command}` failed while {action} ({status}): {stderr}")]
     NftFailed {
         action: String,
@@ -153,13 +282,13 @@ pub enum ForwardingError {
         source: serde_json::Error,
     },
     #[error("forwarding rule {rule}: the VIP and the node IP are of different IP families")]
-    FamilyMismatch { rule: ForwardRule },
+    FamilyMismatch { rule: Box<ForwardRule> },
     #[error(
         "forwarding rules {first} and {second} claim the same VIP, port and protocol with different targets"
     )]
     Conflict {
-        first: ForwardRule,
-        second: ForwardRule,
+        first: Box<ForwardRule>,
+        second: Box<ForwardRule>,
     },
     #[error(
         "chain {chain} of table inet ferrolb holds a rule ferrolb did not write: {rule}; Forwarder::reset rebuilds the table"
@@ -174,6 +303,8 @@ pub struct Forwarder {
     command: Vec<String>,
     /// Set when the command is `ip netns exec NETNS nft`, for error messages.
     netns: Option<String>,
+    /// How long one nft run may take ([`NFT_TIMEOUT`] unless changed).
+    timeout: Duration,
 }
 
 impl Default for Forwarder {
@@ -193,6 +324,7 @@ impl Forwarder {
         Forwarder {
             command: vec![nft.into()],
             netns: None,
+            timeout: NFT_TIMEOUT,
         }
     }
 
@@ -204,7 +336,13 @@ impl Forwarder {
                 .map(String::from)
                 .to_vec(),
             netns: Some(netns.to_string()),
+            timeout: NFT_TIMEOUT,
         }
+    }
+
+    /// The same, killing an nft run that takes longer than `timeout`.
+    pub fn with_timeout(self, timeout: Duration) -> Forwarder {
+        Forwarder { timeout, ..self }
     }
 
     /// Start of day: deletes the table if present and creates it empty, so rules a
@@ -248,7 +386,13 @@ impl Forwarder {
         Ok(self
             .state()?
             .and_then(|mut state| state.rules.remove(CHAINS[0].0))
-            .unwrap_or_default())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|listed| match listed {
+                Listed::Forward(rule) => Some(rule),
+                Listed::Drop(_) => None,
+            })
+            .collect())
     }
 
     /// Shutdown: deletes the table (succeeds when there is none).
@@ -338,15 +482,45 @@ impl Forwarder {
             command: command.clone(),
             source,
         };
-        // nft reads its whole input before writing anything, so writing first cannot
-        // deadlock against a full stdout pipe. A failed write (the child exited early,
-        // e.g. `ip netns exec` into a missing namespace) is reported after the exit
-        // status, which carries the reason on stderr.
-        let write_result = match (stdin, child.stdin.take()) {
-            (Some(input), Some(mut pipe)) => pipe.write_all(input.as_bytes()),
-            _ => Ok(()),
+        // The input is written, and the child waited for, on threads of their own, so
+        // that a wedged nft (one that neither reads nor exits) is killed after
+        // NFT_TIMEOUT instead of blocking the speaker. A failed write (the child exited
+        // early, e.g. `ip netns exec` into a missing namespace) is reported after the
+        // exit status, which carries the reason on stderr.
+        let writer = match (stdin, child.stdin.take()) {
+            (Some(input), Some(mut pipe)) => {
+                let input = input.to_string();
+                Some(std::thread::spawn(move || pipe.write_all(input.as_bytes())))
+            }
+            _ => None,
         };
-        let output = child.wait_with_output().map_err(spawn_error)?;
+        let pid = child.id();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        });
+        let started = Instant::now();
+        let output = match finished.recv_timeout(self.timeout) {
+            Ok(output) => output.map_err(spawn_error)?,
+            Err(_) => {
+                // Not reaped yet (its waiter is still blocked on it), so the pid is
+                // still this child's.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = finished.recv();
+                return Err(ForwardingError::TimedOut {
+                    action: action.to_string(),
+                    command,
+                    timeout: started.elapsed(),
+                });
+            }
+        };
+        let write_result = writer.map_or(Ok(()), |w| {
+            w.join()
+                .unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")))
+        });
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
         if !output.status.success() {
             if self.netns.is_some() && stderr.starts_with("exec of \"nft\" failed") {
@@ -373,18 +547,19 @@ fn normalize(rules: &[ForwardRule]) -> Result<Vec<ForwardRule>, ForwardingError>
     let mut by_key: BTreeMap<(IpAddr, u16, Protocol), ForwardRule> = BTreeMap::new();
     for rule in rules {
         if rule.vip.is_ipv4() != rule.node_ip.is_ipv4() {
-            return Err(ForwardingError::FamilyMismatch { rule: *rule });
+            return Err(ForwardingError::FamilyMismatch {
+                rule: Box::new(rule.clone()),
+            });
         }
-        let key = (rule.vip, rule.port, rule.protocol);
-        match by_key.get(&key) {
+        match by_key.get(&rule.key()) {
             Some(first) if first != rule => {
                 return Err(ForwardingError::Conflict {
-                    first: *first,
-                    second: *rule,
+                    first: Box::new(first.clone()),
+                    second: Box::new(rule.clone()),
                 });
             }
             _ => {
-                by_key.insert(key, *rule);
+                by_key.insert(rule.key(), rule.clone());
             }
         }
     }
@@ -415,7 +590,7 @@ fn build_batch(rules: &[ForwardRule]) -> Nftables<'static> {
                 name: name.into(),
                 _type: Some(NfChainType::NAT),
                 hook: Some(hook),
-                prio: Some(DSTNAT_PRIORITY),
+                prio: Some(PRIORITY),
                 policy: Some(NfChainPolicy::Accept),
                 ..Chain::default()
             }));
@@ -428,6 +603,16 @@ fn build_batch(rules: &[ForwardRule]) -> Nftables<'static> {
                     comment: Some(rule.comment().into()),
                     ..Rule::default()
                 }));
+                if !rule.sources.is_empty() {
+                    batch.add(NfListObject::Rule(Rule {
+                        family: NfFamily::INet,
+                        table: TABLE.into(),
+                        chain: name.into(),
+                        expr: drop_statements(rule).into(),
+                        comment: Some(format!("{} source ranges", rule.comment()).into()),
+                        ..Rule::default()
+                    }));
+                }
             }
         }
     }
@@ -455,9 +640,9 @@ fn equals(left: Expression<'static>, right: Expression<'static>) -> Statement<'s
     })
 }
 
-/// `ip daddr VIP tcp dport PORT counter dnat ip to NODEIP:NODEPORT`.
-fn rule_statements(rule: &ForwardRule) -> Vec<Statement<'static>> {
-    vec![
+/// `ip daddr VIP tcp dport PORT`.
+fn destination(rule: &ForwardRule) -> [Statement<'static>; 2] {
+    [
         equals(
             payload(ip_protocol(rule.vip), "daddr"),
             Expression::String(rule.vip.to_string().into()),
@@ -466,6 +651,52 @@ fn rule_statements(rule: &ForwardRule) -> Vec<Statement<'static>> {
             payload(rule.protocol.as_str(), "dport"),
             Expression::Number(rule.port.into()),
         ),
+    ]
+}
+
+/// `ip daddr VIP tcp dport PORT counter drop`: after the forward of a Service with
+/// source ranges, what came from elsewhere.
+fn drop_statements(rule: &ForwardRule) -> Vec<Statement<'static>> {
+    let mut statements = destination(rule).to_vec();
+    statements.push(Statement::Counter(Counter::Anonymous(Some(
+        AnonymousCounter::default(),
+    ))));
+    statements.push(Statement::Drop(Some(nftables::stmt::Drop {})));
+    statements
+}
+
+/// `ip daddr VIP tcp dport PORT [ip saddr { RANGES }] counter dnat ip to NODEIP:NODEPORT`.
+fn rule_statements(rule: &ForwardRule) -> Vec<Statement<'static>> {
+    let mut statements = destination(rule).to_vec();
+    if !rule.sources.is_empty() {
+        let items = rule
+            .sources
+            .iter()
+            .map(|(a, b)| {
+                let element = match prefix_len(*a, *b) {
+                    Some(_) if a == b => Expression::String(a.to_string().into()),
+                    Some(len) => {
+                        Expression::Named(NamedExpression::Prefix(nftables::expr::Prefix {
+                            addr: Box::new(Expression::String(a.to_string().into())),
+                            len: len.into(),
+                        }))
+                    }
+                    None => Expression::Range(Box::new(nftables::expr::Range {
+                        range: [
+                            Expression::String(a.to_string().into()),
+                            Expression::String(b.to_string().into()),
+                        ],
+                    })),
+                };
+                nftables::expr::SetItem::Element(element)
+            })
+            .collect();
+        statements.push(equals(
+            payload(ip_protocol(rule.vip), "saddr"),
+            Expression::Named(NamedExpression::Set(items)),
+        ));
+    }
+    statements.extend([
         Statement::Counter(Counter::Anonymous(Some(AnonymousCounter::default()))),
         Statement::DNAT(Some(NAT {
             addr: Some(Expression::String(rule.node_ip.to_string().into())),
@@ -477,7 +708,8 @@ fn rule_statements(rule: &ForwardRule) -> Vec<Statement<'static>> {
             port: Some(Expression::Number(rule.node_port.into())),
             flags: None,
         })),
-    ]
+    ]);
+    statements
 }
 
 /// A chain's identity and hook, as listed.
@@ -495,7 +727,7 @@ struct TableState {
     /// Sorted by name.
     chains: Vec<ChainSpec>,
     /// Rules per chain, in table order.
-    rules: BTreeMap<String, Vec<ForwardRule>>,
+    rules: BTreeMap<String, Vec<Listed>>,
 }
 
 impl TableState {
@@ -511,9 +743,16 @@ impl TableState {
                     name: name.to_string(),
                     kind: Some(NfChainType::NAT),
                     hook: Some(hook),
-                    prio: Some(DSTNAT_PRIORITY),
+                    prio: Some(PRIORITY),
                 });
-                state.rules.insert(name.to_string(), rules.to_vec());
+                let listed = rules
+                    .iter()
+                    .flat_map(|r| {
+                        let drop = (!r.sources.is_empty()).then(|| Listed::Drop(r.key()));
+                        std::iter::once(Listed::Forward(r.clone())).chain(drop)
+                    })
+                    .collect();
+                state.rules.insert(name.to_string(), listed);
             }
         }
         state.chains.sort_by(|a, b| a.name.cmp(&b.name));
@@ -556,19 +795,24 @@ impl TableState {
     }
 }
 
-/// Inverse of [`rule_statements`]; counters are ignored (they only count).
-fn parse_rule(statements: &[Statement]) -> Option<ForwardRule> {
+/// One rule of ours, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Listed {
+    Forward(ForwardRule),
+    /// The drop after a forward with source ranges.
+    Drop((IpAddr, u16, Protocol)),
+}
+
+/// Inverse of [`rule_statements`] and [`drop_statements`]; counters are ignored (they
+/// only count).
+fn parse_rule(statements: &[Statement]) -> Option<Listed> {
     let significant: Vec<&Statement> = statements
         .iter()
         .filter(|s| !matches!(s, Statement::Counter(_)))
         .collect();
-    let [
-        Statement::Match(daddr),
-        Statement::Match(dport),
-        Statement::DNAT(Some(nat)),
-    ] = significant.as_slice()
-    else {
-        return None;
+    let (daddr, dport, rest) = match significant.as_slice() {
+        [Statement::Match(daddr), Statement::Match(dport), rest @ ..] => (daddr, dport, rest),
+        _ => return None,
     };
     let (ip_proto, vip) = match_payload(daddr, "daddr")?;
     let vip: IpAddr = string(vip)?.parse().ok()?;
@@ -581,6 +825,19 @@ fn parse_rule(statements: &[Statement]) -> Option<ForwardRule> {
         "udp" => Protocol::Udp,
         _ => return None,
     };
+    let port = number(port)?;
+    let (sources, nat) = match rest {
+        [Statement::Drop(_)] => return Some(Listed::Drop((vip, port, protocol))),
+        [Statement::DNAT(Some(nat))] => (Vec::new(), nat),
+        [Statement::Match(saddr), Statement::DNAT(Some(nat))] => {
+            let (proto, set) = match_payload(saddr, "saddr")?;
+            if proto != ip_protocol(vip) {
+                return None;
+            }
+            (parse_sources(vip, set)?, nat)
+        }
+        _ => return None,
+    };
     let node_ip: IpAddr = string(nat.addr.as_ref()?)?.parse().ok()?;
     let family_matches = matches!(
         (nat.family?, node_ip),
@@ -589,13 +846,56 @@ fn parse_rule(statements: &[Statement]) -> Option<ForwardRule> {
     if !family_matches || nat.flags.as_ref().is_some_and(|f| !f.is_empty()) {
         return None;
     }
-    Some(ForwardRule {
+    Some(Listed::Forward(ForwardRule {
         vip,
-        port: number(port)?,
+        port,
         protocol,
         node_ip,
         node_port: number(nat.port.as_ref()?)?,
-    })
+        sources,
+    }))
+}
+
+/// A listed set of source addresses (single addresses, prefixes and ranges, as nft
+/// prints them after merging) back to the merged ranges of [`source_ranges`].
+fn parse_sources(vip: IpAddr, set: &Expression) -> Option<Vec<(IpAddr, IpAddr)>> {
+    let items: Vec<&Expression> = match set {
+        Expression::Named(NamedExpression::Set(items)) => items
+            .iter()
+            .map(|i| match i {
+                nftables::expr::SetItem::Element(e) => Some(e),
+                _ => None,
+            })
+            .collect::<Option<_>>()?,
+        // One element may be listed without braces.
+        single => vec![single],
+    };
+    let address = |e: &Expression| -> Option<IpAddr> {
+        let ip: IpAddr = string(e)?.parse().ok()?;
+        (ip.is_ipv4() == vip.is_ipv4()).then_some(ip)
+    };
+    let mut intervals = Vec::new();
+    for item in items {
+        let (a, b) = match item {
+            Expression::Named(NamedExpression::Prefix(p)) => {
+                let net =
+                    ipnetwork::IpNetwork::new(address(&p.addr)?, u8::try_from(p.len).ok()?).ok()?;
+                (net.network(), net.broadcast_or_last())
+            }
+            Expression::Range(r) => (address(&r.range[0])?, address(&r.range[1])?),
+            other => {
+                let ip = address(other)?;
+                (ip, ip)
+            }
+        };
+        intervals.push((to_u128(a), to_u128(b)));
+    }
+    Some(
+        merge(intervals)
+            .into_iter()
+            .map(|(a, b)| (from_u128(vip, a), from_u128(vip, b)))
+            .collect(),
+    )
 }
 
 /// `PROTOCOL FIELD == right` → (PROTOCOL, right).
@@ -641,6 +941,7 @@ mod tests {
             protocol,
             node_ip: node_ip.parse().unwrap(),
             node_port,
+            sources: vec![],
         }
     }
 
@@ -662,7 +963,7 @@ mod tests {
         let b = rule("192.0.2.200", 80, Protocol::Tcp, "192.0.2.3", 30080);
         let udp = rule("192.0.2.200", 80, Protocol::Udp, "192.0.2.3", 30080);
         assert!(matches!(
-            normalize(&[a, b]),
+            normalize(&[a.clone(), b]),
             Err(ForwardingError::Conflict { .. })
         ));
         // Same port over another protocol is a different rule.
@@ -673,25 +974,42 @@ mod tests {
     fn order_and_exact_duplicates_do_not_matter() {
         let a = rule("192.0.2.200", 80, Protocol::Tcp, "192.0.2.2", 30080);
         let b = rule("2001:db8::200", 53, Protocol::Udp, "2001:db8::2", 30053);
-        assert_eq!(normalize(&[a, b, a]).unwrap(), normalize(&[b, a]).unwrap());
+        assert_eq!(
+            normalize(&[a.clone(), b.clone(), a.clone()]).unwrap(),
+            normalize(&[b, a]).unwrap()
+        );
     }
 
     /// What we write and what nft lists back share one JSON schema, so our own batch
     /// must parse back to the same rules.
     #[test]
     fn written_rules_parse_back() {
+        let limited = ForwardRule {
+            sources: source_ranges(
+                "192.0.2.201".parse().unwrap(),
+                &[
+                    "10.0.0.0/9".parse().unwrap(),
+                    "192.0.2.100/32".parse().unwrap(),
+                ],
+            ),
+            ..rule("192.0.2.201", 443, Protocol::Tcp, "192.0.2.2", 30443)
+        };
         let rules = normalize(&[
             rule("192.0.2.200", 80, Protocol::Tcp, "192.0.2.2", 30080),
             rule("2001:db8::200", 53, Protocol::Udp, "2001:db8::2", 30053),
+            limited,
         ])
         .unwrap();
         let batch = build_batch(&rules);
+        let mut listed = Vec::new();
         for object in batch.objects.iter() {
             if let NfObject::CmdObject(nftables::schema::NfCmd::Add(NfListObject::Rule(r))) = object
+                && r.chain == CHAINS[0].0
             {
-                assert!(rules.contains(&parse_rule(&r.expr).unwrap()));
+                listed.push(parse_rule(&r.expr).unwrap());
             }
         }
+        assert_eq!(listed, TableState::expected(&rules).rules[CHAINS[0].0]);
     }
 
     /// A listing as nft 1.0.6 prints it (IPv6 compressed, counters with values).
@@ -701,13 +1019,13 @@ mod tests {
         let state = TableState::parse(&serde_json::from_str(listing).unwrap()).unwrap();
         assert_eq!(
             state.rules["prerouting"],
-            vec![rule(
+            vec![Listed::Forward(rule(
                 "2001:db8::200",
                 53,
                 Protocol::Udp,
                 "2001:db8::2",
                 30053
-            )]
+            ))]
         );
         assert_eq!(
             state.chains,
@@ -720,6 +1038,44 @@ mod tests {
         );
     }
 
+    /// nft merges adjacent ranges and prints prefixes, ranges and single addresses as it
+    /// likes (here 10.0.0.0/9 + 10.128.0.0/9 became 10.0.0.0/8, as nft 1.0.6 lists
+    /// them); the listing still reads as the ranges written, so nothing is rewritten.
+    #[test]
+    fn source_ranges_read_back_as_written_whatever_nft_merged() {
+        let listing = r#"{"nftables": [{"rule": {"family": "inet", "table": "ferrolb", "chain": "prerouting", "handle": 3, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "192.0.2.200"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 80}}, {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"set": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, {"range": ["192.0.2.5", "192.0.2.9"]}, "192.0.2.100"]}}}, {"counter": {"packets": 0, "bytes": 0}}, {"dnat": {"family": "ip", "addr": "192.0.2.2", "port": 30080}}]}}, {"rule": {"family": "inet", "table": "ferrolb", "chain": "prerouting", "handle": 4, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "192.0.2.200"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 80}}, {"counter": {"packets": 0, "bytes": 0}}, {"drop": null}]}}]}"#;
+        let state = TableState::parse(&serde_json::from_str(listing).unwrap()).unwrap();
+        let vip: IpAddr = "192.0.2.200".parse().unwrap();
+        let nets: Vec<ipnetwork::IpNetwork> = [
+            "10.128.0.0/9",
+            "10.0.0.0/9",
+            "192.0.2.100/32",
+            "192.0.2.5/32",
+            "192.0.2.6/31",
+            "192.0.2.8/31",
+            "2001:db8::/32",
+        ]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+        let written = ForwardRule {
+            sources: source_ranges(vip, &nets),
+            ..rule("192.0.2.200", 80, Protocol::Tcp, "192.0.2.2", 30080)
+        };
+        assert_eq!(
+            state.rules["prerouting"],
+            vec![
+                Listed::Forward(written.clone()),
+                Listed::Drop((vip, 80, Protocol::Tcp))
+            ]
+        );
+        assert_eq!(
+            written.to_string(),
+            "tcp 192.0.2.200:80 -> 192.0.2.2:30080 from 10.0.0.0-10.255.255.255, \
+             192.0.2.5-192.0.2.9, 192.0.2.100"
+        );
+    }
+
     #[test]
     fn foreign_rules_are_reported_not_skipped() {
         let listing = r#"{"nftables": [{"rule": {"family": "inet", "table": "ferrolb", "chain": "prerouting", "handle": 2, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 22}}, {"accept": null}]}}]}"#;
@@ -728,6 +1084,26 @@ mod tests {
             matches!(err, ForwardingError::UnexpectedRule { .. }),
             "{err}"
         );
+    }
+
+    /// A wedged nft (here a stand-in that never exits) is killed and reported, and the
+    /// speaker's loop goes on.
+    #[test]
+    fn a_hung_nft_is_killed_after_the_timeout() {
+        let dir = std::env::temp_dir().join(format!("ferrolb-hung-nft-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("nft");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let fw =
+            Forwarder::with_nft(script.to_str().unwrap()).with_timeout(Duration::from_millis(300));
+        let err = fw
+            .apply(&[rule("192.0.2.200", 80, Protocol::Tcp, "192.0.2.2", 30080)])
+            .unwrap_err();
+        assert!(matches!(err, ForwardingError::TimedOut { .. }), "{err}");
+        assert!(err.to_string().contains("was killed"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

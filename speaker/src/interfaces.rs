@@ -26,9 +26,16 @@
 //!    announced nowhere: the segment it belongs to is unreachable, so announcing it on
 //!    an unrelated link would only attract traffic this node cannot serve. This is what
 //!    makes a node give up its IPs the moment its link goes down.
-//! 3. otherwise (no link has a subnet containing the IP), every link that can announce:
-//!    up with carrier, ARP enabled, not loopback, not a bridge/bond/team port, with an
-//!    Ethernet address.
+//! 3. otherwise (no link has a subnet containing the IP), the link(s) of the node's route
+//!    to the IP: the longest prefix of the main routing table that holds it (usually the
+//!    default route), out of the link(s) it names (ports resolve to their master; ECMP
+//!    routes name several). If no route holds the IP, or its links cannot announce, the
+//!    IP is announced nowhere and a problem says so.
+//!
+//! Never "every link": a node's Pod veths, CNI bridges and tunnels are links too, and a
+//! Pod (or anything behind them) asking for a VIP must not be told the node's MAC, nor
+//! may the node claim a VIP on a segment that is not its node network. Name the
+//! interfaces in the L2Advertisement to announce elsewhere.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -37,9 +44,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoKind, InfoPortKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
 };
 use tokio::sync::watch;
 
@@ -64,6 +75,9 @@ pub struct Link {
     pub master: Option<u32>,
     /// Addresses with their prefix length, both families, link-local included.
     pub addresses: Vec<IpNetwork>,
+    /// Destinations of the main routing table's unicast routes out of this link (the
+    /// default route is `0.0.0.0/0` or `::/0`), for the route rule of [`select`].
+    pub routes: Vec<IpNetwork>,
 }
 
 /// The outcome of [`select`].
@@ -89,10 +103,17 @@ pub fn select(links: &[Link], ip: IpAddr, wanted: &[String]) -> Selection {
             .filter(|l| !l.loopback && l.addresses.iter().any(|n| on_link_subnet(n, ip)))
             .collect();
         if on_subnet.is_empty() {
+            let routed = routed_links(links, ip);
+            if routed.is_empty() {
+                selection.problems.push(format!(
+                    "no interface has a subnet or a route holding {ip}, so it is announced nowhere; name the interfaces in the L2Advertisement's interfaces"
+                ));
+            }
             selection.links.extend(
-                links
-                    .iter()
-                    .filter(|l| l.master.is_none() && unusable(l).is_none())
+                routed
+                    .into_iter()
+                    .filter_map(|l| announcer(links, l).ok())
+                    .filter(|l| unusable(l).is_none())
                     .map(|l| l.index),
             );
         } else {
@@ -134,6 +155,27 @@ pub fn select(links: &[Link], ip: IpAddr, wanted: &[String]) -> Selection {
     selection.links.sort_unstable();
     selection.links.dedup();
     selection
+}
+
+/// The links of the longest-prefix route holding `ip` (several for an ECMP route).
+fn routed_links(links: &[Link], ip: IpAddr) -> Vec<&Link> {
+    let best = links
+        .iter()
+        .filter(|l| !l.loopback)
+        .flat_map(|l| l.routes.iter())
+        .filter(|r| r.is_ipv4() == ip.is_ipv4() && r.contains(ip))
+        .map(IpNetwork::prefix)
+        .max();
+    let Some(best) = best else { return Vec::new() };
+    links
+        .iter()
+        .filter(|l| !l.loopback)
+        .filter(|l| {
+            l.routes
+                .iter()
+                .any(|r| r.prefix() == best && r.is_ipv4() == ip.is_ipv4() && r.contains(ip))
+        })
+        .collect()
 }
 
 /// The subnets this node can announce on: the on-link subnets of links that can answer
@@ -217,6 +259,20 @@ pub async fn snapshot(handle: &rtnetlink::Handle) -> anyhow::Result<Vec<Link>> {
         .try_collect()
         .await
         .context("dumping addresses over rtnetlink")?;
+    let mut routes: Vec<RouteMessage> = Vec::new();
+    for dump in [
+        rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let mut part: Vec<RouteMessage> = handle
+            .route()
+            .get(dump)
+            .execute()
+            .try_collect()
+            .await
+            .context("dumping routes over rtnetlink")?;
+        routes.append(&mut part);
+    }
 
     let parsed: Vec<ParsedLink> = messages.into_iter().map(parse_link).collect();
     let kinds: HashMap<u32, Option<InfoKind>> = parsed
@@ -238,6 +294,17 @@ pub async fn snapshot(handle: &rtnetlink::Handle) -> anyhow::Result<Vec<Link>> {
             && let Some(link) = links.iter_mut().find(|l| l.index == index)
         {
             link.addresses.push(net);
+        }
+    }
+    for message in &routes {
+        if let Some((destination, indexes)) = parse_route(message) {
+            for index in indexes {
+                if let Some(link) = links.iter_mut().find(|l| l.index == index)
+                    && !link.routes.contains(&destination)
+                {
+                    link.routes.push(destination);
+                }
+            }
         }
     }
     links.sort_by_key(|l| l.index);
@@ -265,6 +332,7 @@ fn parse_link(message: LinkMessage) -> ParsedLink {
             loopback: flags.contains(LinkFlags::Loopback),
             master: None,
             addresses: Vec::new(),
+            routes: Vec::new(),
         },
         kind: None,
         port_kind: None,
@@ -323,6 +391,40 @@ fn parse_address(message: &AddressMessage) -> Option<(u32, IpNetwork)> {
     Some((message.header.index, net))
 }
 
+/// A unicast route of the main table: its destination and the links it leaves by.
+fn parse_route(message: &RouteMessage) -> Option<(IpNetwork, Vec<u32>)> {
+    let header = &message.header;
+    let mut table = u32::from(header.table);
+    let mut destination = None;
+    let mut indexes = Vec::new();
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                destination = Some(IpAddr::V4(*ip));
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                destination = Some(IpAddr::V6(*ip));
+            }
+            RouteAttribute::Oif(index) => indexes.push(*index),
+            RouteAttribute::MultiPath(hops) => {
+                indexes.extend(hops.iter().map(|h| h.interface_index));
+            }
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || header.kind != RouteType::Unicast {
+        return None;
+    }
+    let destination = destination.unwrap_or(match header.address_family {
+        AddressFamily::Inet => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    });
+    let net = IpNetwork::new(destination, header.destination_prefix_length).ok()?;
+    Some((net, indexes))
+}
+
 /// A dump that does not finish in this time is retried (the kernel never takes this
 /// long; it guards against a wedged socket).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -330,7 +432,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Keeps an up-to-date view of the links: subscribes to the kernel's link and address
-/// notifications (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR) and re-reads a
+/// notifications (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR and the route
+/// groups RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE) and re-reads a
 /// [`snapshot`] after each burst of them, publishing it when it differs from the last.
 ///
 /// Events are only a trigger, never applied incrementally: a full dump cannot drift, and
@@ -347,6 +450,8 @@ pub async fn watch() -> anyhow::Result<watch::Receiver<Vec<Link>>> {
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv6Ifaddr,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
     ])
     .context("subscribing to rtnetlink link and address notifications")?;
     tokio::spawn(events_connection);
@@ -434,6 +539,15 @@ mod tests {
             loopback: false,
             master: None,
             addresses: addresses.iter().map(|a| net(a)).collect(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// `link` with routes out of it.
+    fn routed(link: Link, routes: &[&str]) -> Link {
+        Link {
+            routes: routes.iter().map(|r| net(r)).collect(),
+            ..link
         }
     }
 
@@ -512,17 +626,59 @@ mod tests {
     }
 
     #[test]
-    fn default_rule_without_a_matching_subnet_uses_every_usable_link() {
+    fn default_rule_without_a_matching_subnet_uses_the_route_to_the_ip() {
+        // A node: eth0 carries the default route, a Pod veth and a CNI bridge carry the
+        // Pod network. A VIP off every subnet goes where the node routes it, never to
+        // the Pods.
         let links = [
             lo(),
-            link(2, "eth0", &["10.0.0.5/24"]),
+            routed(
+                link(2, "eth0", &["10.0.0.5/24"]),
+                &["0.0.0.0/0", "10.0.0.0/24", "::/0"],
+            ),
+            routed(link(3, "cni0", &["10.244.0.1/24"]), &["10.244.0.0/24"]),
+            Link {
+                master: Some(3),
+                ..link(4, "veth1", &[])
+            },
+            routed(link(5, "cali1", &[]), &["10.245.0.7/32"]),
+            routed(link(6, "eth1", &["172.16.0.5/24"]), &["198.51.100.0/24"]),
+        ];
+        assert_eq!(chosen(&links, ip("192.0.2.200"), &[]), [2]);
+        assert_eq!(chosen(&links, ip("2001:db8::200"), &[]), [2]);
+        // The longest prefix wins.
+        assert_eq!(chosen(&links, ip("198.51.100.9"), &[]), [6]);
+        // No route at all: nowhere, and said so.
+        let unrouted: Vec<Link> = links
+            .iter()
+            .cloned()
+            .map(|l| Link {
+                routes: vec![],
+                ..l
+            })
+            .collect();
+        let selection = select(&unrouted, ip("192.0.2.200"), &[]);
+        assert!(selection.links.is_empty());
+        assert!(
+            selection.problems[0]
+                .contains("no interface has a subnet or a route holding 192.0.2.200"),
+            "{:?}",
+            selection.problems
+        );
+    }
+
+    #[test]
+    fn a_route_through_a_port_or_a_link_that_cannot_announce() {
+        let links = [
+            lo(),
+            routed(link(2, "eth0", &["10.0.0.5/24"]), &["0.0.0.0/0"]),
             Link {
                 up: false,
                 ..link(3, "down0", &[])
             },
             Link {
                 noarp: true,
-                ..link(4, "wg0", &["10.9.0.1/24"])
+                ..routed(link(4, "wg0", &["10.9.0.1/24"]), &["198.51.100.0/24"])
             },
             link(5, "eth1", &[]),
             Link {
@@ -530,7 +686,23 @@ mod tests {
                 ..link(6, "tun0", &[])
             },
         ];
-        assert_eq!(chosen(&links, ip("192.0.2.200"), &[]), [2, 5]);
+        assert_eq!(chosen(&links, ip("192.0.2.200"), &[]), [2]);
+        // Routed into a NOARP tunnel: not announced on eth0 instead.
+        assert_eq!(
+            select(&links, ip("198.51.100.1"), &[]).links,
+            Vec::<u32>::new()
+        );
+    }
+
+    #[test]
+    fn default_rule_with_an_ecmp_route_uses_each_of_its_links() {
+        let links = [
+            lo(),
+            routed(link(2, "eth0", &["10.0.0.5/24"]), &["0.0.0.0/0"]),
+            routed(link(3, "eth1", &["10.0.1.5/24"]), &["0.0.0.0/0"]),
+            routed(link(4, "eth2", &["10.0.2.5/24"]), &["10.0.0.0/8"]),
+        ];
+        assert_eq!(chosen(&links, ip("192.0.2.200"), &[]), [2, 3]);
     }
 
     #[test]
@@ -574,7 +746,7 @@ mod tests {
                 noarp: true,
                 ..link(2, "kube-ipvs0", &["192.0.2.200/32", "2001:db8::200/128"])
             },
-            link(3, "eth0", &["10.0.0.5/24"]),
+            routed(link(3, "eth0", &["10.0.0.5/24"]), &["0.0.0.0/0", "::/0"]),
         ];
         assert_eq!(chosen(&links, ip("192.0.2.200"), &[]), [3]);
         assert_eq!(chosen(&links, ip("2001:db8::200"), &[]), [3]);
@@ -592,7 +764,10 @@ mod tests {
                 noarp: true,
                 ..link(3, "noarp0", &["192.0.2.11/24"])
             },
-            link(4, "eth0", &["192.0.2.12/24"]),
+            routed(
+                link(4, "eth0", &["192.0.2.12/24"]),
+                &["192.0.2.0/24", "0.0.0.0/0"],
+            ),
         ];
         assert_eq!(chosen(&links, ip("192.0.2.200"), &[]), [4]);
         assert_eq!(chosen(&links, ip("198.51.100.1"), &[]), [4]);
@@ -612,7 +787,12 @@ mod tests {
             },
         ];
         assert_eq!(chosen(&links, ip("192.0.2.200"), &[]), [3]);
-        // Fallback: the ports are skipped, the bridge stands for them.
+        // A route out of a port: the bridge stands for it.
+        let links = [
+            routed(links[0].clone(), &["0.0.0.0/0"]),
+            links[1].clone(),
+            links[2].clone(),
+        ];
         assert_eq!(chosen(&links, ip("198.51.100.1"), &[]), [3]);
         assert_eq!(chosen(&links, ip("192.0.2.200"), &["eth0"]), [3]);
     }
@@ -770,24 +950,24 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_with_only_link_local_addresses_falls_back_to_every_usable_link() {
+    fn ipv6_with_only_link_local_addresses_uses_the_route() {
         let links = [
             lo(),
-            link(2, "eth0", &["192.0.2.10/24", "fe80::1/64"]),
+            routed(link(2, "eth0", &["192.0.2.10/24", "fe80::1/64"]), &["::/0"]),
             link(3, "eth1", &["fe80::2/64"]),
             Link {
                 up: false,
                 ..link(4, "eth2", &["fe80::3/64"])
             },
         ];
-        assert_eq!(chosen(&links, ip("2001:db8::200"), &[]), [2, 3]);
+        assert_eq!(chosen(&links, ip("2001:db8::200"), &[]), [2]);
         // Even an IP inside fe80::/10 is not matched by the link-local prefixes.
-        assert_eq!(chosen(&links, ip("fe80::99"), &[]), [2, 3]);
+        assert_eq!(chosen(&links, ip("fe80::99"), &[]), [2]);
     }
 
     #[test]
     fn no_links_no_selection() {
-        assert_eq!(select(&[], ip("192.0.2.1"), &[]), Selection::default());
+        assert!(select(&[], ip("192.0.2.1"), &[]).links.is_empty());
     }
 
     #[test]
@@ -831,6 +1011,7 @@ mod tests {
                     loopback,
                     master,
                     addresses,
+                    routes: vec![],
                 },
             )
     }
@@ -850,7 +1031,8 @@ mod tests {
                 let chosen = links.iter().find(|l| l.index == *index && l.master.is_none() && unusable(l).is_none());
                 prop_assert!(chosen.is_some(), "{index} chosen from {links:?}");
             }
-            prop_assert!(selection.problems.len() <= want.len());
+            // One problem per wanted name, or the one "no route" problem.
+            prop_assert!(selection.problems.len() <= want.len().max(1));
         }
     }
 }

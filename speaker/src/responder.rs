@@ -6,8 +6,13 @@
 //! `Announcing` (gratuitous ARP / unsolicited NA at once, then repeated) → `Steady`
 //! (answering, with an optional periodic refresh). An IP taken away from the link stops
 //! being answered at once: the next frame asking for it finds no entry.
+//!
+//! Flood resistance: the ARP socket's kernel filter passes only frames naming an IP the
+//! link owns ([`arp_filter_for`], rebuilt whenever the link's IPs change), every lookup
+//! per frame is one hash probe, and conflict warnings are rate-limited per IP (a host
+//! spoofing our IPs cannot fill the log).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +28,13 @@ use prometheus_client::metrics::family::Family;
 use crate::arp::{self, Operation};
 use crate::metrics::{InterfaceLabels, Metrics};
 use crate::ndp::{self, NdpKind};
-use crate::packet_socket::{ETH_P_ARP, ETH_P_IPV6, PacketSocket, arp_filter, ndp_filter};
+use crate::packet_socket::{
+    ETH_P_ARP, ETH_P_IPV6, PacketSocket, arp_filter, arp_filter_for, ndp_filter,
+};
+
+/// At most one conflict warning per IP and link in this span; the others are counted
+/// (metric `conflicts`) and their number is given with the next warning.
+const CONFLICT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Timing of probes and announcements.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,8 +168,25 @@ struct LinkTask {
     metrics: Arc<Metrics>,
     arp: PacketSocket,
     ndp: PacketSocket,
-    states: BTreeMap<IpAddr, State>,
+    /// Looked up for every frame that passes the filter: a hash map, O(1).
+    states: HashMap<IpAddr, State>,
     joined: BTreeSet<[u8; 6]>,
+    /// The IPv4 addresses the ARP socket's filter names now.
+    filtered: Vec<Ipv4Addr>,
+    /// Per IP: when a conflict was last logged, and how many were not logged since.
+    conflict_log: HashMap<IpAddr, (Instant, u64)>,
+}
+
+/// The IPv4 addresses among `ips`, sorted.
+fn ipv4s<'a>(ips: impl Iterator<Item = &'a IpAddr>) -> Vec<Ipv4Addr> {
+    let mut v4: Vec<Ipv4Addr> = ips
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    v4.sort_unstable();
+    v4
 }
 
 async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, metrics: Arc<Metrics>) {
@@ -166,8 +194,9 @@ async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, metrics
     let open = |ethertype, filter: &[socket2::SockFilter]| {
         PacketSocket::open(spec.index, ethertype, filter)
     };
+    let filtered = ipv4s(spec.ips.iter());
     let (arp, ndp) = match (
-        open(ETH_P_ARP, &arp_filter()),
+        open(ETH_P_ARP, &arp_filter_for(&filtered)),
         open(ETH_P_IPV6, &ndp_filter()),
     ) {
         (Ok(a), Ok(n)) => (a, n),
@@ -182,8 +211,10 @@ async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, metrics
         metrics,
         arp,
         ndp,
-        states: BTreeMap::new(),
+        states: HashMap::new(),
         joined: BTreeSet::new(),
+        filtered,
+        conflict_log: HashMap::new(),
     };
     task.apply(spec).await;
     let mut arp_buf = vec![0u8; 2048];
@@ -244,6 +275,22 @@ impl LinkTask {
                 }
             }
         }
+        let wanted = ipv4s(spec.ips.iter());
+        if wanted != self.filtered {
+            match self.arp.set_filter(&arp_filter_for(&wanted)) {
+                Ok(()) => self.filtered = wanted,
+                Err(e) => {
+                    // Answering matters more than shedding a flood: pass all ARP.
+                    let fallback = self.arp.set_filter(&arp_filter());
+                    warn!(interface = %spec.name, error = %e, passing_all_arp = fallback.is_ok(),
+                        "cannot narrow the ARP socket filter to the owned IPs");
+                    if fallback.is_ok() {
+                        self.filtered = wanted;
+                    }
+                }
+            }
+        }
+        self.conflict_log.retain(|ip, _| spec.ips.contains(ip));
         self.spec = spec;
         self.tick().await;
     }
@@ -346,19 +393,39 @@ impl LinkTask {
         self.metrics.conflicts.inc();
         let conflicts = self.metrics.conflicts.get();
         let other = crate::mac::format(&mac);
+        let now = Instant::now();
+        let log = match self.conflict_log.get_mut(&ip) {
+            Some((last, suppressed)) if now.duration_since(*last) < CONFLICT_LOG_INTERVAL => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                self.conflict_log.insert(ip, (now, 0));
+                Some(0)
+            }
+        };
         if let State::Probing { .. } = state {
-            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts,
-                "IP is already in use by another host (it answered our probe); not announcing it, will probe again in {:?}",
-                self.settings.conflict_retry);
+            if let Some(suppressed) = log {
+                warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts, suppressed,
+                    "IP is already in use by another host (it answered our probe); not announcing it, will probe again in {:?}",
+                    self.settings.conflict_retry);
+            }
             self.states.insert(
                 ip,
                 State::Conflict {
                     retry_at: Instant::now() + self.settings.conflict_retry,
                 },
             );
-        } else if state.answers() {
-            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts,
-                "another host claims an IP this node announces");
+        } else if state.answers()
+            && let Some(suppressed) = log
+        {
+            warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts, suppressed,
+                "another host claims an IP this node announces (further warnings for it at most every {:?})",
+                CONFLICT_LOG_INTERVAL);
         }
     }
 

@@ -116,6 +116,7 @@ fn rule(vip: &str, port: u16, protocol: Protocol, node_ip: &str, node_port: u16)
         protocol,
         node_ip: node_ip.parse().unwrap(),
         node_port,
+        sources: vec![],
     }
 }
 
@@ -147,7 +148,7 @@ fn apply_is_exact_and_idempotent() {
     // Same set again, in another order: nothing is rewritten (rule handles and
     // counters stay as they were).
     let before = ns.nft(&["-a", "list", "table", "inet", "ferrolb"], None);
-    let reversed: Vec<_> = rules.iter().rev().copied().collect();
+    let reversed: Vec<_> = rules.iter().rev().cloned().collect();
     assert!(!fw.apply(&reversed).unwrap(), "same rules: no write");
     assert_eq!(
         ns.nft(&["-a", "list", "table", "inet", "ferrolb"], None),
@@ -178,6 +179,48 @@ fn apply_is_exact_and_idempotent() {
     assert!(!listing.contains("chain"), "{listing}");
 }
 
+/// Source ranges go in as written and read back the same though nft merges them
+/// (10.0.0.0/9 and 10.128.0.0/9 are listed as 10.0.0.0/8): applying again writes
+/// nothing, and the drop for other sources follows each limited forward.
+#[test]
+fn source_ranges_are_applied_and_read_back_exactly() {
+    let ns = Netns::new("ranges");
+    let fw = ns.forwarder();
+    fw.reset().unwrap();
+    let nets: Vec<ipnetwork::IpNetwork> = ["10.128.0.0/9", "10.0.0.0/9", "192.0.2.100/32"]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let v6: Vec<ipnetwork::IpNetwork> = vec!["2001:db8:1::/48".parse().unwrap()];
+    let limited = |mut r: ForwardRule, nets: &[ipnetwork::IpNetwork]| {
+        r.sources = ferrolb_speaker::forwarding::source_ranges(r.vip, nets);
+        r
+    };
+    let rules = vec![
+        limited(
+            rule("192.0.2.200", 80, Protocol::Tcp, "192.0.2.2", 30080),
+            &nets,
+        ),
+        rule("192.0.2.200", 53, Protocol::Udp, "192.0.2.2", 30053),
+        limited(
+            rule("2001:db8::200", 80, Protocol::Tcp, "2001:db8::2", 30080),
+            &v6,
+        ),
+    ];
+    assert!(fw.apply(&rules).unwrap());
+    assert_eq!(sorted(fw.current().unwrap()), sorted(rules.clone()));
+    assert!(!fw.apply(&rules).unwrap(), "same rules: no write");
+    let listing = ns.nft(&["list", "chain", "inet", "ferrolb", "prerouting"], None);
+    for want in [
+        "priority dstnat + 10;",
+        "ip daddr 192.0.2.200 tcp dport 80 ip saddr { 10.0.0.0/8, 192.0.2.100 } counter",
+        "ip daddr 192.0.2.200 tcp dport 80 counter packets 0 bytes 0 drop",
+        "ip6 daddr 2001:db8::200 tcp dport 80 ip6 saddr 2001:db8:1::/48 counter",
+    ] {
+        assert!(listing.contains(want), "{want:?} in\n{listing}");
+    }
+}
+
 #[test]
 fn invalid_rules_leave_the_table_untouched() {
     let ns = Netns::new("bad");
@@ -187,7 +230,7 @@ fn invalid_rules_leave_the_table_untouched() {
     fw.apply(&rules).unwrap();
 
     let mismatch = rule("192.0.2.201", 443, Protocol::Tcp, "2001:db8::2", 30443);
-    let err = fw.apply(&[rules[0], mismatch]).unwrap_err();
+    let err = fw.apply(&[rules[0].clone(), mismatch]).unwrap_err();
     assert!(
         matches!(err, ForwardingError::FamilyMismatch { .. }),
         "{err}"
@@ -195,7 +238,7 @@ fn invalid_rules_leave_the_table_untouched() {
     assert!(err.to_string().contains("192.0.2.201:443"), "{err}");
 
     let other_target = rule("192.0.2.200", 80, Protocol::Tcp, "192.0.2.3", 30080);
-    let err = fw.apply(&[rules[0], other_target]).unwrap_err();
+    let err = fw.apply(&[rules[0].clone(), other_target]).unwrap_err();
     assert!(matches!(err, ForwardingError::Conflict { .. }), "{err}");
 
     assert_eq!(sorted(fw.current().unwrap()), sorted(rules));

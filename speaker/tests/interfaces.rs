@@ -137,6 +137,8 @@ fn snapshot_reports_flags_masters_and_addresses_and_select_follows_the_rules() -
         "link add down0 type veth peer name down0p",
         "addr add 203.0.113.1/24 dev down0",
         "link set down0p up",
+        "route add default via 192.0.2.1 dev eth0",
+        "-6 route add default via 2001:db8::1 dev eth0",
     ] {
         ns.ip(cmd)?;
     }
@@ -190,10 +192,12 @@ fn snapshot_reports_flags_masters_and_addresses_and_select_follows_the_rules() -
         assert_eq!(default_choice(&links, "198.51.100.200"), ["br0"]);
         // The subnet is on a down link: announced nowhere, not elsewhere.
         assert!(default_choice(&links, "203.0.113.200").is_empty());
-        // No subnet anywhere: every usable link; ports, lo, NOARP and down links skipped.
-        let everywhere = ["br0", "eth0", "eth0p", "noarp0p", "port0p"];
-        assert_eq!(default_choice(&links, "10.99.0.1"), everywhere);
-        assert_eq!(default_choice(&links, "2001:db8:99::1"), everywhere);
+        // No subnet anywhere: the link of the route to it (here the default route),
+        // never every link (eth0p, port0p and noarp0p stand for Pod veths here).
+        assert!(eth0.routes.contains(&net("0.0.0.0/0")), "{eth0:?}");
+        assert!(eth0.routes.contains(&net("::/0")), "{eth0:?}");
+        assert_eq!(default_choice(&links, "10.99.0.1"), ["eth0"]);
+        assert_eq!(default_choice(&links, "2001:db8:99::1"), ["eth0"]);
 
         // An explicit list: a bridge port announces on the bridge; the rest are problems.
         let wanted: Vec<String> = ["port0", "eth0", "down0", "noarp0", "ghost0"]
@@ -262,11 +266,10 @@ fn watch_notices_carrier_loss_admin_down_removal_addition_and_enslavement() -> a
         timings.push(
             changed_within(&mut rx, "removal", |l| !has(l, "eth0") && !has(l, "eth0p")).await?,
         );
-        // No subnet holds the VIP any more: the fallback picks every usable link, which
-        // leaves the bridge, if this kernel gives a portless bridge a carrier.
+        // No subnet holds the VIP any more, and no route does: announced nowhere (not
+        // on the bridge that is left).
         let now = rx.borrow().clone();
-        let expected: &[&str] = if find(&now, "br0")?.up { &["br0"] } else { &[] };
-        assert_eq!(default_choice(&now, vip), expected, "{now:#?}");
+        assert_eq!(default_choice(&now, vip), Vec::<String>::new(), "{now:#?}");
 
         ip_here("link add new0 type veth peer name new0p")?;
         ip_here("addr add 192.0.2.11/24 dev new0")?;
@@ -275,6 +278,15 @@ fn watch_notices_carrier_loss_admin_down_removal_addition_and_enslavement() -> a
         timings.push(
             changed_within(&mut rx, "a new link with the subnet", |l| {
                 default_choice(l, vip) == ["new0"]
+            })
+            .await?,
+        );
+
+        // A VIP on no subnet follows the route to it, as soon as the route appears.
+        ip_here("route add 198.51.100.0/24 via 192.0.2.1 dev new0")?;
+        timings.push(
+            changed_within(&mut rx, "a new route", |l| {
+                default_choice(l, "198.51.100.7") == ["new0"]
             })
             .await?,
         );

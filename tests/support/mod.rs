@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferrolb::lab::{Host, Lab, LabProcess, poll_until};
+use ferrolb::lab::{Host, Lab, LabProcess, NETNS_PREFIX, Netns, Origin, poll_until};
 use ferrolb_api::manifests::Manifests;
 use ferrolb_speaker::election::ClusterView;
 use ferrolb_speaker::packet_socket::{ETH_P_ARP, PacketSocket, arp_filter, ndp_filter};
@@ -196,34 +196,126 @@ pub fn frames_answering(
     ethertype: u16,
     pick: impl Fn(&[u8]) -> Option<[u8; 6]> + Send + Sync,
 ) -> Vec<[u8; 6]> {
-    let index = link_index(host);
-    host.in_netns(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let filter = if ethertype == ETH_P_ARP {
-                arp_filter()
-            } else {
-                ndp_filter()
-            };
-            let socket = PacketSocket::open(index, ethertype, &filter).unwrap();
-            for f in frames {
-                socket.send(f).await.unwrap();
-            }
-            let mut seen = Vec::new();
-            let mut buf = vec![0u8; 2048];
-            let end = tokio::time::Instant::now() + window;
-            while let Ok(Ok(n)) = tokio::time::timeout_at(end, socket.recv(&mut buf)).await {
-                if let Some(mac) = pick(&buf[..n]) {
-                    seen.push(mac);
+    frames_answering_at(host, link_index(host), frames, window, ethertype, pick)
+}
+
+/// [`frames_answering`] from any namespace, on the interface of index `index` there.
+pub fn frames_answering_at(
+    origin: &impl Origin,
+    index: u32,
+    frames: &[Vec<u8>],
+    window: Duration,
+    ethertype: u16,
+    pick: impl Fn(&[u8]) -> Option<[u8; 6]> + Send + Sync,
+) -> Vec<[u8; 6]> {
+    origin
+        .in_netns(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let filter = if ethertype == ETH_P_ARP {
+                    arp_filter()
+                } else {
+                    ndp_filter()
+                };
+                let socket = PacketSocket::open(index, ethertype, &filter).unwrap();
+                for f in frames {
+                    socket.send(f).await.unwrap();
                 }
-            }
-            seen
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 2048];
+                let end = tokio::time::Instant::now() + window;
+                while let Ok(Ok(n)) = tokio::time::timeout_at(end, socket.recv(&mut buf)).await {
+                    if let Some(mac) = pick(&buf[..n]) {
+                        seen.push(mac);
+                    }
+                }
+                seen
+            })
         })
+        .unwrap()
+}
+
+/// The ARP replies for `ip` that reach `mac` on interface `index` of `origin` within
+/// `window` after one probe sent from there.
+pub fn arp_replies_at(
+    origin: &impl Origin,
+    index: u32,
+    mac: [u8; 6],
+    ip: IpAddr,
+    window: Duration,
+) -> Vec<[u8; 6]> {
+    let IpAddr::V4(v4) = ip else {
+        panic!("{ip} is not IPv4")
+    };
+    let request = arp::probe(mac, v4);
+    frames_answering_at(origin, index, &[request], window, ETH_P_ARP, move |frame| {
+        arp::parse(frame)
+            .ok()
+            .filter(|p| p.operation == arp::Operation::Reply && p.sender_ip == v4)
+            .map(|p| p.sender_mac)
     })
-    .unwrap()
+}
+
+/// The index of interface `name` in `origin`'s namespace.
+pub fn index_in(origin: &impl Origin, name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).unwrap();
+    let index = origin
+        .in_netns(|| unsafe { libc::if_nametoindex(name.as_ptr()) })
+        .unwrap();
+    assert_ne!(index, 0, "no interface {name:?} in {}", origin.name());
+    index
+}
+
+/// A Pod on a lab node, as a CNI plugin makes one: a network namespace of its own,
+/// joined to the node by a veth whose node end (`ifname`, up, no address) sits among
+/// the node's links. Deleted when dropped (and by [`Lab::remove_stale`] after a crash:
+/// its name carries the lab's).
+pub struct Pod {
+    pub netns: Netns,
+    name: String,
+    pub mac: [u8; 6],
+}
+
+impl Pod {
+    pub fn on(lab: &Lab, node: usize, ifname: &str, ip: &str) -> Pod {
+        let name = format!("{NETNS_PREFIX}{}-pod{node}", lab.id());
+        let mac = [0x02, 0, 0, 0xfe, 0, node as u8];
+        let pod = Pod {
+            netns: Netns::named(&name),
+            name: name.clone(),
+            mac,
+        };
+        let run = |args: &[&str]| {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {args:?}");
+        };
+        run(&["netns", "add", &name]);
+        let node_ns = lab.node(node).netns().to_string();
+        let mac_text = ferrolb_speaker::mac::format(&mac);
+        run(&[
+            "-n", &node_ns, "link", "add", ifname, "type", "veth", "peer", "name", "eth0",
+            "address", &mac_text, "netns", &name,
+        ]);
+        run(&["-n", &node_ns, "link", "set", ifname, "up"]);
+        run(&["-n", &name, "link", "set", "lo", "up"]);
+        run(&["-n", &name, "addr", "add", ip, "dev", "eth0"]);
+        run(&["-n", &name, "link", "set", "eth0", "up"]);
+        pod
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 pub fn link_index(host: &Host) -> u32 {

@@ -293,7 +293,7 @@ fn trim_meta<T: kube::Resource>(mut o: T) -> T {
 }
 
 /// Only what announcing reads: the type and class that make a Service ours, its traffic
-/// policy and ports, the IPs in status, ferrolb's own conditions and the version. Everything else
+/// policy, source ranges and ports, the IPs in status, ferrolb's own conditions and the version. Everything else
 /// (selectors, cluster IPs, labels, annotations, other controllers' conditions) would
 /// only take memory, 10,000 times over.
 fn trim_service(s: Service) -> Service {
@@ -301,6 +301,7 @@ fn trim_service(s: Service) -> Service {
         type_: spec.type_,
         load_balancer_class: spec.load_balancer_class,
         external_traffic_policy: spec.external_traffic_policy,
+        load_balancer_source_ranges: spec.load_balancer_source_ranges,
         ports: spec.ports.map(|ports| {
             ports
                 .into_iter()
@@ -439,6 +440,7 @@ kind: Service
 metadata: {name: api, namespace: shop}
 spec:
   type: LoadBalancer
+  loadBalancerSourceRanges: [10.0.0.0/8]
   ports: [{port: 53, nodePort: 30053, protocol: UDP}]
 status: {loadBalancer: {ingress: [{ip: 192.0.2.201}]}}
 ---

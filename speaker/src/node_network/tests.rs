@@ -37,6 +37,7 @@ fn link(addresses: &[&str]) -> Link {
         loopback: false,
         master: None,
         addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        routes: Vec::new(),
     }
 }
 
