@@ -24,6 +24,10 @@ pub struct SpeakerArgs {
     /// 0.0.0.0:7473; with --manifests: not served unless given).
     #[arg(long, value_name = "ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// In a cluster: ferrolb's namespace, where this node's NodeAnnouncement is written;
+    /// default: $POD_NAMESPACE, else the Pod's own namespace, else "default".
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
     /// This node's name, as in its Node object.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -159,6 +163,7 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
                 metrics_address: args
                     .metrics_address
                     .unwrap_or_else(|| ([0, 0, 0, 0], 7473).into()),
+                namespace: crate::namespace::own(args.namespace),
             };
             runtime.block_on(
                 async {
