@@ -468,7 +468,7 @@ async fn start(project: Project, w: &mut World, metallb: &Path, name: &str) -> A
         ]);
         // The speakers reach the API server over the lab network, as ferrolb's do.
         let token = w.cluster.cp.token(METALLB_NS, "speaker").await.unwrap();
-        let server = std::fs::read_to_string(&w.speaker_kubeconfig).unwrap();
+        let server = std::fs::read_to_string(&w.speaker_kubeconfigs[0]).unwrap();
         let server: serde_json::Value = serde_json::from_str(&server).unwrap();
         let server = server["clusters"][0]["cluster"]["server"]
             .as_str()

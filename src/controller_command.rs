@@ -9,9 +9,6 @@ use ferrolb_controller::kubernetes::{LeaseOptions, Options};
 
 use crate::logging::{self, LogFormat};
 
-/// Where a Pod finds its own namespace.
-const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
-
 #[derive(clap::Args, Debug)]
 pub struct ControllerArgs {
     /// Kubeconfig to use; without it, $KUBECONFIG, ~/.kube/config, or the Pod's
@@ -32,8 +29,8 @@ pub struct ControllerArgs {
     /// The Lease's name.
     #[arg(long, default_value = "ferrolb-controller")]
     lease_name: String,
-    /// The Lease's namespace; default: $POD_NAMESPACE, else the Pod's own namespace,
-    /// else "default".
+    /// ferrolb's namespace: the Lease's, and that of the nodes' NodeAnnouncements;
+    /// default: $POD_NAMESPACE, else the Pod's own namespace, else "default".
     #[arg(long, env = "POD_NAMESPACE")]
     lease_namespace: Option<String>,
     /// Seconds the Lease stays valid after a renewal: how long a standby waits after the
@@ -58,13 +55,10 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
+    let namespace = crate::namespace::own(args.lease_namespace.clone());
     let lease = args.leader_elect.then(|| LeaseOptions {
         name: args.lease_name.clone(),
-        namespace: args.lease_namespace.clone().unwrap_or_else(|| {
-            std::fs::read_to_string(POD_NAMESPACE_FILE)
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "default".into())
-        }),
+        namespace: namespace.clone(),
         duration: args.lease_duration,
         grace: args.lease_grace,
     });
@@ -73,6 +67,7 @@ pub fn run(args: ControllerArgs) -> Result<ExitCode> {
         metrics_address: args.metrics_address,
         lease,
         identity,
+        namespace,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

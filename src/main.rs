@@ -3,6 +3,7 @@
 mod controller_command;
 mod files;
 mod logging;
+mod namespace;
 mod plan;
 mod speaker_command;
 mod why;

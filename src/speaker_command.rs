@@ -25,6 +25,10 @@ pub struct SpeakerArgs {
     /// node's own IP; an IPv6 address may go without brackets ($(NODE_IP):7473).
     #[arg(long, value_name = "ADDRESS", value_parser = ferrolb_kubernetes::http::parse_address)]
     metrics_address: Option<std::net::SocketAddr>,
+    /// In a cluster: ferrolb's namespace, where this node's NodeAnnouncement is written;
+    /// default: $POD_NAMESPACE, else the Pod's own namespace, else "default".
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
     /// This node's name, as in its Node object.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -175,6 +179,7 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
                 metrics_address: args
                     .metrics_address
                     .unwrap_or_else(|| ([0, 0, 0, 0], 7473).into()),
+                namespace: crate::namespace::own(args.namespace),
             };
             runtime.block_on(
                 async {

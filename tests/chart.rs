@@ -2,7 +2,8 @@
 //! every feature, a schema that refuses typos, and install (every object accepted; the
 //! chart's ServiceAccounts are enough to run the controller and the speakers, and a
 //! Service gets an IP that answers), upgrade (the membership key and every IP stay) and
-//! uninstall (nothing of ours left but the CRDs).
+//! uninstall (nothing of ours left but the CRDs); and what the chart's speaker account may
+//! write: its own node's NodeAnnouncement, nothing else.
 
 mod cluster;
 
@@ -95,10 +96,14 @@ fn lint_and_template_with_defaults_and_every_feature() {
             "Deployment",
             "PodDisruptionBudget",
             "Role",
+            "Role",
+            "RoleBinding",
             "RoleBinding",
             "Secret",
             "ServiceAccount",
             "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
     );
     // The speaker gets exactly NET_RAW, unprivileged, on the host network, and serves its
@@ -287,4 +292,198 @@ async fn install_runs_with_the_charts_accounts_upgrade_keeps_everything_uninstal
     w.cluster
         .kubectl(&["get", "crd", "ipaddresspools.ferrolb.io"]);
     w.cluster.kubectl(&["get", "ippool", "lab"]);
+}
+
+/// A NodeAnnouncement for `node`, by server-side apply as the speaker writes it.
+async fn apply_record(client: &kube::Client, node: &str) -> Result<(), kube::Error> {
+    use ferrolb_api::NodeAnnouncement;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<NodeAnnouncement> = Api::namespaced(client.clone(), NAMESPACE);
+    let record = serde_json::json!({
+        "apiVersion": "ferrolb.io/v1beta1",
+        "kind": "NodeAnnouncement",
+        "metadata": {"name": node},
+        "spec": {"count": 1, "ips": [{"ip": "192.0.2.10", "interfaces": ["eth0"],
+            "services": ["default/web"], "since": "2026-01-01T00:00:00.000000Z"}]},
+    });
+    api.patch(
+        node,
+        &PatchParams::apply("ferrolb-speaker").force(),
+        &Patch::Apply(record),
+    )
+    .await
+    .map(drop)
+}
+
+fn refused(result: Result<(), kube::Error>, what: &str) -> String {
+    match result {
+        Ok(()) => panic!("{what} was allowed"),
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 403, "{what}: {e:?}");
+            e.message
+        }
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+/// Issue 21, item 3: a speaker (a compromised node) may write its own node's record and
+/// nothing else: not another node's record, not any Service's status, and with a token
+/// bound to no node, no record at all. Tokens of the chart's own ServiceAccount, the
+/// chart's RBAC and policy, the real API server.
+#[tokio::test]
+async fn a_speaker_may_write_only_its_own_nodes_record_and_no_service_status() {
+    use ferrolb_api::NodeAnnouncement;
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, DeleteParams, Patch, PatchParams};
+
+    let cluster = cluster::Cluster::start().await;
+    for node in ["node-a", "node-b"] {
+        cluster.apply(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"
+        ));
+    }
+    cluster.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+         spec: {type: LoadBalancer, ports: [{port: 80}]}\n",
+    );
+    let token = cluster::lab::speaker_token(&cluster, "node-a").await;
+    let kubeconfig = cluster
+        .cp
+        .token_kubeconfig("speaker-a.kubeconfig", &cluster.cp.server(), &token)
+        .unwrap();
+    let speaker_a = ferrolb_control_plane::client_for(&kubeconfig)
+        .await
+        .unwrap();
+
+    // Another node's record: refused once the policy is in force (the API server loads
+    // policies asynchronously after helm install).
+    let message = eventually(
+        Duration::from_secs(20),
+        "the policy to refuse node-b's record",
+        || async {
+            match apply_record(&speaker_a, "node-b").await {
+                Ok(()) => {
+                    let admin: Api<NodeAnnouncement> =
+                        Api::namespaced(cluster.client().await, NAMESPACE);
+                    admin
+                        .delete("node-b", &DeleteParams::default())
+                        .await
+                        .unwrap();
+                    None
+                }
+                Err(e) => Some(refused(Err(e), "node-a's speaker creating node-b's record")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        message.contains(
+            "the speaker on node 'node-a' may write only its own NodeAnnouncement, not 'node-b'"
+        ),
+        "{message}"
+    );
+    // Its own: allowed, created and changed.
+    apply_record(&speaker_a, "node-a").await.unwrap();
+    apply_record(&speaker_a, "node-a").await.unwrap();
+
+    // node-b's record, written by node-b's speaker: node-a may neither change nor delete it.
+    let token_b = cluster::lab::speaker_token(&cluster, "node-b").await;
+    let kubeconfig_b = cluster
+        .cp
+        .token_kubeconfig("speaker-b.kubeconfig", &cluster.cp.server(), &token_b)
+        .unwrap();
+    let speaker_b = ferrolb_control_plane::client_for(&kubeconfig_b)
+        .await
+        .unwrap();
+    apply_record(&speaker_b, "node-b").await.unwrap();
+    refused(
+        apply_record(&speaker_a, "node-b").await,
+        "node-a's speaker changing node-b's record",
+    );
+    let as_a: Api<NodeAnnouncement> = Api::namespaced(speaker_a.clone(), NAMESPACE);
+    refused(
+        as_a.patch(
+            "node-b",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"ips": []}})),
+        )
+        .await
+        .map(drop),
+        "node-a's speaker merge-patching node-b's record",
+    );
+    refused(
+        as_a.delete("node-b", &DeleteParams::default())
+            .await
+            .map(drop),
+        "node-a's speaker deleting node-b's record",
+    );
+
+    // No Service's status, not even the announced condition.
+    let services: Api<Service> = Api::namespaced(speaker_a.clone(), "default");
+    let condition = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+        "status": {"conditions": [{"type": "ferrolb.io/AnnouncedIPv4", "status": "True",
+            "reason": "NodeAssigned", "message": "192.0.2.10 is announced by node-a on eth0",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+    });
+    let message = refused(
+        services
+            .patch_status(
+                "web",
+                &PatchParams::apply("ferrolb-speaker-ipv4").force(),
+                &Patch::Apply(condition),
+            )
+            .await
+            .map(drop),
+        "the speaker writing a Service's condition",
+    );
+    assert!(message.contains("services/status"), "{message}");
+    let message = refused(
+        services
+            .patch_status(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.66"}]}}})),
+            )
+            .await
+            .map(drop),
+        "the speaker writing a Service's IPs",
+    );
+    assert!(message.contains("services/status"), "{message}");
+
+    // A token of the same account bound to no Pod (so to no node): no record at all.
+    let unbound = cluster
+        .cp
+        .token(NAMESPACE, "ferrolb-speaker")
+        .await
+        .unwrap();
+    let kubeconfig = cluster
+        .cp
+        .token_kubeconfig("speaker-unbound.kubeconfig", &cluster.cp.server(), &unbound)
+        .unwrap();
+    let unbound = ferrolb_control_plane::client_for(&kubeconfig)
+        .await
+        .unwrap();
+    for node in ["node-a", "node-c"] {
+        let message = refused(
+            apply_record(&unbound, node).await,
+            &format!("an unbound token writing {node}'s record"),
+        );
+        assert!(message.contains("bound to no node"), "{message}");
+    }
+
+    // Leaving: its own record may be deleted.
+    as_a.delete("node-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    let admin: Api<NodeAnnouncement> = Api::namespaced(cluster.client().await, NAMESPACE);
+    let left: Vec<String> = admin
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|r| r.metadata.name)
+        .collect();
+    assert_eq!(left, ["node-b"]);
 }

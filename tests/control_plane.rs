@@ -37,6 +37,7 @@ fn install_crds(cp: &ControlPlane) {
             "--timeout=30s",
             "crd/ipaddresspools.ferrolb.io",
             "crd/l2advertisements.ferrolb.io",
+            "crd/nodeannouncements.ferrolb.io",
         ],
         None,
     )

@@ -600,3 +600,125 @@ async fn an_api_server_outage_loses_nothing() {
     assert_eq!(all.len(), 10, "double assignment: {after:?}");
     controller.wait_ready().await;
 }
+
+/// A node's record, as its speaker writes it (here by the admin: what is under test is
+/// the controller).
+fn node_record(node: &str, ip: &str, interfaces: &[&str], service: &str, since: &str) -> String {
+    format!(
+        "apiVersion: ferrolb.io/v1beta1\nkind: NodeAnnouncement\n\
+         metadata: {{name: {node}, namespace: {NAMESPACE}}}\n\
+         spec: {{count: 1, ips: [{{ip: \"{ip}\", interfaces: {interfaces:?}, services: [{service}], since: \"{since}\"}}]}}\n"
+    )
+}
+
+fn announced(cluster: &Cluster, name: &str) -> String {
+    cluster.kubectl(&[
+        "get",
+        "svc",
+        name,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"ferrolb.io/AnnouncedIPv4\")].message}",
+    ])
+}
+
+/// Issue 21, item 3: the speakers no longer write Services; the controller (the chart's
+/// account) turns each node's NodeAnnouncement into the Service's condition and Event,
+/// follows the newest claim, and ignores claims on IPs the Service does not hold.
+#[tokio::test]
+async fn nodes_records_become_the_services_announced_condition() {
+    let cluster = Cluster::start().await;
+    let _controller = cluster.controller("a", &[]).await;
+    cluster.apply(&pool("lab", &["198.51.100.10-198.51.100.20"]));
+    services(&cluster)
+        .await
+        .create(&PostParams::default(), &load_balancer("web", &[]))
+        .await
+        .unwrap();
+    let vip = wait_ips(&cluster, "web").await[0];
+
+    cluster.apply(&node_record(
+        "node-a",
+        &vip.to_string(),
+        &["eth0"],
+        "default/web",
+        "2026-01-01T00:00:01.000000Z",
+    ));
+    let want = format!("{vip} is announced by node-a on eth0");
+    eventually(DEADLINE, &format!("the condition '{want}'"), || async {
+        (announced(&cluster, "web") == want).then_some(())
+    })
+    .await;
+    eventually(DEADLINE, "the NodeAssigned Event", || async {
+        cluster
+            .event_reasons("default", "web")
+            .iter()
+            .any(|r| r == "NodeAssigned")
+            .then_some(())
+    })
+    .await;
+
+    // node-b takes the IP over (a newer claim) while node-a's record still claims it, as
+    // when node-a died: the newest claim shows.
+    cluster.apply(&node_record(
+        "node-b",
+        &vip.to_string(),
+        &["eth1"],
+        "default/web",
+        "2026-01-01T00:00:05.000000Z",
+    ));
+    let want = format!("{vip} is announced by node-b on eth1");
+    eventually(DEADLINE, &format!("the condition '{want}'"), || async {
+        (announced(&cluster, "web") == want).then_some(())
+    })
+    .await;
+    let assigned = || {
+        cluster
+            .event_reasons("default", "web")
+            .iter()
+            .filter(|r| *r == "NodeAssigned")
+            .count()
+    };
+    eventually(DEADLINE, "a second NodeAssigned Event", || async {
+        (assigned() == 2).then_some(())
+    })
+    .await;
+
+    // A claim on an IP the Service does not hold changes nothing, even the newest.
+    cluster.apply(&node_record(
+        "node-c",
+        "198.51.100.20",
+        &["eth0"],
+        "default/web",
+        "2026-01-01T00:00:09.000000Z",
+    ));
+    // Then node-b gives the IP up: the condition says no node announces it, which also
+    // shows that node-c's record was read before it (records are read in order).
+    cluster.apply(&node_record(
+        "node-b",
+        &vip.to_string(),
+        &[],
+        "default/web",
+        "2026-01-01T00:00:10.000000Z",
+    ));
+    eventually(
+        DEADLINE,
+        "the condition to say no node announces it",
+        || async {
+            announced(&cluster, "web")
+                .starts_with(&format!("{vip} is announced by no node"))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(!announced(&cluster, "web").contains("node-c"));
+    // Written once per change: two NodeAssigned, one NoEligibleNode.
+    eventually(DEADLINE, "the NoEligibleNode Event", || async {
+        cluster
+            .event_reasons("default", "web")
+            .iter()
+            .any(|r| r == "NoEligibleNode")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(assigned(), 2);
+}

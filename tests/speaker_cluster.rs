@@ -339,3 +339,68 @@ async fn a_status_ip_outside_every_pool_is_never_announced() {
         w.logs()
     );
 }
+
+/// The names of the NodeAnnouncements in ferrolb's namespace.
+fn records(w: &World) -> Vec<String> {
+    w.cluster
+        .kubectl(&[
+            "get",
+            "nodeannouncements",
+            "-n",
+            cluster::NAMESPACE,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Each speaker writes the record of its own node (with a token bound to a Pod on that
+/// node, through the chart's policy); one that leaves gracefully deletes its record, and
+/// the new owner's record shows on the Service.
+#[tokio::test]
+async fn a_speaker_that_leaves_deletes_its_record_and_the_new_owner_is_shown() {
+    let mut w = World::start().await;
+    let (vip, _) = w.service("web", "").await;
+    let owner = w.owner(vip);
+    w.wait_reported("web", vip, owner).await;
+    let all: Vec<String> = w.lab.nodes().iter().map(|n| n.name().to_string()).collect();
+    eventually(DEADLINE, "a record per node", || async {
+        (records(&w) == all).then_some(())
+    })
+    .await;
+    let owner_record = w.cluster.kubectl(&[
+        "get",
+        "nodeannouncement",
+        "-n",
+        cluster::NAMESPACE,
+        w.lab.node(owner).name(),
+        "-o",
+        "jsonpath={.spec.ips[0].ip} {.spec.ips[0].interfaces[0]} {.spec.ips[0].services[0]}",
+    ]);
+    assert_eq!(owner_record, format!("{vip} eth0 default/web"));
+
+    let leaving = w.speakers[owner].take().unwrap();
+    leaving.terminate().unwrap();
+    let left = w.lab.node(owner).name().to_string();
+    eventually(DEADLINE, "the leaving speaker's record to go", || async {
+        (!records(&w).contains(&left)).then_some(())
+    })
+    .await;
+    let new_owner = w.owner(vip);
+    assert_ne!(new_owner, owner);
+    w.wait_reported("web", vip, new_owner).await;
+    eventually(
+        DEADLINE,
+        "the leaving speaker to log the deletion",
+        || async {
+            leaving
+                .stderr()
+                .unwrap_or_default()
+                .contains("deleted this node's NodeAnnouncement")
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -5,6 +5,7 @@
 
 pub mod address;
 pub mod annotations;
+pub mod announcement;
 pub mod crds;
 pub mod hash;
 pub mod l2advertisement;
@@ -14,6 +15,7 @@ pub mod selector;
 pub mod validation;
 
 pub use address::{AddressRange, Family};
+pub use announcement::{AnnouncedIP, NodeAnnouncement, NodeAnnouncementSpec};
 pub use l2advertisement::{Forwarding, L2Advertisement, L2AdvertisementSpec};
 pub use pool::{
     AddressEntry, FromNodeNetwork, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus,

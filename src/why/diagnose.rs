@@ -11,8 +11,9 @@
 //! Every judgement the speakers and the controller also make is theirs, called here:
 //! the allocation ([`input::Prepared::plan`]), the pool of an IP ([`input::pool_of`]),
 //! the advertisements of a pool and a node's eligibility ([`announcements`]), the
-//! election, the reported condition ([`report::reports`]) and the Lease
-//! ([`ferrolb_kubernetes::lease`]), so `why` cannot disagree with what they do.
+//! election, the announced condition ([`report::reports`]; the controller writes it from
+//! the nodes' NodeAnnouncements) and the Lease ([`ferrolb_kubernetes::lease`]), so `why`
+//! cannot disagree with what they do.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,11 +21,11 @@ use std::net::IpAddr;
 use ferrolb_allocator::input::{self, Translation};
 use ferrolb_allocator::{Outcome, ServiceKey, Shortfall, Start};
 use ferrolb_api::Forwarding;
+use ferrolb_api::announcement as report;
 use ferrolb_api::manifests::Manifests;
 use ferrolb_api::validation::ProblemKind;
 use ferrolb_speaker::announcements::{self, Ineligible};
 use ferrolb_speaker::election;
-use ferrolb_speaker::kubernetes::report;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -423,7 +424,7 @@ fn announced(
     match condition {
         Some(c) if c.status == "True" => {
             d.evidence.push(format!("condition {type_}: {}", c.message));
-            // Which node wrote it, asked of the speakers' own rule, not read from the text.
+            // Which node it names, asked of the rule that words it, not read from the text.
             match eligible.iter().find(|n| report::reports(c, ip, n)) {
                 Some(node) => Ok((node.clone(), forwards)),
                 None => Err(stop(

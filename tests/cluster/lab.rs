@@ -1,6 +1,7 @@
 //! A lab wired to a real control plane: three lab nodes that are also Node objects,
-//! `ferrolb speaker` in cluster mode on each (the chart's ServiceAccount, reaching the
-//! API server over the lab network), `ferrolb controller` on the host, a client, and
+//! `ferrolb speaker` in cluster mode on each (the chart's ServiceAccount, with a token
+//! bound to a Pod on that node as the kubelet would give it, reaching the API server over
+//! the lab network), `ferrolb controller` on the host, a client, and
 //! NodePort backends. Shared by the speaker's end-to-end tests and benchmark.
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +23,9 @@ pub struct World {
     pub _relay: Relay,
     pub controller: Option<Controller>,
     pub speakers: Vec<Option<LabProcess>>,
-    pub speaker_kubeconfig: PathBuf,
+    /// Per node: a kubeconfig with a token of the speaker's ServiceAccount bound to a Pod
+    /// on that node.
+    pub speaker_kubeconfigs: Vec<PathBuf>,
     pub secret: PathBuf,
     pub backends: Vec<TcpBackend>,
 }
@@ -56,19 +59,20 @@ impl World {
             ));
             set_node_status(&cluster, node.name(), &node.ipv4().to_string(), true);
         }
-        let token = cluster
-            .cp
-            .token(NAMESPACE, "ferrolb-speaker")
-            .await
-            .unwrap();
-        let speaker_kubeconfig = cluster
-            .cp
-            .token_kubeconfig(
-                "speaker.kubeconfig",
-                &format!("https://{}", relay.address()),
-                &token,
-            )
-            .unwrap();
+        let mut speaker_kubeconfigs = Vec::new();
+        for node in lab.nodes() {
+            let token = speaker_token(&cluster, node.name()).await;
+            speaker_kubeconfigs.push(
+                cluster
+                    .cp
+                    .token_kubeconfig(
+                        &format!("speaker-{}.kubeconfig", node.name()),
+                        &format!("https://{}", relay.address()),
+                        &token,
+                    )
+                    .unwrap(),
+            );
+        }
         let secret = cluster.cp.dir().join("memberlist-secret");
         std::fs::write(&secret, "lab secret").unwrap();
         World {
@@ -77,7 +81,7 @@ impl World {
             _relay: relay,
             controller: None,
             speakers: vec![None, None, None],
-            speaker_kubeconfig,
+            speaker_kubeconfigs,
             secret,
             backends: Vec::new(),
         }
@@ -102,7 +106,9 @@ impl World {
                 "--node-name",
                 node.name(),
                 "--kubeconfig",
-                self.speaker_kubeconfig.to_str().unwrap(),
+                self.speaker_kubeconfigs[i].to_str().unwrap(),
+                "--namespace",
+                NAMESPACE,
                 "--memberlist-secret-file",
                 self.secret.to_str().unwrap(),
                 "--metrics-address",
@@ -278,6 +284,22 @@ impl World {
             .filter(|r| *r == reason)
             .count()
     }
+}
+
+/// A token of the chart's speaker ServiceAccount bound to a speaker Pod on `node` (the
+/// Pod is written here; no kubelet runs it), as the DaemonSet's Pod on that node gets.
+pub async fn speaker_token(cluster: &Cluster, node: &str) -> String {
+    let pod = format!("ferrolb-speaker-{node}");
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {NAMESPACE}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: ferrolb-speaker, \
+         containers: [{{name: speaker, image: ferrolb}}]}}\n"
+    ));
+    cluster
+        .cp
+        .pod_token(NAMESPACE, "ferrolb-speaker", &pod)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 pub fn set_node_status(cluster: &Cluster, node: &str, ip: &str, ready: bool) {

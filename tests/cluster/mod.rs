@@ -55,6 +55,7 @@ impl Cluster {
             "--timeout=30s",
             "crd/ipaddresspools.ferrolb.io",
             "crd/l2advertisements.ferrolb.io",
+            "crd/nodeannouncements.ferrolb.io",
         ]);
         cluster
     }

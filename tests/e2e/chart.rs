@@ -105,6 +105,24 @@ pub fn installs(suite: &Suite) -> Result<()> {
             holder.starts_with("ferrolb-controller-"),
             "the controller Lease is held by {holder:?}, not a controller Pod"
         );
+        // Each speaker writes its own node's record, with the token the kubelet gives its
+        // Pod, through the chart's policy (issue 21, item 3).
+        let mut want: Vec<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
+        want.sort();
+        let records = Api::<ferrolb_api::NodeAnnouncement>::namespaced(client.clone(), NAMESPACE);
+        poll("a NodeAnnouncement per node, each written by its speaker", DEADLINE, || async {
+            let mut names: Vec<String> = records
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter_map(|r| r.metadata.name)
+                .collect();
+            names.sort();
+            (names == want).then_some(())
+        })
+        .await?;
         report!(
             "helm install --wait: {:.1} s until the controller (2/2) and {} speakers were Ready; Lease held by {holder}",
             took.as_secs_f64(),

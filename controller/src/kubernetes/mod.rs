@@ -4,6 +4,8 @@
 //! * elects one active replica through a `coordination.k8s.io` Lease ([`leader`]);
 //! * while active, watches Services of type LoadBalancer, IPAddressPools and Namespaces
 //!   ([`watch`]) and starts the reconciler once all three have listed;
+//! * watches the nodes' NodeAnnouncements in ferrolb's namespace and feeds them, with the
+//!   Services, to [`Announced`], which decides each Service's announced condition;
 //! * carries out the reconciler's actions with retries ([`writes`]);
 //! * serves `/metrics`, `/healthz` and `/readyz` ([`http`]).
 //!
@@ -29,6 +31,7 @@ use kube::Client;
 use tokio::sync::watch as channel;
 use tracing::{Instrument, info, warn};
 
+use crate::announced::Announced;
 use crate::reconcile::{Action, Reconciler};
 use ferrolb_allocator::ServiceKey;
 pub use leader::LeaseOptions;
@@ -46,6 +49,8 @@ pub struct Options {
     pub lease: Option<LeaseOptions>,
     /// This replica's name in Events and the Lease (the Pod name in a cluster).
     pub identity: String,
+    /// ferrolb's namespace, where the nodes' NodeAnnouncements are.
+    pub namespace: String,
 }
 
 /// What `/readyz` and `/healthz` report.
@@ -163,7 +168,10 @@ async fn active(
     let mut services: Mirror<ServiceKey, k8s_openapi::api::core::v1::Service> = Mirror::keys_only();
     let mut pools: Mirror<String, ferrolb_api::IPAddressPool> = Mirror::keeping();
     let mut namespaces: Mirror<String, k8s_openapi::api::core::v1::Namespace> = Mirror::keeping();
-    let mut changes = watch::changes(client.clone());
+    // The nodes' records go straight into `announced` too.
+    let mut announced = Announced::default();
+    let mut records: Mirror<String, ferrolb_api::NodeAnnouncement> = Mirror::keys_only();
+    let mut changes = watch::changes(client.clone(), &options.namespace);
     let fence_client = client.clone();
     let writer = writes::Writer::new(client, &options.identity, metrics);
     let mut retries = writes::Retrying::default();
@@ -205,6 +213,18 @@ async fn active(
                 }
                 continue;
             }
+            key = retries.conditions.next() => {
+                let writes = announced.resync(&key);
+                if writes.is_empty() {
+                    retries.conditions.succeeded(&key);
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut lost => return Ok(()),
+                    _ = writer.announce(writes, &mut announced, &mut retries) => {}
+                }
+                continue;
+            }
             _ = pool_flush.tick() => {
                 let now = Time(Timestamp::now());
                 let mut actions = reconciler.pool_statuses(&now);
@@ -226,6 +246,7 @@ async fn active(
         }
         let started = Instant::now();
         let mut actions: Vec<Action> = Vec::new();
+        let mut conditions = Vec::new();
         let mut trigger = "services";
         for change in batch {
             match change {
@@ -241,8 +262,14 @@ async fn active(
                     for step in services.apply(*event, ferrolb_allocator::input::service_key) {
                         // Before start this only records the Service.
                         actions.extend(match step {
-                            watch::Step::Deleted(key) => reconciler.service_deleted(&key),
-                            watch::Step::Applied(svc) => reconciler.service_applied(&svc),
+                            watch::Step::Deleted(key) => {
+                                announced.service_deleted(&key);
+                                reconciler.service_deleted(&key)
+                            }
+                            watch::Step::Applied(svc) => {
+                                conditions.extend(announced.service_applied(&svc));
+                                reconciler.service_applied(&svc)
+                            }
                         });
                     }
                 }
@@ -255,6 +282,17 @@ async fn active(
                     {
                         trigger = "pools";
                         actions.extend(reconciler.pools_applied(&pools.objects()));
+                    }
+                }
+                Change::Record(event) => {
+                    watch::clear_error(health, Resource::Records);
+                    for step in
+                        records.apply(*event, |r| r.metadata.name.clone().unwrap_or_default())
+                    {
+                        conditions.extend(match step {
+                            watch::Step::Deleted(node) => announced.record_deleted(&node),
+                            watch::Step::Applied(record) => announced.record_applied(&record),
+                        });
                     }
                 }
                 Change::Namespace(event) => {
@@ -270,8 +308,16 @@ async fn active(
                 }
             }
         }
+        if !announced.is_started() && services.listed() && records.listed() {
+            conditions = announced.start();
+        }
         if !reconciler.is_started() {
             if !(services.listed() && pools.listed() && namespaces.listed()) {
+                tokio::select! {
+                    biased;
+                    _ = &mut lost => return Ok(()),
+                    _ = writer.announce(conditions, &mut announced, &mut retries) => {}
+                }
                 continue;
             }
             trigger = "start";
@@ -292,7 +338,10 @@ async fn active(
         tokio::select! {
             biased;
             _ = &mut lost => return Ok(()),
-            _ = writer.carry_out(actions, &mut reconciler, &mut retries).instrument(span) => {}
+            _ = async {
+                writer.carry_out(actions, &mut reconciler, &mut retries).await;
+                writer.announce(conditions, &mut announced, &mut retries).await;
+            }.instrument(span) => {}
         }
         metrics.set_usage(&reconciler.usage());
         let (pending, stranded) = reconciler.counts();

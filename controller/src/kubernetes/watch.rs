@@ -1,4 +1,4 @@
-//! The three watches the controller needs, merged into one stream, and [`Mirror`], which
+//! The four watches the controller needs, merged into one stream, and [`Mirror`], which
 //! turns a watch's relists into plain "applied" and "deleted" steps.
 //!
 //! Services are watched with the field selector `spec.type=LoadBalancer` (Kubernetes
@@ -6,11 +6,12 @@
 //! Service that stops being a LoadBalancer leaves the watch as a deletion (carrying its
 //! previous state, so it cannot be told from one): its IPs return to the pool, and the
 //! API server clears its load-balancer status itself. Namespaces are watched as metadata
-//! only: their labels are all that allocation reads.
+//! only: their labels are all that allocation reads. The nodes' NodeAnnouncements are
+//! watched in ferrolb's own namespace only.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferrolb_api::IPAddressPool;
+use ferrolb_api::{IPAddressPool, NodeAnnouncement};
 use ferrolb_kubernetes::retry::Backoff;
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Service};
@@ -26,6 +27,7 @@ pub enum Resource {
     Services,
     Pools,
     Namespaces,
+    Records,
 }
 
 impl Resource {
@@ -34,6 +36,7 @@ impl Resource {
             Resource::Services => "services",
             Resource::Pools => "ipaddresspools.ferrolb.io",
             Resource::Namespaces => "namespaces",
+            Resource::Records => "nodeannouncements.ferrolb.io",
         }
     }
 }
@@ -42,12 +45,22 @@ pub enum Change {
     Service(Box<watcher::Event<Service>>),
     Pool(Box<watcher::Event<IPAddressPool>>),
     Namespace(Box<watcher::Event<Namespace>>),
+    Record(Box<watcher::Event<NodeAnnouncement>>),
     /// A watch failed; it retries with backoff. The message says what to do.
     Error(Resource, String),
 }
 
-/// Services, pools and namespaces as one stream of changes.
-pub fn changes(client: Client) -> BoxStream<'static, Change> {
+/// Services, pools, namespaces and the records in `namespace` as one stream of changes.
+pub fn changes(client: Client, namespace: &str) -> BoxStream<'static, Change> {
+    let records = watcher(
+        Api::<NodeAnnouncement>::namespaced(client.clone(), namespace),
+        watcher::Config::default(),
+    )
+    .backoff(Backoff::default())
+    .map(|r| {
+        r.map(|e| Change::Record(Box::new(map_event(e, trim_meta))))
+            .unwrap_or_else(|e| failed(Resource::Records, &e))
+    });
     let services = watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().fields("spec.type=LoadBalancer"),
@@ -75,7 +88,18 @@ pub fn changes(client: Client) -> BoxStream<'static, Change> {
         r.map(|e| Change::Namespace(Box::new(map_event(e, namespace_from_meta))))
             .unwrap_or_else(|e| failed(Resource::Namespaces, &e))
     });
-    futures::stream::select_all([services.boxed(), pools.boxed(), namespaces.boxed()]).boxed()
+    futures::stream::select_all([
+        services.boxed(),
+        pools.boxed(),
+        namespaces.boxed(),
+        records.boxed(),
+    ])
+    .boxed()
+}
+
+fn trim_meta(mut r: NodeAnnouncement) -> NodeAnnouncement {
+    r.metadata.managed_fields = None;
+    r
 }
 
 /// Drops what allocation never reads and what makes a Service large: managed fields and

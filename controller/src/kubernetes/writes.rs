@@ -7,6 +7,12 @@
 //! delays of [`ferrolb_kubernetes::retry::Backoff`] (jittered, 100 ms doubling to 30 s),
 //! per Service and per pool; nothing is dropped but writes to deleted objects and writes
 //! the API server refuses as invalid (the next change of the Service decides again).
+//!
+//! The announced condition ([`crate::announced`]) is written with server-side apply, one
+//! field manager per family (`ferrolb-controller-ipv4`, `-ipv6`), so that writing one
+//! family's condition leaves the other's, `status.loadBalancer` and everyone else's
+//! conditions alone; each write is followed by the `NodeAssigned` (or `NoEligibleNode`)
+//! Event that tells of it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,6 +20,8 @@ use std::net::IpAddr;
 use ferrolb_api::{IPAddressPool, IPAddressPoolStatus};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -23,6 +31,7 @@ use ferrolb_kubernetes::error::{ApiError, Retry};
 use ferrolb_kubernetes::retry::Retries;
 
 use super::metrics::Metrics;
+use crate::announced::{Announced, ConditionWrite};
 use crate::reconcile::{self, Action, Reconciler, ServiceEvent};
 use ferrolb_allocator::ServiceKey;
 use ferrolb_kubernetes::events::Events;
@@ -195,6 +204,106 @@ impl<'a> Writer<'a> {
         }
     }
 
+    /// Writes the announced conditions (different Services concurrently), tells
+    /// `announced` what was written, and schedules retries for what failed.
+    pub async fn announce(
+        &self,
+        writes: Vec<ConditionWrite>,
+        announced: &mut Announced,
+        retries: &mut Retrying,
+    ) {
+        if writes.is_empty() {
+            return;
+        }
+        let results: Vec<(ConditionWrite, Result<Option<u64>, kube::Error>)> =
+            futures::stream::iter(writes)
+                .map(|w| async move {
+                    let result = self.condition(&w).await;
+                    (w, result)
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+        for (w, result) in results {
+            match result {
+                Ok(version) => {
+                    retries.conditions.succeeded(&w.key);
+                    announced.written(&w, version);
+                }
+                Err(e) => match ApiError::from_kube(&e) {
+                    ApiError::NotFound { .. } => {
+                        debug!(service = %w.key, "condition not written: the Service is gone");
+                    }
+                    error => {
+                        let delay = retries.conditions.schedule(w.key.clone());
+                        warn!(service = %w.key, retry_in = ?delay, "cannot write the announced condition: {}", explain(&error, "patch", "services/status"));
+                    }
+                },
+            }
+        }
+    }
+
+    /// One announced condition by server-side apply, then its Event; the Service's
+    /// resourceVersion after the write.
+    async fn condition(&self, w: &ConditionWrite) -> Result<Option<u64>, kube::Error> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &w.key.namespace);
+        let manager = if w.ipv6 {
+            "ferrolb-controller-ipv6"
+        } else {
+            "ferrolb-controller-ipv4"
+        };
+        let apply = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": w.key.name, "namespace": w.key.namespace },
+            "status": { "conditions": [{
+                "type": w.type_,
+                "status": w.status,
+                "reason": w.reason,
+                "message": w.message,
+                "lastTransitionTime": Time(Timestamp::now()),
+            }]},
+        });
+        let params = PatchParams::apply(manager).force();
+        let svc = match api
+            .patch_status(&w.key.name, &params, &Patch::Apply(apply))
+            .await
+        {
+            Ok(svc) => svc,
+            Err(e) => {
+                self.metrics.api_error("services/status", "patch", &e);
+                return Err(e);
+            }
+        };
+        Metrics::count(&self.metrics.writes, "service_condition");
+        info!(service = %w.key, "{}", w.message);
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            namespace: svc.metadata.namespace.clone(),
+            name: svc.metadata.name.clone(),
+            uid: svc.metadata.uid.clone().or_else(|| w.uid.clone()),
+            ..Default::default()
+        };
+        let warning = w.status != "True";
+        match self
+            .events
+            .publish(reference, warning, w.reason, &w.message, "Announce")
+            .await
+        {
+            Ok(()) => Metrics::count(&self.metrics.writes, "event"),
+            Err(e) => {
+                self.metrics.api_error("events", "create", &e);
+                warn!(service = %w.key, "cannot record the {} Event: {e}", w.reason);
+            }
+        }
+        Ok(svc
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok()))
+    }
+
     async fn service_status(
         &self,
         key: &ServiceKey,
@@ -249,9 +358,10 @@ fn explain(error: &ApiError, verb: &str, resource: &str) -> String {
 }
 
 /// What is to be written again when its delay ends: Service status (and the Events
-/// that follow it), and pool status.
+/// that follow it), pool status, and announced conditions.
 #[derive(Default)]
 pub struct Retrying {
     pub services: Retries<ServiceKey>,
     pub pools: Retries<String>,
+    pub conditions: Retries<ServiceKey>,
 }

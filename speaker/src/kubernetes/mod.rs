@@ -1,13 +1,14 @@
 //! The speaker in a cluster: the API server's objects feed the same loop as files do
 //! ([`crate::daemon`]), the IPs announced are those the controller wrote in Service
-//! status, and the node that takes an IP over says so on the Service.
+//! status, and each node says what it announces in a record of its own, which the
+//! controller turns into each Service's condition.
 //!
 //! * [`objects`]: watches folded into a [`Manifests`](ferrolb_api::manifests::Manifests)
 //!   snapshot.
 //! * [`pools`]: what this node resolved for a `fromNodeNetwork` pool, written to the
 //!   pool's `status.nodeNetwork`.
-//! * [`report`]: the `ferrolb.io/AnnouncedIPv4`/`IPv6` condition and `NodeAssigned`
-//!   Events, written on ownership changes only.
+//! * [`record`]: this node's `NodeAnnouncement` (which IPs it announces, on which
+//!   interfaces, for which Services), written on ownership changes only.
 //! * [`readiness`]: what `/readyz` and `ferrolb_speaker_api_connected` say of the
 //!   watches.
 //!
@@ -19,7 +20,7 @@
 pub mod objects;
 pub mod pools;
 pub mod readiness;
-pub mod report;
+pub mod record;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,20 +34,22 @@ use tracing::{Instrument, info};
 use crate::daemon::{self, Objects, Ownership, Resolved};
 use crate::metrics::Metrics;
 use objects::WatchHealth;
-use report::Reports;
+use record::Record;
 
 /// How `ferrolb speaker` runs in a cluster.
 pub struct Options {
     pub daemon: daemon::Options,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_address: SocketAddr,
+    /// ferrolb's namespace, where this node's `NodeAnnouncement` lives.
+    pub namespace: String,
 }
 
 /// The cluster as an [`Objects`] source.
 struct ClusterObjects {
     client: Client,
     snapshots: watch::Receiver<Arc<Manifests>>,
-    reports: Reports,
+    record: Arc<Record>,
 }
 
 impl Objects for ClusterObjects {
@@ -62,7 +65,7 @@ impl Objects for ClusterObjects {
     }
 
     fn owned(&mut self, owned: Vec<Ownership>) {
-        self.reports.update(owned);
+        self.record.update(owned);
     }
 
     fn resolves_pools(&self) -> bool {
@@ -90,17 +93,23 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
         .await
         .map_err(|_| anyhow::anyhow!("the watches stopped before their first list"))?;
     info!("listed the cluster's objects; starting");
-    let reports = Reports::start(
+    let record = Arc::new(Record::start(
         client.clone(),
+        &options.namespace,
         options.daemon.node_name.clone(),
         snapshots.clone(),
-    );
+    ));
     let objects = ClusterObjects {
         client,
         snapshots,
-        reports,
+        record: record.clone(),
     };
-    daemon::run(objects, options.daemon).await
+    let result = daemon::run(objects, options.daemon).await;
+    // Withdrawn (or failed): what this node announced is no longer true.
+    if let Ok(record) = Arc::try_unwrap(record) {
+        record.leave().await;
+    }
+    result
 }
 
 async fn serve(

@@ -274,6 +274,48 @@ impl ControlPlane {
             .context("the TokenRequest came back without a token")
     }
 
+    /// A token of ServiceAccount `namespace/name` bound to its Pod `pod` (as the kubelet
+    /// gets for the Pod's containers), valid for an hour: the API server names the Pod's
+    /// node in the token's user extra `authentication.kubernetes.io/node-name`.
+    pub async fn pod_token(&self, namespace: &str, name: &str, pod: &str) -> Result<String> {
+        let client = self.client().await?;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+        let uid = pods
+            .get(pod)
+            .await
+            .with_context(|| format!("reading Pod {namespace}/{pod}"))?
+            .metadata
+            .uid;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client, namespace);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                bound_object_ref: Some(
+                    k8s_openapi::api::authentication::v1::BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: Some(pod.into()),
+                        uid,
+                    },
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let answer = accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .with_context(|| {
+                format!(
+                    "requesting a token for ServiceAccount {namespace}/{name} bound to Pod {pod}"
+                )
+            })?;
+        answer
+            .status
+            .and_then(|s| s.token)
+            .context("the TokenRequest came back without a token")
+    }
+
     /// Writes a kubeconfig that authenticates with `token` against `server` (the API
     /// server's address as the holder reaches it) and returns its path.
     pub fn token_kubeconfig(&self, file_name: &str, server: &str, token: &str) -> Result<PathBuf> {
