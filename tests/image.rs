@@ -125,7 +125,10 @@ fn the_image_comes_with_a_bill_of_materials() {
         .filter_map(|c| c["name"].as_str())
         .collect();
     for wanted in ["ferrolb-speaker", "tokio", "foca", "nftables", "libc6"] {
-        assert!(names.contains(&wanted), "no {wanted} in the SBOM: {names:?}");
+        assert!(
+            names.contains(&wanted),
+            "no {wanted} in the SBOM: {names:?}"
+        );
     }
 }
 
