@@ -49,7 +49,7 @@ pub struct L2AdvertisementSpec {
     }]))]
     pub node_selectors: Vec<LabelSelector>,
     /// Interfaces to announce on. Empty: every interface with a subnet holding the IP,
-    /// else every non-loopback interface that is up.
+    /// else the interface(s) of the node's route to it (never Pod veths or bridges).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "set"))]
     pub interfaces: Vec<String>,

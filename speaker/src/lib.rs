@@ -1,7 +1,8 @@
 //! ferrolb's speaker: decides which node announces each external IP and makes that
 //! node answer for it on the wire.
 //!
-//! * [`arp`], [`ndp`]: typed views over ARP and Neighbor Discovery frames (pure).
+//! * [`arp`], [`ndp`]: typed views over ARP and Neighbor Discovery frames (pure; the
+//!   `ferrolb-wire` crate, re-exported).
 //! * [`election`]: which node owns an IP (pure).
 //! * [`announcements`]: from declared objects to what this node announces (pure).
 //! * [`interfaces`]: which links exist and which of them announce an IP (rtnetlink).
@@ -18,8 +19,9 @@
 //!   announces each IP.
 //! * [`metrics`]: what it answered, announced and owned, for Prometheus.
 
+pub use ferrolb_wire::{arp, ndp};
+
 pub mod announcements;
-pub mod arp;
 pub mod cluster;
 pub mod daemon;
 pub mod election;
@@ -29,7 +31,6 @@ pub mod kubernetes;
 pub mod mac;
 pub mod membership;
 pub mod metrics;
-pub mod ndp;
 pub mod node_network;
 pub mod packet_socket;
 pub mod probe;

@@ -374,6 +374,39 @@ mod tests {
         assert_eq!(open(None, &big), Err(Rejected::Malformed));
     }
 
+    proptest::proptest! {
+        /// Whatever reaches the membership port: no panic, and nothing opens under a
+        /// keyring unless it was sealed with one of its keys.
+        #[test]
+        fn arbitrary_datagrams_never_open_under_a_keyring(
+            frame in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..MAX_DATAGRAM + 64),
+            kind in proptest::prop_oneof![proptest::prelude::Just(KIND_SEALED), proptest::prelude::Just(KIND_PLAIN)],
+        ) {
+            let r = ring(&["k-long-enough"]);
+            let mut frame = frame;
+            if let Some(first) = frame.first_mut() {
+                *first = kind;
+            }
+            proptest::prop_assert!(open(Some(&r), &frame).is_err());
+            let _ = open(None, &frame);
+        }
+
+        /// A sealed datagram with any one byte changed, or cut short anywhere, is refused.
+        #[test]
+        fn a_sealed_datagram_changed_anywhere_is_refused(
+            at in 0usize..256, flip in 1u8..=255, cut in 0usize..256,
+        ) {
+            let r = ring(&["k-long-enough"]);
+            let frame = seal(Some(&r), &header(), b"a foca message").expect("sealed");
+            let mut changed = frame.clone();
+            let at = at % changed.len();
+            changed[at] ^= flip;
+            proptest::prop_assert!(open(Some(&r), &changed).is_err(), "byte {} changed", at);
+            let cut = cut % frame.len();
+            proptest::prop_assert!(open(Some(&r), &frame[..cut]).is_err(), "cut at {}", cut);
+        }
+    }
+
     #[test]
     fn every_frame_has_a_fresh_nonce() {
         let r = ring(&["k-long-enough"]);

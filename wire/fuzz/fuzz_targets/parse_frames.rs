@@ -2,7 +2,7 @@
 //! frame. Whatever parses must also survive being answered.
 #![no_main]
 
-use ferrolb_speaker::{arp, ndp};
+use ferrolb_wire::{arp, ndp};
 use libfuzzer_sys::fuzz_target;
 
 const OUR_MAC: [u8; 6] = [0x02, 0x00, 0x5e, 0x10, 0x00, 0x01];
