@@ -241,33 +241,24 @@ async fn from_cluster(client: &Client, namespace: &str) -> Result<(Vec<Document>
 }
 
 fn render(c: &Conversion) -> Result<String> {
+    Ok(yaml_stream(&c.pools)? + &yaml_stream(&c.advertisements)?)
+}
+
+/// Objects as one multi-document YAML stream.
+fn yaml_stream<T: serde::Serialize>(objects: &[T]) -> Result<String> {
     let mut out = String::new();
-    for pool in &c.pools {
+    for object in objects {
         out.push_str("---\n");
-        out.push_str(&serde_saphyr::to_string(pool)?);
-    }
-    for ad in &c.advertisements {
-        out.push_str("---\n");
-        out.push_str(&serde_saphyr::to_string(ad)?);
+        out.push_str(&serde_saphyr::to_string(object)?);
     }
     Ok(out)
 }
 
 fn write_files(dir: &Path, c: &Conversion) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut pools = String::new();
-    for pool in &c.pools {
-        pools.push_str("---\n");
-        pools.push_str(&serde_saphyr::to_string(pool)?);
-    }
-    let mut ads = String::new();
-    for ad in &c.advertisements {
-        ads.push_str("---\n");
-        ads.push_str(&serde_saphyr::to_string(ad)?);
-    }
     for (name, text) in [
-        ("ipaddresspools.yaml", pools),
-        ("l2advertisements.yaml", ads),
+        ("ipaddresspools.yaml", yaml_stream(&c.pools)?),
+        ("l2advertisements.yaml", yaml_stream(&c.advertisements)?),
     ] {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
