@@ -2,6 +2,7 @@
 //! ferrolb's IPAddressPools and L2Advertisements, with what could not be carried over
 //! and whether any Service would change IP.
 
+pub mod conversion;
 pub mod metallb;
 pub mod moves;
 
@@ -16,7 +17,7 @@ use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::discovery::{Discovery, Scope};
 use kube::{Api, Client};
 
-use metallb::{Conversion, Document};
+use conversion::{Conversion, Document};
 
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
