@@ -202,3 +202,33 @@ fn ciliums_documented_example_converts_and_no_service_moves() {
         "{stderr}"
     );
 }
+
+#[test]
+fn kube_vips_documented_example_converts_and_no_service_moves() {
+    let out = ferrolb(&[
+        "import",
+        "kube-vip",
+        "-f",
+        "docs/examples/migration/kube-vip",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(
+            "name: kube-vip-global\nspec:\n  addresses:\n  - 192.168.0.217-192.168.0.222\n"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("kind: L2Advertisement\nmetadata:\n  name: kube-vip\n"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("range-shop is never used by kube-vip"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Services: 1 keep their IPs, 0 would change IP"),
+        "{stderr}"
+    );
+}

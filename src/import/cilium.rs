@@ -4,19 +4,17 @@
 //! pools and policies can say that ferrolb's cannot, are listed with the reason.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use ferrolb_api::selector::{self, Labels};
 use ferrolb_api::{
     AddressEntry, IPAddressPool, IPAddressPoolSpec, L2Advertisement, L2AdvertisementSpec,
     ServiceAllocation,
 };
-use ipnetwork::IpNetwork;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::conversion::{Conversion, Document, Finding, NO_BGP};
+use super::conversion::{Conversion, Document, Finding, NO_BGP, cidr_without_ends};
 
 /// The kinds read from the cluster (cilium.io holds many others, some numerous).
 pub const KINDS: [&str; 5] = [
@@ -235,38 +233,12 @@ fn convert_pool(
     Some(pool)
 }
 
-/// One block as a `spec.addresses` entry. With `reserve_ends` (allowFirstLastIPs: No) a
-/// CIDR loses its first and last address, as Cilium reserves them, but for /31, /32,
-/// /127 and /128, which it leaves whole.
+/// One block as a `spec.addresses` entry; with `reserve_ends` (allowFirstLastIPs: No)
+/// a CIDR without its first and last address, as Cilium reserves them.
 fn block_entry(block: &Block, reserve_ends: bool) -> Result<String, String> {
     match (&block.cidr, &block.start, &block.stop) {
-        (Some(cidr), None, None) => {
-            let net: IpNetwork = cidr
-                .parse()
-                .map_err(|_| format!("cidr {cidr:?} is not a CIDR"))?;
-            let whole = match net {
-                IpNetwork::V4(n) => n.prefix() >= 31,
-                IpNetwork::V6(n) => n.prefix() >= 127,
-            };
-            if !reserve_ends || whole {
-                return Ok(cidr.clone());
-            }
-            let (first, last) = match net {
-                IpNetwork::V4(n) => (
-                    IpAddr::V4((u32::from(n.network()) + 1).into()),
-                    IpAddr::V4((u32::from(n.broadcast()) - 1).into()),
-                ),
-                IpNetwork::V6(n) => {
-                    let base = u128::from(n.network());
-                    let host_bits = u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0);
-                    (
-                        IpAddr::V6((base + 1).into()),
-                        IpAddr::V6(((base | host_bits) - 1).into()),
-                    )
-                }
-            };
-            Ok(format!("{first}-{last}"))
-        }
+        (Some(cidr), None, None) if reserve_ends => cidr_without_ends(cidr),
+        (Some(cidr), None, None) => Ok(cidr.clone()),
         (None, Some(start), Some(stop)) => Ok(format!("{start}-{stop}")),
         (None, Some(start), None) => Ok(start.clone()),
         _ => Err("a block has either cidr, or start (and stop)".into()),

@@ -1,8 +1,10 @@
 //! What an import produces, whatever it converts from.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use ferrolb_api::{AddressEntry, IPAddressPool, L2Advertisement};
+use ipnetwork::IpNetwork;
 use serde_json::Value;
 
 /// One YAML document and where it came from (`file.yaml, document 2`).
@@ -41,3 +43,39 @@ pub struct Finding {
 }
 
 pub(super) const NO_BGP: &str = "ferrolb announces by Layer 2 (ARP and NDP) only; it has no BGP";
+
+/// A CIDR as the range without its first and last address (network and broadcast), as
+/// Cilium (`allowFirstLastIPs: "No"`) and kube-vip (`skip-end-ips-in-cidr`) leave them
+/// out; /31, /32, /127 and /128 stay whole (RFC 3021).
+pub(super) fn cidr_without_ends(cidr: &str) -> Result<String, String> {
+    let net: IpNetwork = cidr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{cidr:?} is not a CIDR"))?;
+    let network = match net {
+        IpNetwork::V4(n) => IpAddr::V4(n.network()),
+        IpNetwork::V6(n) => IpAddr::V6(n.network()),
+    };
+    if net.ip() != network {
+        return Err(format!(
+            "{cidr:?} has host bits set (the network is {network}/{})",
+            net.prefix()
+        ));
+    }
+    let (first, last) = match net {
+        IpNetwork::V4(n) if n.prefix() < 31 => (
+            IpAddr::V4((u32::from(n.network()) + 1).into()),
+            IpAddr::V4((u32::from(n.broadcast()) - 1).into()),
+        ),
+        IpNetwork::V6(n) if n.prefix() < 127 => {
+            let base = u128::from(n.network());
+            let host_bits = u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0);
+            (
+                IpAddr::V6((base + 1).into()),
+                IpAddr::V6(((base | host_bits) - 1).into()),
+            )
+        }
+        _ => return Ok(cidr.trim().to_string()),
+    };
+    Ok(format!("{first}-{last}"))
+}

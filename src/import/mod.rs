@@ -4,6 +4,7 @@
 
 pub mod cilium;
 pub mod conversion;
+pub mod kubevip;
 pub mod metallb;
 pub mod moves;
 
@@ -45,6 +46,22 @@ enum Source {
     /// v2alpha1 and v2) and lists Cilium's BGP objects as not carried over. Output, report
     /// and exit codes as for `import metallb`.
     Cilium(CommonArgs),
+    /// Convert kube-vip's cloud provider configuration into ferrolb's, and check that no
+    /// Service moves.
+    ///
+    /// Reads the ConfigMap kubevip (cidr-/range- per namespace and global) and writes a
+    /// pool per namespace, the global pool and one L2Advertisement. Output, report and exit
+    /// codes as for `import metallb`.
+    KubeVip(KubeVipArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KubeVipArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The namespace of kube-vip's ConfigMap `kubevip`.
+    #[arg(long, default_value = kubevip::NAMESPACE)]
+    kubevip_namespace: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -87,9 +104,12 @@ enum DryRun {
 struct From {
     /// `MetalLB`, `Cilium`: for messages.
     name: &'static str,
-    group: &'static str,
+    /// Its API group, if it has custom resources.
+    group: Option<&'static str>,
     /// The namespace of its objects; `None`: cluster-scoped ones only.
     namespace: Option<String>,
+    /// A ConfigMap it reads (namespace, name).
+    config_map: Option<(String, &'static str)>,
     /// The kinds read (`None`: every kind of the group).
     kinds: Option<&'static [&'static str]>,
     convert: fn(&[Document]) -> Conversion,
@@ -103,7 +123,8 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
             a.common,
             From {
                 name: "MetalLB",
-                group: "metallb.io",
+                group: Some("metallb.io"),
+                config_map: Some((a.metallb_namespace.clone(), "config")),
                 namespace: Some(a.metallb_namespace),
                 kinds: None,
                 convert: metallb::convert,
@@ -115,12 +136,25 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
             common,
             From {
                 name: "Cilium",
-                group: "cilium.io",
+                group: Some("cilium.io"),
+                config_map: None,
                 namespace: None,
                 kinds: Some(&cilium::KINDS),
                 convert: cilium::convert,
                 looked_for: "no CiliumLoadBalancerIPPool, CiliumL2AnnouncementPolicy or \
                              Cilium BGP object",
+            },
+        ),
+        Source::KubeVip(a) => (
+            a.common,
+            From {
+                name: "kube-vip",
+                group: None,
+                config_map: Some((a.kubevip_namespace.clone(), kubevip::CONFIG_MAP)),
+                namespace: Some(a.kubevip_namespace),
+                kinds: None,
+                convert: kubevip::convert,
+                looked_for: "no ConfigMap kubevip",
             },
         ),
     };
@@ -227,11 +261,58 @@ fn from_files(paths: &[PathBuf]) -> Result<(Vec<Document>, Manifests)> {
 /// Namespace.
 async fn from_cluster(client: &Client, from: &From) -> Result<(Vec<Document>, Manifests)> {
     let mut docs = Vec::new();
+    if let Some(group) = from.group {
+        docs.extend(custom_resources(client, from, group).await?);
+    }
+    if let Some((namespace, name)) = &from.config_map {
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        if let Some(mut cm) = config_maps
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading ConfigMap {namespace}/{name}"))?
+        {
+            cm.metadata.managed_fields = None;
+            let mut value = serde_json::to_value(&cm)?;
+            value["apiVersion"] = "v1".into();
+            value["kind"] = "ConfigMap".into();
+            docs.push(Document {
+                origin: "cluster".into(),
+                value,
+            });
+        }
+    }
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default().fields("spec.type=LoadBalancer"))
+        .await
+        .context("listing LoadBalancer Services")?
+        .items;
+    let namespaces = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .context("listing Namespaces")?
+        .items;
+    let cluster = Manifests {
+        services: services
+            .into_iter()
+            .map(|s| Located::new(Origin::cluster(), s))
+            .collect(),
+        namespaces: namespaces
+            .into_iter()
+            .map(|n| Located::new(Origin::cluster(), n))
+            .collect(),
+        ..Default::default()
+    };
+    Ok((docs, cluster))
+}
+
+/// The objects of `from`'s API group, of the kinds it reads, in its namespace.
+async fn custom_resources(client: &Client, from: &From, group: &str) -> Result<Vec<Document>> {
+    let mut docs = Vec::new();
     let discovery = Discovery::new(client.clone())
-        .filter(&[from.group])
+        .filter(&[group])
         .run()
         .await
-        .with_context(|| format!("discovering {}'s API ({})", from.name, from.group))?;
+        .with_context(|| format!("discovering {}'s API ({group})", from.name))?;
     for group in discovery.groups() {
         // Every kind at its most stable version: MetalLB's preferred version (v1beta2)
         // holds only BGPPeer.
@@ -266,47 +347,7 @@ async fn from_cluster(client: &Client, from: &From) -> Result<(Vec<Document>, Ma
             }
         }
     }
-    if from.group == "metallb.io"
-        && let Some(namespace) = &from.namespace
-    {
-        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-        if let Some(mut cm) = config_maps
-            .get_opt("config")
-            .await
-            .with_context(|| format!("reading ConfigMap {namespace}/config"))?
-        {
-            cm.metadata.managed_fields = None;
-            let mut value = serde_json::to_value(&cm)?;
-            value["apiVersion"] = "v1".into();
-            value["kind"] = "ConfigMap".into();
-            docs.push(Document {
-                origin: "cluster".into(),
-                value,
-            });
-        }
-    }
-    let services = Api::<Service>::all(client.clone())
-        .list(&ListParams::default().fields("spec.type=LoadBalancer"))
-        .await
-        .context("listing LoadBalancer Services")?
-        .items;
-    let namespaces = Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .context("listing Namespaces")?
-        .items;
-    let cluster = Manifests {
-        services: services
-            .into_iter()
-            .map(|s| Located::new(Origin::cluster(), s))
-            .collect(),
-        namespaces: namespaces
-            .into_iter()
-            .map(|n| Located::new(Origin::cluster(), n))
-            .collect(),
-        ..Default::default()
-    };
-    Ok((docs, cluster))
+    Ok(docs)
 }
 
 fn render(c: &Conversion) -> Result<String> {
