@@ -141,10 +141,7 @@ pub fn convert(docs: &[Document]) -> Conversion {
                 .into(),
         );
     }
-    c.pools
-        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    c.advertisements
-        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    c.sort();
     c
 }
 

@@ -34,6 +34,16 @@ pub struct Conversion {
     pub read: usize,
 }
 
+impl Conversion {
+    /// Objects in name order, so that output does not depend on input order.
+    pub(super) fn sort(&mut self) {
+        self.pools
+            .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        self.advertisements
+            .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+}
+
 /// Something of the other load balancer's that ferrolb does not carry over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {

@@ -133,8 +133,7 @@ fn convert_data(what: &str, data: &BTreeMap<String, String>, c: &mut Conversion)
         };
         c.advertisements.push(ad);
     }
-    c.pools
-        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    c.sort();
 }
 
 fn pool(

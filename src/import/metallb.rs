@@ -502,10 +502,7 @@ fn assemble(c: &mut Conversion, pools: Vec<Pool>, l2: Vec<Advertisement>, bgp: V
             c.advertisements.push(converted);
         }
     }
-    c.pools
-        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    c.advertisements
-        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    c.sort();
 }
 
 fn check_selectors(
