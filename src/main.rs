@@ -2,6 +2,7 @@
 
 mod controller_command;
 mod files;
+mod import;
 mod logging;
 mod namespace;
 mod plan;
@@ -62,6 +63,9 @@ enum Command {
     Why(why::WhyArgs),
     /// Print the CustomResourceDefinitions as YAML (what the Helm chart installs).
     Crds,
+    /// Convert another load balancer's configuration into ferrolb's, and check that no
+    /// Service would change IP (`ferrolb import metallb`).
+    Import(import::ImportArgs),
     /// Failover shown in a network-namespace lab: three nodes, a client, the owner killed.
     ///
     /// As root. Builds the lab, runs the real speaker on every node, shows which node owns
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => controller_command::run(args),
         Command::Why(args) => why::run(args),
         Command::Crds => print_crds(),
+        Command::Import(args) => import::run(args),
         Command::Speaker(args) => speaker_command::run(args),
         Command::Lab(args) => ferrolb::lab_command::run(args),
     };

@@ -166,6 +166,80 @@ async fn the_server_enforces_every_cel_rule_with_its_message() {
     assert_eq!(names.trim(), "ipaddresspool.ferrolb.io/good");
 }
 
+/// Issue 22, item 4: what MetalLB refuses as a repeat, ferrolb's CRDs refuse too, naming
+/// the field; the same lists without the repeat are taken.
+#[tokio::test]
+async fn repeated_namespaces_pools_interfaces_and_selectors_are_refused() {
+    let cp = control_plane().await;
+    install_crds(&cp);
+    let pool = |allocation: &str| {
+        format!(
+            "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: p}}\n\
+             spec: {{addresses: [10.0.0.0/28], serviceAllocation: {allocation}}}\n"
+        )
+    };
+    let ad = |spec: &str| {
+        format!(
+            "apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {{name: a}}\nspec: {spec}\n"
+        )
+    };
+    let cases = [
+        (
+            pool("{namespaces: [shop, web, shop]}"),
+            "spec.serviceAllocation.namespaces[2]",
+            "Duplicate value",
+        ),
+        (
+            pool("{namespaceSelectors: [{matchLabels: {a: b}}, {matchLabels: {a: b}}]}"),
+            "spec.serviceAllocation.namespaceSelectors",
+            "lists the same selector twice",
+        ),
+        (
+            pool("{serviceSelectors: [{matchLabels: {a: b}}, {matchLabels: {a: b}}]}"),
+            "spec.serviceAllocation.serviceSelectors",
+            "lists the same selector twice",
+        ),
+        (
+            ad("{ipAddressPools: [p, p]}"),
+            "spec.ipAddressPools[1]",
+            "Duplicate value",
+        ),
+        (
+            ad("{interfaces: [eth0, eth0]}"),
+            "spec.interfaces[1]",
+            "Duplicate value",
+        ),
+        (
+            ad("{nodeSelectors: [{matchLabels: {a: b}}, {matchLabels: {a: b}}]}"),
+            "spec.nodeSelectors",
+            "lists the same selector twice",
+        ),
+        (
+            ad("{ipAddressPoolSelectors: [{matchLabels: {a: b}}, {matchLabels: {a: b}}]}"),
+            "spec.ipAddressPoolSelectors",
+            "lists the same selector twice",
+        ),
+    ];
+    for (yaml, field, message) in &cases {
+        let err = cp.apply(yaml).unwrap_err().to_string();
+        assert!(
+            err.contains(field) && err.contains(message),
+            "{yaml}: {err}"
+        );
+    }
+    for yaml in [
+        pool(
+            "{namespaces: [shop, web], namespaceSelectors: [{matchLabels: {a: b}}, {matchLabels: {a: c}}]}",
+        ),
+        ad(
+            "{ipAddressPools: [p, q], interfaces: [eth0, eth1], nodeSelectors: [{matchLabels: {a: b}}, {matchLabels: {a: c}}]}",
+        ),
+    ] {
+        cp.apply(&yaml)
+            .unwrap_or_else(|e| panic!("{yaml} was refused: {e:#}"));
+    }
+}
+
 #[tokio::test]
 async fn rbac_refuses_a_service_account_without_bindings() {
     let cp = control_plane().await;

@@ -558,6 +558,92 @@ async fn a_concurrent_writer_causes_conflicts_that_are_retried() {
     assert_eq!(now, expected);
 }
 
+/// Issue 22, item 3: another controller (MetalLB's left running, say) that rewrites the
+/// IPs ferrolb wrote is named in a Warning Event, once, and not fought: without that,
+/// each of its writes would be undone and the Service's IP would flap.
+#[tokio::test]
+async fn another_controller_rewriting_the_ips_is_reported_and_not_fought() {
+    let cluster = Cluster::start().await;
+    let controller = cluster.controller("a", &["--leader-elect=false"]).await;
+    controller.wait_ready().await;
+    cluster.apply(&pool("lab", &["198.51.100.10-198.51.100.40"]));
+    let api = services(&cluster).await;
+    api.create(&PostParams::default(), &load_balancer("web", &[]))
+        .await
+        .unwrap();
+    assert_eq!(wait_ips(&cluster, "web").await, vec![ip("198.51.100.10")]);
+    let status_writes = || {
+        controller
+            .metric("ferrolb_controller_api_writes_total{kind=\"service_status\"}")
+            .unwrap_or(0.0)
+    };
+    let before = status_writes();
+    // The rival takes the Service over: an IP of its own, then none, then another.
+    let rival = PatchParams {
+        field_manager: Some("metallb-controller".into()),
+        ..Default::default()
+    };
+    for ingress in [
+        serde_json::json!([{"ip": "10.9.9.9"}]),
+        serde_json::Value::Null,
+        serde_json::json!([{"ip": "10.9.9.10"}]),
+    ] {
+        let expected: Vec<IpAddr> = ingress
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| ip(i["ip"].as_str().unwrap()))
+            .collect();
+        api.patch_status(
+            "web",
+            &rival,
+            &Patch::Merge(serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}})),
+        )
+        .await
+        .unwrap();
+        eventually(DEADLINE, "the StatusConflict event", || async {
+            cluster
+                .event_reasons("default", "web")
+                .contains(&"StatusConflict".to_string())
+                .then_some(())
+        })
+        .await;
+        // A label edit is seen after the rival's write: once it is, the controller has
+        // decided on that write too.
+        api.patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"seen": expected.len().to_string()}}}),
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            ips_of(&cluster, "web").await,
+            expected,
+            "the rival's write stands"
+        );
+    }
+    let described = cluster.kubectl(&["describe", "svc", "web"]);
+    assert!(
+        described.contains("by \"metallb-controller\" after ferrolb wrote 198.51.100.10"),
+        "{described}"
+    );
+    let reasons = cluster.event_reasons("default", "web");
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "StatusConflict").count(),
+        1,
+        "{reasons:?}"
+    );
+    assert_eq!(status_writes(), before, "ferrolb wrote the status again");
+    // A new Service still gets an address, not the one the rival holds.
+    api.create(&PostParams::default(), &load_balancer("api", &[]))
+        .await
+        .unwrap();
+    assert_eq!(wait_ips(&cluster, "api").await, vec![ip("198.51.100.10")]);
+}
+
 #[tokio::test]
 async fn an_api_server_outage_loses_nothing() {
     let mut cluster = Cluster::start().await;

@@ -305,6 +305,28 @@ pub fn pool_of(configs: &[PoolConfig], ip: IpAddr) -> Option<&PoolConfig> {
     crate::pools::belongs_to(holding, None)
 }
 
+/// Who last wrote `status.loadBalancer.ingress`: the field manager whose managed fields
+/// own it (a write of the status subresource takes the fields it sets from their
+/// previous owner). An entry of the status subresource without its field list stands for
+/// that owner (the controller keeps only it, to save memory). `None` when nobody does.
+pub fn ingress_writer(svc: &Service) -> Option<&str> {
+    svc.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .filter(|m| {
+            m.fields_v1.as_ref().is_none_or(|f| {
+                f.0.get("f:status")
+                    .and_then(|s| s.get("f:loadBalancer"))
+                    .and_then(|l| l.get("f:ingress"))
+                    .is_some()
+            })
+        })
+        .filter_map(|m| m.manager.as_deref())
+        .next_back()
+}
+
 /// The IPs in `status.loadBalancer.ingress`.
 pub fn ingress_ips(svc: &Service) -> Vec<IpAddr> {
     svc.status

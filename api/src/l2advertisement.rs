@@ -34,17 +34,24 @@ use serde::{Deserialize, Serialize};
 pub struct L2AdvertisementSpec {
     /// Pools announced by name. With neither this nor ipAddressPoolSelectors, every pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "set"))]
     pub ip_address_pools: Vec<String>,
     /// Pools announced by label; combined with ipAddressPools by union.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-validations" = [{
+        "rule": crate::UNIQUE_RULE, "message": crate::UNIQUE_MESSAGE,
+    }]))]
     pub ip_address_pool_selectors: Vec<LabelSelector>,
     /// Nodes that may announce; a node matching any selector is eligible. Empty: all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-validations" = [{
+        "rule": crate::UNIQUE_RULE, "message": crate::UNIQUE_MESSAGE,
+    }]))]
     pub node_selectors: Vec<LabelSelector>,
     /// Interfaces to announce on. Empty: every interface with a subnet holding the IP,
     /// else the interface(s) of the node's route to it (never Pod veths or bridges).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "set"))]
     pub interfaces: Vec<String>,
     /// `nodePort`: the owner DNATs VIP:port to its own InternalIP:nodePort, for
     /// clusters where nothing else handles LoadBalancer IPs.

@@ -22,6 +22,11 @@ pub use pool::{
     NodeNetworkStatus, ServiceAllocation,
 };
 
+/// CEL for a list of selectors: no two alike (MetalLB refuses a repeat too, and a repeat
+/// is always a slip).
+pub const UNIQUE_RULE: &str = "self.all(x, self.exists_one(y, y == x))";
+pub const UNIQUE_MESSAGE: &str = "lists the same selector twice";
+
 /// The API group of every ferrolb resource.
 pub const GROUP: &str = "ferrolb.io";
 /// The served and stored version.

@@ -215,6 +215,18 @@ impl Manifests {
 /// `...` (such lines always end a document, even inside a block scalar). Each is parsed
 /// on its own, so an error names its document, the documents around it are still read,
 /// and no limit on the number of documents applies.
+/// Every document of a YAML text, as values (a `List` is one document), read with the
+/// limits [`Manifests::add_text`] has; for callers that read kinds ferrolb does not own.
+/// The error names the file and line of the first document that is not YAML.
+pub fn documents(file: &str, text: &str) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    for (line, chunk) in split_documents(text) {
+        let values = parse_chunk(chunk).map_err(|e| yaml_error(&e, file, line))?;
+        out.extend(values.into_iter().filter(|d| !d.is_null()));
+    }
+    Ok(out)
+}
+
 fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
     let marker = |line: &str, m: &str| {

@@ -176,6 +176,9 @@ impl IPAddressPoolSpec {
     }
 }
 
+/// The most entries in one of serviceAllocation's lists (namespaces, selectors).
+pub const MAX_SELECTORS: usize = 64;
+
 /// Which Services a pool serves, and its rank among the pools that could serve one.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -187,12 +190,20 @@ pub struct ServiceAllocation {
     pub priority: Option<i32>,
     /// Namespaces whose Services may use the pool. With namespaceSelectors, a namespace
     /// listed here or matched by a selector is allowed; with neither, every namespace.
+    /// Each namespace once (as MetalLB refuses a repeat).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SELECTORS), extend("x-kubernetes-list-type" = "set"))]
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SELECTORS), extend("x-kubernetes-validations" = [{
+        "rule": crate::UNIQUE_RULE, "message": crate::UNIQUE_MESSAGE,
+    }]))]
     pub namespace_selectors: Vec<LabelSelector>,
     /// When set, only Services whose labels match one of these selectors use the pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SELECTORS), extend("x-kubernetes-validations" = [{
+        "rule": crate::UNIQUE_RULE, "message": crate::UNIQUE_MESSAGE,
+    }]))]
     pub service_selectors: Vec<LabelSelector>,
 }
 

@@ -135,6 +135,30 @@ pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
             "status.loadBalancer.ingress: {}",
             list(&status_ips)
         ));
+        // Written by another controller (MetalLB still running, a second ferrolb)?
+        if let Some(writer) = input::ingress_writer(svc)
+            && writer != ferrolb_controller::reconcile::FIELD_MANAGER
+        {
+            d.evidence.push(format!(
+                "status.loadBalancer.ingress was last written by {writer:?}, not by ferrolb's controller"
+            ));
+            let pools: Vec<_> = m.pools.iter().map(|p| (*p.object).clone()).collect();
+            let (configs, _) = input::pool_configs(&pools);
+            let outside: Vec<IpAddr> = status_ips
+                .iter()
+                .copied()
+                .filter(|ip| input::pool_of(&configs, *ip).is_none())
+                .collect();
+            if !outside.is_empty() {
+                return d.stop(
+                    format!(
+                        "{key} is served by another controller: {writer:?} wrote {} to its status, in no IPAddressPool of ferrolb's",
+                        list(&outside)
+                    ),
+                    "let one controller serve it: give the Service a spec.loadBalancerClass, or remove the other controller (docs/migration.md)",
+                );
+            }
+        }
         // Assigned earlier, and nothing of ferrolb's runs now (uninstalled, say).
         if let Some(c) = &f.components
             && c.speakers.is_empty()

@@ -15,6 +15,7 @@ use ferrolb_api::{IPAddressPool, NodeAnnouncement};
 use ferrolb_kubernetes::retry::Backoff;
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -105,7 +106,16 @@ fn trim_meta(mut r: NodeAnnouncement) -> NodeAnnouncement {
 /// Drops what allocation never reads and what makes a Service large: managed fields and
 /// kubectl's copy of the last applied configuration.
 fn trim_service(mut svc: Service) -> Service {
-    svc.metadata.managed_fields = None;
+    // Of the managed fields, only who wrote the IPs in status: another controller's
+    // writes are told apart from ours by it.
+    let writer = ferrolb_allocator::input::ingress_writer(&svc).map(str::to_string);
+    svc.metadata.managed_fields = writer.map(|manager| {
+        vec![ManagedFieldsEntry {
+            manager: Some(manager),
+            subresource: Some("status".into()),
+            ..Default::default()
+        }]
+    });
     if let Some(a) = &mut svc.metadata.annotations {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }

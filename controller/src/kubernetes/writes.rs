@@ -37,7 +37,7 @@ use ferrolb_allocator::ServiceKey;
 use ferrolb_kubernetes::events::Events;
 
 /// The field manager of every write.
-pub const FIELD_MANAGER: &str = "ferrolb-controller";
+pub use crate::reconcile::FIELD_MANAGER;
 /// Writes in flight at once.
 const CONCURRENCY: usize = 16;
 

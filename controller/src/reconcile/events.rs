@@ -16,6 +16,7 @@ pub const ALLOCATION_FAILED: &str = "AllocationFailed";
 pub const IP_RELEASED: &str = "IPReleased";
 pub const IP_STRANDED: &str = "IPStranded";
 pub const INVALID_SERVICE: &str = "InvalidService";
+pub const STATUS_CONFLICT: &str = "StatusConflict";
 
 /// The Events telling how a Service changed since it was last told of (`before`): it
 /// now stands as `report`, holding `held`.
@@ -84,6 +85,26 @@ pub(super) fn told(
         }
         // Only ever remembered, never decided.
         Report::Untold => {}
+        Report::Contested(contest) => {
+            let by = if contest.by == super::FIELD_MANAGER {
+                format!("another ferrolb controller (field manager {})", contest.by)
+            } else {
+                format!("{:?}", contest.by)
+            };
+            actions.push(event(
+                true,
+                STATUS_CONFLICT,
+                format!(
+                    "status.loadBalancer.ingress was changed to {} by {by} after ferrolb \
+                     wrote {}: another controller serves this Service too. ferrolb writes \
+                     its status no more until the Service changes; give one of the two \
+                     controllers a spec.loadBalancerClass, or remove the other",
+                    list_or_nothing(&contest.theirs),
+                    list_or_nothing(&contest.ours)
+                ),
+                None,
+            ));
+        }
         Report::Invalid(kept, reason) => {
             actions.push(event(
                 true,
@@ -130,5 +151,13 @@ pub(super) fn plural(n: usize, one: &str, many: &str) -> String {
         one.to_string()
     } else {
         many.to_string()
+    }
+}
+
+fn list_or_nothing(ips: &[IpAddr]) -> String {
+    if ips.is_empty() {
+        "nothing".to_string()
+    } else {
+        list(ips)
     }
 }

@@ -36,7 +36,12 @@ mod pool_status;
 /// the allocator's [`Shortfall`] labels the rest.
 const INVALID_SERVICE_FAILURE: &str = "invalid_service";
 
-pub use events::{ALLOCATION_FAILED, INVALID_SERVICE, IP_ALLOCATED, IP_RELEASED, IP_STRANDED};
+pub use events::{
+    ALLOCATION_FAILED, INVALID_SERVICE, IP_ALLOCATED, IP_RELEASED, IP_STRANDED, STATUS_CONFLICT,
+};
+
+/// The field manager of the controller's writes of Service IPs.
+pub const FIELD_MANAGER: &str = "ferrolb-controller";
 pub use pool_status::{INVALID, OVERLAPPING, READY, STRANDED, UNRESOLVED};
 
 /// Something to write to the API server.
@@ -81,6 +86,8 @@ enum Report {
     Invalid(Vec<IpAddr>, String),
     /// The last Event (or the status it told of) could not be written: tell it again.
     Untold,
+    /// Another writer changed the IPs: told once, however often it writes again.
+    Contested(Contest),
 }
 
 #[derive(Clone, Debug)]
@@ -101,6 +108,23 @@ struct Record {
     /// The pool each held IP was given from, so that a pool edit that strands it can be
     /// reported on that pool.
     from_pool: BTreeMap<IpAddr, String>,
+    /// The IPs the controller last wrote (or found already written as it decided), and
+    /// the resourceVersion of that status.
+    written: Option<(Vec<IpAddr>, u64)>,
+    /// Someone else changed the IPs the controller wrote: it writes this Service's
+    /// status no more until the Service changes.
+    contested: Option<Contest>,
+}
+
+/// Another writer of a Service's IPs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Contest {
+    /// Its field manager (`metallb-controller`, ...).
+    by: String,
+    /// What the controller had written.
+    ours: Vec<IpAddr>,
+    /// What the other writer put there.
+    theirs: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -177,6 +201,26 @@ impl Reconciler {
             record.outcome = p.outcome.clone();
             record.reported = p.reported.clone();
             record.from_pool = p.from_pool.clone();
+            record.written = p.written.clone();
+            // A Service whose request changed (not merely its labels, which tools edit
+            // freely) is tried again.
+            if !asks_differently(&p.request, &record.request) {
+                record.contested = p.contested.clone();
+            }
+        }
+        // The IPs the controller wrote were changed by a later write not its own: another
+        // controller serves this Service too. Fighting it would flap the IP.
+        if let Some((ours, at)) = &record.written
+            && version(&record.resource_version) > *at
+            && record.observed != *ours
+        {
+            let by = input::ingress_writer(svc).unwrap_or("an unknown writer");
+            record.contested = Some(Contest {
+                by: by.to_string(),
+                ours: ours.clone(),
+                theirs: record.observed.clone(),
+            });
+            record.written = None;
         }
         self.services.insert(key.clone(), record);
         if !self.started || unchanged {
@@ -254,6 +298,7 @@ impl Reconciler {
         if let Some(r) = self.services.get_mut(&input::service_key(service)) {
             r.observed = ingress_ips(service);
             r.resource_version = service.metadata.resource_version.clone();
+            r.written = Some((r.observed.clone(), version(&r.resource_version)));
         }
     }
 
@@ -351,6 +396,8 @@ impl Reconciler {
             outcome: None,
             reported: None,
             from_pool: BTreeMap::new(),
+            written: None,
+            contested: None,
         })
     }
 
@@ -376,6 +423,21 @@ impl Reconciler {
 
     /// Decides one Service with the allocator as it stands.
     fn decide(&mut self, key: &ServiceKey) {
+        if self.services[key].contested.is_some() {
+            // Hold what the other writer put there, so that no other Service gets it;
+            // decide nothing.
+            let observed = self.services[key].observed.clone();
+            self.allocator.release(key);
+            if !observed.is_empty() {
+                self.allocator.adopt(&[hold_request(key, observed)]);
+            }
+            self.note_pools(key);
+            self.services
+                .get_mut(key)
+                .expect("decided services exist")
+                .outcome = None;
+            return;
+        }
         let request = self.effective_request(key);
         let valid = self.services[key].request.is_ok();
         let outcome = match request {
@@ -537,12 +599,24 @@ impl Reconciler {
                 .unwrap_or(usize::MAX)
         });
         let mut actions = Vec::new();
+        if let Some(contest) = &record.contested {
+            let report = Report::Contested(contest.clone());
+            let before = record.reported.replace(report.clone());
+            if before.as_ref() != Some(&report) {
+                actions.extend(events::told(key, record, before.as_ref(), &report, &held));
+            }
+            return actions;
+        }
         if ips != record.observed {
             actions.push(Action::ServiceStatus {
                 key: key.clone(),
                 ips: ips.clone(),
                 resource_version: record.resource_version.clone(),
             });
+        } else {
+            // The status says what was decided: the controller stands behind it as if it
+            // had written it, so that a later write by another controller is seen as one.
+            record.written = Some((ips.clone(), version(&record.resource_version)));
         }
         let report = match (&record.request, &record.outcome) {
             (Err(reason), _) if ips.is_empty() => {
@@ -571,6 +645,26 @@ impl Reconciler {
         actions.extend(events::told(key, record, before.as_ref(), &report, &held));
         actions
     }
+}
+
+/// Whether two reads of a Service ask for something different, its labels aside.
+fn asks_differently(
+    a: &Result<ServiceRequest, String>,
+    b: &Result<ServiceRequest, String>,
+) -> bool {
+    let unlabelled = |r: &Result<ServiceRequest, String>| {
+        r.clone().map(|mut r| {
+            r.labels.clear();
+            r
+        })
+    };
+    unlabelled(a) != unlabelled(b)
+}
+
+/// A resourceVersion as a number, to tell a later write from an earlier one (the API
+/// server's are increasing integers); 0 when it is not one.
+fn version(rv: &Option<String>) -> u64 {
+    rv.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// The request to decide a Service with, holding `held`: what it asks for while it is

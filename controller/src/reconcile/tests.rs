@@ -428,3 +428,101 @@ fn a_from_node_network_pool_serves_once_its_speakers_resolved_it() {
         "the speakers' part is kept"
     );
 }
+
+/// Issue 22, item 3: another controller that rewrites the IPs ferrolb wrote is told of
+/// once, by its field manager, and not fought; a change of the Service tries again.
+#[test]
+fn another_writer_of_the_ips_is_reported_once_and_not_fought() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+    let (mut r, actions) = started(&[pool("p", &["192.0.2.0/29"], 1)], &[service("web", &[])]);
+    let mut objects = BTreeMap::from([("web".to_string(), service("web", &[]))]);
+    assert_eq!(
+        statuses(&actions),
+        vec![("web".into(), vec![ip("192.0.2.0")])]
+    );
+    written(&mut r, &mut objects, &actions);
+    // Our own write coming back through the watch is no conflict.
+    assert_eq!(r.service_applied(&objects["web"]), vec![]);
+
+    let rival = |ips: &[&str], rv: u64| {
+        let mut svc = service("web", ips);
+        svc.metadata.resource_version = Some(rv.to_string());
+        svc.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("metallb-controller".into()),
+            subresource: Some("status".into()),
+            ..Default::default()
+        }]);
+        svc
+    };
+    let mut told = Vec::new();
+    for (ips, rv) in [
+        (&[][..], 10),
+        (&["10.9.9.9"][..], 11),
+        (&[][..], 12),
+        (&["192.0.2.5"][..], 13),
+    ] {
+        let actions = r.service_applied(&rival(ips, rv));
+        assert_eq!(statuses(&actions), vec![], "not fought at {rv}");
+        told.extend(events(&actions));
+    }
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].1, STATUS_CONFLICT);
+    assert_eq!(
+        told[0].2,
+        "status.loadBalancer.ingress was changed to nothing by \"metallb-controller\" after \
+         ferrolb wrote 192.0.2.0: another controller serves this Service too. ferrolb writes \
+         its status no more until the Service changes; give one of the two controllers a \
+         spec.loadBalancerClass, or remove the other"
+    );
+    // What the other writer holds is held: no other Service gets it.
+    let (_, actions) = (
+        (),
+        r.service_applied(&{
+            let mut other = service("api", &[]);
+            other.metadata.resource_version = Some("20".into());
+            other
+        }),
+    );
+    assert_eq!(
+        statuses(&actions),
+        vec![("api".into(), vec![ip("192.0.2.0")])]
+    );
+
+    // The Service changes (the user asks for an IP): ferrolb decides and writes again.
+    let changed = annotated(
+        rival(&["192.0.2.5"], 21),
+        "ferrolb.io/loadBalancerIPs",
+        "192.0.2.3",
+    );
+    let actions = r.service_applied(&changed);
+    assert_eq!(
+        statuses(&actions),
+        vec![("web".into(), vec![ip("192.0.2.3")])]
+    );
+}
+
+/// A later write by ferrolb itself under another name (a second ferrolb installation
+/// serving the same Services) is named as such.
+#[test]
+fn a_second_ferrolb_is_named_as_one() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+    let (mut r, actions) = started(&[pool("p", &["192.0.2.0/29"], 1)], &[service("web", &[])]);
+    let mut objects = BTreeMap::from([("web".to_string(), service("web", &[]))]);
+    written(&mut r, &mut objects, &actions);
+    let mut other = service("web", &["192.0.2.7"]);
+    other.metadata.resource_version = Some("30".into());
+    other.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+        manager: Some(FIELD_MANAGER.into()),
+        subresource: Some("status".into()),
+        ..Default::default()
+    }]);
+    let told = events(&r.service_applied(&other));
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0]
+            .2
+            .contains("by another ferrolb controller (field manager ferrolb-controller)"),
+        "{}",
+        told[0].2
+    );
+}

@@ -464,3 +464,23 @@ fn ferrolb_not_running() {
         d.headline
     );
 }
+
+/// Issue 22, item 3: IPs another controller wrote, outside ferrolb's pools, name it.
+#[test]
+fn ips_another_controller_wrote_name_it() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n  managedFields:\n  \
+         - manager: metallb-controller\n    operation: Update\n    subresource: status\n    apiVersion: v1\n    \
+         fieldsType: FieldsV1\n    fieldsV1: {f:status: {f:loadBalancer: {f:ingress: {}}}}\n\
+         spec: {type: LoadBalancer, selector: {app: web}, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}\n\
+         status: {loadBalancer: {ingress: [{ip: 198.51.100.7}]}}\n";
+    let d = diagnose(
+        &facts(&[NODES, POOL, ADVERTISEMENT, svc], None),
+        &ServiceKey::new("shop", "web"),
+    );
+    assert!(!d.healthy);
+    assert_eq!(
+        d.headline,
+        "shop/web is served by another controller: \"metallb-controller\" wrote 198.51.100.7 to its status, in no IPAddressPool of ferrolb's"
+    );
+    assert!(d.next.unwrap().contains("spec.loadBalancerClass"));
+}
