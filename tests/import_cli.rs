@@ -179,3 +179,56 @@ fn no_metallb_configuration_is_an_error_that_says_what_was_looked_for() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn ciliums_documented_example_converts_and_no_service_moves() {
+    let out = ferrolb(&["import", "cilium", "-f", "docs/examples/migration/cilium"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("  - 192.168.20.1-192.168.20.14\n  - 192.168.20.100-192.168.20.110\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("    namespaces:\n    - shop\n"), "{stdout}");
+    assert!(stdout.contains("  interfaces:\n  - eth0\n"), "{stdout}");
+    assert!(
+        stderr.contains(
+            "converted 3 Cilium object(s) into 2 IPAddressPool(s) and 1 L2Advertisement(s)"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Services: 2 keep their IPs, 0 would change IP"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kube_vips_documented_example_converts_and_no_service_moves() {
+    let out = ferrolb(&[
+        "import",
+        "kube-vip",
+        "-f",
+        "docs/examples/migration/kube-vip",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(
+            "name: kube-vip-global\nspec:\n  addresses:\n  - 192.168.0.217-192.168.0.222\n"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("kind: L2Advertisement\nmetadata:\n  name: kube-vip\n"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("range-shop is never used by kube-vip"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Services: 1 keep their IPs, 0 would change IP"),
+        "{stderr}"
+    );
+}

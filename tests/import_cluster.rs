@@ -177,3 +177,52 @@ async fn imports_a_live_metallb_configuration_and_the_server_accepts_it() {
         "{stderr}"
     );
 }
+
+/// kube-vip's ConfigMap, read from the cluster: no CRDs needed.
+#[tokio::test]
+async fn imports_kube_vips_configmap_from_the_cluster() {
+    let cp = ControlPlane::start()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in ["kubevip.yaml", "services.yaml"] {
+        cp.kubectl_run(
+            &[
+                "apply",
+                "-f",
+                &format!("{root}/docs/examples/migration/kube-vip/{file}"),
+            ],
+            None,
+        )
+        .unwrap();
+    }
+    cp.kubectl_run(
+        &[
+            "patch",
+            "svc",
+            "web",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.168.0.217"}]}}}"#,
+        ],
+        None,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrolb"))
+        .args(["import", "kube-vip", "--kubeconfig"])
+        .arg(cp.admin_kubeconfig())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        text(&out.stdout).contains("name: kube-vip-global"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        stderr.contains("Services: 1 keep their IPs, 0 would change IP"),
+        "{stderr}"
+    );
+}

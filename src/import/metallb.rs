@@ -15,41 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::Deserialize;
 use serde_json::Value;
 
-/// One YAML document and where it came from (`file.yaml, document 2`).
-#[derive(Clone, Debug)]
-pub struct Document {
-    pub origin: String,
-    pub value: Value,
-}
-
-/// ferrolb's objects for a MetalLB configuration, and what could not be carried over.
-#[derive(Debug, Default)]
-pub struct Conversion {
-    pub pools: Vec<IPAddressPool>,
-    pub advertisements: Vec<L2Advertisement>,
-    /// Parts with no ferrolb equivalent, each with why.
-    pub not_carried: Vec<Finding>,
-    /// What changed on the way but works the same (a renamed pool, a default).
-    pub notes: Vec<String>,
-    /// MetalLB objects that could not be read (naming the object and field): nothing of
-    /// them is converted.
-    pub errors: Vec<String>,
-    /// Pools MetalLB announces by BGP only: not converted; a Service holding one of
-    /// their IPs would lose it.
-    pub bgp_only_pools: BTreeMap<String, Vec<AddressEntry>>,
-    /// How many MetalLB objects (or legacy pools) were read.
-    pub read: usize,
-}
-
-/// Something of MetalLB's that ferrolb does not carry over.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finding {
-    /// `BGPPeer "metallb-system/tor"`, or `L2Advertisement "l2" spec.serviceSelectors`.
-    pub what: String,
-    pub why: String,
-}
-
-const NO_BGP: &str = "ferrolb announces by Layer 2 (ARP and NDP) only; it has no BGP";
+use super::conversion::NO_BGP;
+pub use super::conversion::{Conversion, Document, Finding};
 
 /// Converts every MetalLB document among `docs`; other documents are ignored (the
 /// caller reads Services and Namespaces from them).
@@ -535,10 +502,7 @@ fn assemble(c: &mut Conversion, pools: Vec<Pool>, l2: Vec<Advertisement>, bgp: V
             c.advertisements.push(converted);
         }
     }
-    c.pools
-        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    c.advertisements
-        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    c.sort();
 }
 
 fn check_selectors(

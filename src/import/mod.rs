@@ -2,6 +2,9 @@
 //! ferrolb's IPAddressPools and L2Advertisements, with what could not be carried over
 //! and whether any Service would change IP.
 
+pub mod cilium;
+pub mod conversion;
+pub mod kubevip;
 pub mod metallb;
 pub mod moves;
 
@@ -16,7 +19,7 @@ use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::discovery::{Discovery, Scope};
 use kube::{Api, Client};
 
-use metallb::{Conversion, Document};
+use conversion::{Conversion, Document};
 
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
@@ -36,12 +39,44 @@ enum Source {
     /// every Service would keep the IPs it holds. Exits 1 when something cannot be read,
     /// when a Service would change IP, or, with --strict, when anything is left behind.
     Metallb(MetallbArgs),
+    /// Convert Cilium's LB-IPAM pools and L2 announcement policies into ferrolb's, and
+    /// check that no Service moves.
+    ///
+    /// Reads CiliumLoadBalancerIPPools and CiliumL2AnnouncementPolicies (cilium.io
+    /// v2alpha1 and v2) and lists Cilium's BGP objects as not carried over. Output, report
+    /// and exit codes as for `import metallb`.
+    Cilium(CommonArgs),
+    /// Convert kube-vip's cloud provider configuration into ferrolb's, and check that no
+    /// Service moves.
+    ///
+    /// Reads the ConfigMap kubevip (cidr-/range- per namespace and global) and writes a
+    /// pool per namespace, the global pool and one L2Advertisement. Output, report and exit
+    /// codes as for `import metallb`.
+    KubeVip(KubeVipArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KubeVipArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The namespace of kube-vip's ConfigMap `kubevip`.
+    #[arg(long, default_value = kubevip::NAMESPACE)]
+    kubevip_namespace: String,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct MetallbArgs {
-    /// Read MetalLB's configuration, and the Services and Namespaces to check, from
-    /// these files or directories (`-` is standard input) instead of the cluster.
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The namespace MetalLB runs in (where it reads its configuration).
+    #[arg(long, default_value = "metallb-system")]
+    metallb_namespace: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Read the configuration, and the Services and Namespaces to check, from these
+    /// files or directories instead of the cluster.
     #[arg(short = 'f', long = "filename")]
     files: Vec<PathBuf>,
     /// Write ipaddresspools.yaml and l2advertisements.yaml into this directory instead
@@ -58,9 +93,6 @@ pub struct MetallbArgs {
     /// Kubeconfig to use; without it, $KUBECONFIG or ~/.kube/config, as kubectl does.
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
-    /// The namespace MetalLB runs in (where it reads its configuration).
-    #[arg(long, default_value = "metallb-system")]
-    metallb_namespace: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -68,15 +100,71 @@ enum DryRun {
     Server,
 }
 
+/// Where a configuration is read from in a cluster, and how it is converted.
+struct From {
+    /// `MetalLB`, `Cilium`: for messages.
+    name: &'static str,
+    /// Its API group, if it has custom resources.
+    group: Option<&'static str>,
+    /// The namespace of its objects; `None`: cluster-scoped ones only.
+    namespace: Option<String>,
+    /// A ConfigMap it reads (namespace, name).
+    config_map: Option<(String, &'static str)>,
+    /// The kinds read (`None`: every kind of the group).
+    kinds: Option<&'static [&'static str]>,
+    convert: fn(&[Document]) -> Conversion,
+    /// What was looked for, when nothing was found.
+    looked_for: &'static str,
+}
+
 pub fn run(args: ImportArgs) -> Result<ExitCode> {
-    let Source::Metallb(args) = args.source;
+    let (common, from) = match args.source {
+        Source::Metallb(a) => (
+            a.common,
+            From {
+                name: "MetalLB",
+                group: Some("metallb.io"),
+                config_map: Some((a.metallb_namespace.clone(), "config")),
+                namespace: Some(a.metallb_namespace),
+                kinds: None,
+                convert: metallb::convert,
+                looked_for: "no metallb.io object, no ConfigMap with data.config, no legacy \
+                             config or chart values with configInline",
+            },
+        ),
+        Source::Cilium(common) => (
+            common,
+            From {
+                name: "Cilium",
+                group: Some("cilium.io"),
+                config_map: None,
+                namespace: None,
+                kinds: Some(&cilium::KINDS),
+                convert: cilium::convert,
+                looked_for: "no CiliumLoadBalancerIPPool, CiliumL2AnnouncementPolicy or \
+                             Cilium BGP object",
+            },
+        ),
+        Source::KubeVip(a) => (
+            a.common,
+            From {
+                name: "kube-vip",
+                group: None,
+                config_map: Some((a.kubevip_namespace.clone(), kubevip::CONFIG_MAP)),
+                namespace: Some(a.kubevip_namespace),
+                kinds: None,
+                convert: kubevip::convert,
+                looked_for: "no ConfigMap kubevip",
+            },
+        ),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(metallb_import(args))
+    runtime.block_on(import(common, from))
 }
 
-async fn metallb_import(args: MetallbArgs) -> Result<ExitCode> {
+async fn import(args: CommonArgs, from: From) -> Result<ExitCode> {
     let client = if args.files.is_empty() || args.dry_run.is_some() {
         Some(ferrolb_kubernetes::client::client(args.kubeconfig.as_deref()).await?)
     } else {
@@ -84,34 +172,34 @@ async fn metallb_import(args: MetallbArgs) -> Result<ExitCode> {
     };
     let (docs, cluster) = if args.files.is_empty() {
         let client = client.clone().expect("a client without files");
-        from_cluster(&client, &args.metallb_namespace).await?
+        from_cluster(&client, &from).await?
     } else {
         from_files(&args.files)?
     };
-    let conversion = metallb::convert(&docs);
+    let conversion = (from.convert)(&docs);
     if conversion.read == 0 && conversion.errors.is_empty() {
-        let source = if args.files.is_empty() {
-            format!("the cluster (namespace {})", args.metallb_namespace)
-        } else {
-            "the files given".to_string()
+        let source = match (&from.namespace, args.files.is_empty()) {
+            (_, false) => "the files given".to_string(),
+            (Some(ns), true) => format!("the cluster (namespace {ns})"),
+            (None, true) => "the cluster".to_string(),
         };
         eprintln!(
-            "error: no MetalLB configuration in {source}: no metallb.io object, no ConfigMap \
-             with data.config, no legacy config or chart values with configInline"
+            "error: no {} configuration in {source}: {}",
+            from.name, from.looked_for
         );
         return Ok(ExitCode::from(1));
     }
     let check = moves::check(&cluster, &conversion);
-    let yaml = render(&conversion)?;
     match &args.output_dir {
         Some(dir) => write_files(dir, &conversion)?,
-        None => print!("{yaml}"),
+        None => print!("{}", render(&conversion)?),
     }
-    let mut failed = report(&conversion, &check, cluster.services.is_empty());
+    let mut failed = report(from.name, &conversion, &check, cluster.services.is_empty());
     if args.strict && !conversion.not_carried.is_empty() {
         eprintln!(
-            "error: {} part(s) of MetalLB's configuration are not carried over (--strict)",
-            conversion.not_carried.len()
+            "error: {} part(s) of {}'s configuration are not carried over (--strict)",
+            conversion.not_carried.len(),
+            from.name
         );
         failed = true;
     }
@@ -130,8 +218,8 @@ async fn metallb_import(args: MetallbArgs) -> Result<ExitCode> {
 /// them.
 fn from_files(paths: &[PathBuf]) -> Result<(Vec<Document>, Manifests)> {
     let input = crate::files::read(paths)?;
-    // MetalLB's own objects are refused by ferrolb's reader; only the Services and
-    // Namespaces it reads matter here.
+    // The other load balancer's objects are refused by ferrolb's reader; only the
+    // Services and Namespaces it reads matter here.
     for e in input.errors.iter().filter(|e| {
         e.unparsable || e.object.starts_with(" (Service ") || e.object.starts_with(" (Namespace ")
     }) {
@@ -168,53 +256,30 @@ fn from_files(paths: &[PathBuf]) -> Result<(Vec<Document>, Manifests)> {
     Ok((docs, cluster))
 }
 
-/// MetalLB's objects in its namespace (whatever metallb.io kinds the API server
-/// serves), its legacy ConfigMap, and every Service and Namespace.
-async fn from_cluster(client: &Client, namespace: &str) -> Result<(Vec<Document>, Manifests)> {
+/// The configuration objects of `from` (whatever kinds of its group the API server
+/// serves, or the ones it names), MetalLB's legacy ConfigMap, and every Service and
+/// Namespace.
+async fn from_cluster(client: &Client, from: &From) -> Result<(Vec<Document>, Manifests)> {
     let mut docs = Vec::new();
-    let discovery = Discovery::new(client.clone())
-        .filter(&["metallb.io"])
-        .run()
-        .await
-        .context("discovering MetalLB's API (metallb.io)")?;
-    for group in discovery.groups() {
-        // Every kind at its most stable version: the preferred version (v1beta2) holds
-        // only BGPPeer.
-        for (resource, caps) in group.resources_by_stability() {
-            let api: Api<DynamicObject> = match caps.scope {
-                Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &resource),
-                Scope::Cluster => Api::all_with(client.clone(), &resource),
-            };
-            let list = api
-                .list(&ListParams::default())
-                .await
-                .with_context(|| format!("listing {} in {namespace}", resource.plural))?;
-            for mut object in list.items {
-                object.types = Some(kube::api::TypeMeta {
-                    api_version: resource.api_version.clone(),
-                    kind: resource.kind.clone(),
-                });
-                docs.push(Document {
-                    origin: "cluster".into(),
-                    value: serde_json::to_value(&object)?,
-                });
-            }
-        }
+    if let Some(group) = from.group {
+        docs.extend(custom_resources(client, from, group).await?);
     }
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    if let Some(mut cm) = config_maps
-        .get_opt("config")
-        .await
-        .with_context(|| format!("reading ConfigMap {namespace}/config"))?
-    {
-        cm.metadata.managed_fields = None;
-        let mut value = serde_json::to_value(&cm)?;
-        value["apiVersion"] = "v1".into();
-        value["kind"] = "ConfigMap".into();
-        docs.push(Document {
-            origin: "cluster".into(),
-            value,
-        });
+    if let Some((namespace, name)) = &from.config_map {
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        if let Some(mut cm) = config_maps
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading ConfigMap {namespace}/{name}"))?
+        {
+            cm.metadata.managed_fields = None;
+            let mut value = serde_json::to_value(&cm)?;
+            value["apiVersion"] = "v1".into();
+            value["kind"] = "ConfigMap".into();
+            docs.push(Document {
+                origin: "cluster".into(),
+                value,
+            });
+        }
     }
     let services = Api::<Service>::all(client.clone())
         .list(&ListParams::default().fields("spec.type=LoadBalancer"))
@@ -238,6 +303,51 @@ async fn from_cluster(client: &Client, namespace: &str) -> Result<(Vec<Document>
         ..Default::default()
     };
     Ok((docs, cluster))
+}
+
+/// The objects of `from`'s API group, of the kinds it reads, in its namespace.
+async fn custom_resources(client: &Client, from: &From, group: &str) -> Result<Vec<Document>> {
+    let mut docs = Vec::new();
+    let discovery = Discovery::new(client.clone())
+        .filter(&[group])
+        .run()
+        .await
+        .with_context(|| format!("discovering {}'s API ({group})", from.name))?;
+    for group in discovery.groups() {
+        // Every kind at its most stable version: MetalLB's preferred version (v1beta2)
+        // holds only BGPPeer.
+        for (resource, caps) in group.resources_by_stability() {
+            if from
+                .kinds
+                .is_some_and(|kinds| !kinds.contains(&resource.kind.as_str()))
+            {
+                continue;
+            }
+            let api: Api<DynamicObject> = match (&caps.scope, &from.namespace) {
+                (Scope::Namespaced, Some(ns)) => {
+                    Api::namespaced_with(client.clone(), ns, &resource)
+                }
+                (Scope::Namespaced, None) => continue,
+                (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+            };
+            let list = api
+                .list(&ListParams::default())
+                .await
+                .with_context(|| format!("listing {}", resource.plural))?;
+            for mut object in list.items {
+                object.types = Some(kube::api::TypeMeta {
+                    api_version: resource.api_version.clone(),
+                    kind: resource.kind.clone(),
+                });
+                object.metadata.managed_fields = None;
+                docs.push(Document {
+                    origin: "cluster".into(),
+                    value: serde_json::to_value(&object)?,
+                });
+            }
+        }
+    }
+    Ok(docs)
 }
 
 fn render(c: &Conversion) -> Result<String> {
@@ -267,9 +377,9 @@ fn write_files(dir: &Path, c: &Conversion) -> Result<()> {
 }
 
 /// Prints what was converted, left behind and checked; true when it must fail.
-fn report(c: &Conversion, check: &moves::Check, no_services: bool) -> bool {
+fn report(name: &str, c: &Conversion, check: &moves::Check, no_services: bool) -> bool {
     eprintln!(
-        "converted {} MetalLB object(s) into {} IPAddressPool(s) and {} L2Advertisement(s)",
+        "converted {} {name} object(s) into {} IPAddressPool(s) and {} L2Advertisement(s)",
         c.read,
         c.pools.len(),
         c.advertisements.len()

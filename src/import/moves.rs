@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ferrolb_allocator::{Outcome, Start, input};
 use ferrolb_api::manifests::{Located, Manifests, Origin};
 
-use super::metallb::Conversion;
+use super::conversion::Conversion;
 
 /// What the converted configuration does to the Services that hold IPs now.
 #[derive(Debug, Default, PartialEq, Eq)]
