@@ -260,6 +260,24 @@ fn an_ip_already_in_use_on_the_segment_is_not_announced_and_the_conflict_is_repo
         vec![w.lab.client().mac()],
         "only the host that had the address answers"
     );
+
+    // The other host gives the address up (another load balancer's speaker removed in a
+    // migration): the owner takes it within seconds, not at its next probe minutes later.
+    w.lab
+        .client()
+        .run("ip", ["addr", "del", "192.0.2.205/24", "dev", "eth0"])
+        .unwrap();
+    let released = std::time::Instant::now();
+    poll_until(
+        Duration::from_secs(10),
+        "the owner to take the address",
+        || (arp_replies(other, vip, Duration::from_millis(200)) == vec![owner.mac()]).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    println!(
+        "taken {} ms after the other host gave it up",
+        released.elapsed().as_millis()
+    );
 }
 
 #[test]

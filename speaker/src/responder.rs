@@ -49,8 +49,13 @@ pub struct Settings {
     pub announce_interval: Duration,
     /// Periodic re-announcement for fabrics that age out entries; None: off.
     pub refresh: Option<Duration>,
-    /// After a conflict, probe again this much later.
+    /// After a conflict, probe again this much later at the soonest: a host that gives
+    /// the address up (another load balancer's speaker removed in a migration, a
+    /// misconfigured host fixed) is followed within this, not minutes later.
     pub conflict_retry: Duration,
+    /// Re-probes of the IPs in conflict on one link stay under this many frames a second,
+    /// however many there are: each one's retry grows with their number.
+    pub conflict_probe_rate: u32,
 }
 
 impl Default for Settings {
@@ -62,9 +67,18 @@ impl Default for Settings {
             announce_count: 5,
             announce_interval: Duration::from_millis(500),
             refresh: None,
-            conflict_retry: Duration::from_secs(30),
+            conflict_retry: Duration::from_secs(3),
+            conflict_probe_rate: 20,
         }
     }
+}
+
+/// The retry of each of `in_conflict` IPs of a link: [`Settings::conflict_retry`], or
+/// longer so that their probes together stay under [`Settings::conflict_probe_rate`].
+fn conflict_retry(settings: &Settings, in_conflict: usize) -> Duration {
+    let frames = in_conflict as f64 * f64::from(settings.probe_count.max(1));
+    let spread = frames / f64::from(settings.conflict_probe_rate.max(1));
+    settings.conflict_retry.max(Duration::from_secs_f64(spread))
 }
 
 /// What one interface must answer for.
@@ -384,6 +398,18 @@ impl LinkTask {
         }
     }
 
+    /// When to probe an IP in conflict again: `conflict_retry`, or later when so many
+    /// IPs of the link are in conflict that their probes would pass `conflict_probe_rate`.
+    fn conflict_retry(&self) -> Duration {
+        let in_conflict = self
+            .states
+            .values()
+            .filter(|s| matches!(s, State::Conflict { .. }))
+            .count()
+            + 1;
+        conflict_retry(&self.settings, in_conflict)
+    }
+
     /// Another MAC speaks for `ip`: before we announce, that is a conflict (RFC 5227);
     /// after, two hosts claim it, which the user must hear of.
     fn claimed_by_other(&mut self, ip: IpAddr, mac: [u8; 6]) {
@@ -409,15 +435,15 @@ impl LinkTask {
             }
         };
         if let State::Probing { .. } = state {
+            let retry = self.conflict_retry();
             if let Some(suppressed) = log {
                 warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts, suppressed,
-                    "IP is already in use by another host (it answered our probe); not announcing it, will probe again in {:?}",
-                    self.settings.conflict_retry);
+                    "IP is already in use by another host (it answered our probe); not announcing it, will probe again in {retry:?}");
             }
             self.states.insert(
                 ip,
                 State::Conflict {
-                    retry_at: Instant::now() + self.settings.conflict_retry,
+                    retry_at: Instant::now() + retry,
                 },
             );
         } else if state.answers()
@@ -493,6 +519,26 @@ impl LinkTask {
                 self.count(&self.metrics.na_replies);
             }
             NdpKind::Solicitation { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A few IPs in conflict are probed again after 3 s; many are spread out so that
+    /// their probes stay under 20 frames a second on the link, however many there are.
+    #[test]
+    fn re_probes_of_conflicting_ips_stay_under_the_rate() {
+        let s = Settings::default();
+        assert_eq!(conflict_retry(&s, 1), Duration::from_secs(3));
+        assert_eq!(conflict_retry(&s, 30), Duration::from_secs(3));
+        for n in [31, 100, 1000, 10_000] {
+            let retry = conflict_retry(&s, n);
+            let rate = n as f64 * f64::from(s.probe_count) / retry.as_secs_f64();
+            assert!(rate <= 20.0 + 1e-9, "{n} IPs: {rate} probes/s");
+            assert!(retry > Duration::from_secs(3), "{n} IPs");
         }
     }
 }

@@ -1,6 +1,8 @@
-//! `ferrolb import metallb`: MetalLB's configuration, from files or a live cluster, as
-//! ferrolb's IPAddressPools and L2Advertisements, with what could not be carried over
-//! and whether any Service would change IP.
+//! `ferrolb import metallb|cilium|kube-vip`: another load balancer's configuration,
+//! from files or a live cluster, as ferrolb's IPAddressPools and L2Advertisements, with
+//! what could not be carried over and whether any Service would change IP. Each
+//! converter is pure (`metallb`, `cilium`, `kubevip`); `moves` is the check; reading the
+//! cluster and writing the output happen here.
 
 pub mod cilium;
 pub mod conversion;
