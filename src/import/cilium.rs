@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use ferrolb_api::selector::{self, Labels};
+use ferrolb_api::selector;
 use ferrolb_api::{
     AddressEntry, IPAddressPool, IPAddressPoolSpec, L2Advertisement, L2AdvertisementSpec,
     ServiceAllocation,
@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::conversion::{Conversion, Document, Finding, NO_BGP, cidr_without_ends};
+use super::conversion::{Conversion, Document, Finding, Meta, NO_BGP, cidr_without_ends};
 
 /// The kinds read from the cluster (cilium.io holds many others, some numerous).
 pub const KINDS: [&str; 5] = [
@@ -29,14 +29,6 @@ pub const KINDS: [&str; 5] = [
 /// the Service's own labels.
 const NAMESPACE_LABEL: &str = "io.kubernetes.service.namespace";
 const NAME_LABEL: &str = "io.kubernetes.service.name";
-
-#[derive(Deserialize)]
-struct Meta {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    labels: Option<Labels>,
-}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -3,8 +3,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ferrolb_api::selector::Labels;
 use ferrolb_api::{AddressEntry, IPAddressPool, L2Advertisement};
 use ipnetwork::IpNetwork;
+use serde::Deserialize;
 use serde_json::Value;
 
 /// One YAML document and where it came from (`file.yaml, document 2`).
@@ -42,6 +44,17 @@ impl Conversion {
         self.advertisements
             .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     }
+}
+
+/// The metadata a converter reads of an object.
+#[derive(Deserialize)]
+pub(super) struct Meta {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: Option<Labels>,
 }
 
 /// Something of the other load balancer's that ferrolb does not carry over.

@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::conversion::Meta;
 use super::conversion::NO_BGP;
 pub use super::conversion::{Conversion, Document, Finding};
 
@@ -66,17 +67,6 @@ impl Advertisement {
                 .iter()
                 .any(|s| selector::matches(s, &pool.labels))
     }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Meta {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    labels: Option<Labels>,
 }
 
 #[derive(Deserialize)]
