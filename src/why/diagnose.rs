@@ -142,8 +142,7 @@ pub fn diagnose(f: &Facts, key: &ServiceKey) -> Diagnosis {
             d.evidence.push(format!(
                 "status.loadBalancer.ingress was last written by {writer:?}, not by ferrolb's controller"
             ));
-            let pools: Vec<_> = m.pools.iter().map(|p| (*p.object).clone()).collect();
-            let (configs, _) = input::pool_configs(&pools);
+            let configs = pool_configs(m);
             let outside: Vec<IpAddr> = status_ips
                 .iter()
                 .copied()
@@ -306,12 +305,7 @@ fn announced(
         |d: &Diagnosis, headline: String, next: &str| Box::new(d.clone().stop(headline, next));
     let ns = &f.ferrolb_namespace;
     let m = &f.manifests;
-    let (configs, _) = input::pool_configs(
-        &m.pools
-            .iter()
-            .map(|p| (*p.object).clone())
-            .collect::<Vec<_>>(),
-    );
+    let configs = pool_configs(m);
     // As the speaker does.
     let pool = input::pool_of(&configs, ip)
         .map(|c| c.name.clone())
@@ -683,6 +677,12 @@ fn check_ports(
         }
     }
     Ok(())
+}
+
+/// The pools as the allocator and the speakers see them.
+fn pool_configs(m: &Manifests) -> Vec<ferrolb_allocator::PoolConfig> {
+    let pools: Vec<_> = m.pools.iter().map(|p| (*p.object).clone()).collect();
+    input::pool_configs(&pools).0
 }
 
 fn pod_ready(p: &Pod) -> bool {

@@ -204,7 +204,7 @@ impl Reconciler {
             record.written = p.written.clone();
             // A Service whose request changed (not merely its labels, which tools edit
             // freely) is tried again.
-            if !asks_differently(&p.request, &record.request) {
+            if p.contested.is_some() && !asks_differently(&p.request, &record.request) {
                 record.contested = p.contested.clone();
             }
         }
