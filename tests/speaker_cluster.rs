@@ -340,6 +340,62 @@ async fn a_status_ip_outside_every_pool_is_never_announced() {
     );
 }
 
+/// Another host answers for the VIP (another load balancer's speaker left running in a
+/// migration, a host configured with the address): the node elected to announce it holds
+/// back, the Service's condition names that host's MAC (not "announced"), with one
+/// Warning Event; when the host gives the address up the node takes it within seconds and
+/// the condition says so.
+#[tokio::test]
+async fn another_host_answering_for_the_vip_is_reported_on_the_service_not_fought() {
+    let mut w = World::start().await;
+    // The pool's first address, which the Service gets, is the client's already.
+    w.lab
+        .client()
+        .run("ip", ["addr", "add", "192.0.2.200/24", "dev", "eth0"])
+        .unwrap();
+    let (vip, _) = w.service("web", "").await;
+    let client = w.lab.client();
+    assert_eq!(vip.to_string(), "192.0.2.200");
+    let mac = client.mac_string();
+    let want = format!("{vip} is answered by another host, MAC {mac}, not by ferrolb: ");
+    let shown = eventually(DEADLINE, "the ConflictingResponder condition", || async {
+        let now = w.reported("web");
+        now.starts_with(&want).then_some(now)
+    })
+    .await;
+    let elected = w
+        .lab
+        .nodes()
+        .iter()
+        .position(|n| shown[want.len()..].starts_with(&format!("{}, elected", n.name())))
+        .unwrap_or_else(|| panic!("the condition names no node: {shown}"));
+    // Not fought: only the other host answers, from any node's view.
+    let other = w.lab.node((elected + 1) % 3);
+    assert_eq!(
+        other.arping_within(vip, Duration::from_millis(300)),
+        vec![client.mac()],
+        "{}",
+        w.logs()
+    );
+    assert_eq!(w.event_count("web", "ConflictingResponder"), 1);
+    let metrics = speaker_get(&w, elected, "/metrics").unwrap();
+    assert!(
+        !metrics.contains(&format!("ferrolb_speaker_announced{{ip=\"{vip}\"")),
+        "{metrics}"
+    );
+
+    client
+        .run("ip", ["addr", "del", "192.0.2.200/24", "dev", "eth0"])
+        .unwrap();
+    let released = Instant::now();
+    let reported = w.wait_reported("web", vip, elected).await;
+    println!(
+        "reported \"{reported}\" {} ms after the other host gave the address up",
+        released.elapsed().as_millis()
+    );
+    assert_eq!(w.owner(vip), elected);
+}
+
 /// The names of the NodeAnnouncements in ferrolb's namespace.
 fn records(w: &World) -> Vec<String> {
     w.cluster

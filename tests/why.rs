@@ -272,6 +272,34 @@ async fn assigned_but_not_announced_then_announced_but_nowhere_to_go() {
             "{ip} is assigned and may be announced by node-d, but no speaker has reported announcing it"
         )
     );
+    // What the controller writes when node-d's speaker hears another host answer for the
+    // IP (no speaker runs in this test): why names that host and what to look for.
+    let (status, reason, message) = ferrolb_api::announcement::condition_text(
+        ip.parse().unwrap(),
+        &["eth0".to_string()],
+        Some("02:42:ac:12:00:0b"),
+        "node-d",
+    );
+    let held = serde_json::json!({"status": {"conditions": [{
+        "type": "ferrolb.io/AnnouncedIPv4", "status": status, "reason": reason,
+        "message": message, "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }]}});
+    cluster.kubectl(&[
+        "patch",
+        "svc",
+        "web",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &held.to_string(),
+    ]);
+    let headline = broken(&cluster, &["web"]);
+    assert!(
+        headline.starts_with(&format!(
+            "another host answers for {ip}, not ferrolb: {ip} is answered by another host, MAC 02:42:ac:12:00:0b"
+        )),
+        "{headline}"
+    );
     // What node-d's speaker writes once it announces (no speaker runs in this test).
     let condition = serde_json::json!({"status": {"conditions": [{
         "type": "ferrolb.io/AnnouncedIPv4", "status": "True", "reason": "NodeAssigned",

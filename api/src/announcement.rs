@@ -79,6 +79,12 @@ pub struct AnnouncedIP {
     /// The Services holding the IP, as namespace/name.
     #[schemars(schema_with = "services_schema")]
     pub services: Vec<String>,
+    /// Another host answers for the IP (this MAC answered the node's RFC 5227 probe):
+    /// the node, elected to announce it, holds back rather than fight that host, and
+    /// probes again every few seconds. The IP is not announced meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "mac_schema")]
+    pub answered_by: Option<String>,
     /// When this node took the IP over (or gave it up): the newest claim on an IP is the
     /// one shown when two nodes claim it (a failover, or a split cluster).
     pub since: MicroTime,
@@ -86,6 +92,11 @@ pub struct AnnouncedIP {
 
 fn ip_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({"type": "string", "maxLength": 45})
+}
+
+fn mac_schema(_: &mut SchemaGenerator) -> Schema {
+    // aa:bb:cc:dd:ee:ff
+    json_schema!({"type": "string", "maxLength": 17})
 }
 
 fn interfaces_schema(_: &mut SchemaGenerator) -> Schema {
@@ -126,6 +137,8 @@ impl NodeAnnouncementSpec {
 
 pub const REASON_ASSIGNED: &str = "NodeAssigned";
 pub const REASON_NONE: &str = "NoEligibleNode";
+/// Another host answers for the IP, so the node elected to announce it holds back.
+pub const REASON_CONFLICT: &str = "ConflictingResponder";
 
 /// The condition type for an IP's family.
 pub fn condition_type(ip: IpAddr) -> &'static str {
@@ -136,13 +149,23 @@ pub fn condition_type(ip: IpAddr) -> &'static str {
 }
 
 /// The condition's (status, reason, message) for `ip`, announced by `node` on
-/// `interfaces` (none: no node may announce it now, as `node` said last).
+/// `interfaces` (none: no node may announce it now, as `node` said last), or held back
+/// by `node` because the MAC `answered_by` answers for it.
 pub fn condition_text(
     ip: IpAddr,
     interfaces: &[String],
+    answered_by: Option<&str>,
     node: &str,
 ) -> (&'static str, &'static str, String) {
-    if interfaces.is_empty() {
+    if let Some(mac) = answered_by.filter(|_| !interfaces.is_empty()) {
+        (
+            "False",
+            REASON_CONFLICT,
+            format!(
+                "{ip} is answered by another host, MAC {mac}, not by ferrolb: {node}, elected to announce it, holds back and probes again every few seconds (another load balancer's speaker still running, or a host configured with the IP)"
+            ),
+        )
+    } else if interfaces.is_empty() {
         (
             "False",
             REASON_NONE,
@@ -196,16 +219,37 @@ mod tests {
     fn the_written_condition_names_its_node_and_no_other() {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let interfaces = vec!["eth0".to_string(), "eth1".to_string()];
-        let (status, reason, message) = condition_text(ip, &interfaces, "node-a");
+        let (status, reason, message) = condition_text(ip, &interfaces, None, "node-a");
         assert_eq!(message, "192.0.2.10 is announced by node-a on eth0, eth1");
         let condition = written(ip, status, reason, message);
         assert!(reports(&condition, ip, "node-a"));
         // A node whose name the owner's begins with, another IP, or no owner at all.
         assert!(!reports(&condition, ip, "node"));
         assert!(!reports(&condition, "192.0.2.1".parse().unwrap(), "node-a"));
-        let (status, reason, message) = condition_text(ip, &[], "node-a");
+        let (status, reason, message) = condition_text(ip, &[], None, "node-a");
         let none = written(ip, status, reason, message);
         assert!(!reports(&none, ip, "node-a"));
+    }
+
+    #[test]
+    fn a_node_holding_back_names_the_mac_that_answers_and_does_not_report_announcing() {
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        let eth0 = vec!["eth0".to_string()];
+        let (status, reason, message) =
+            condition_text(ip, &eth0, Some("02:00:00:00:00:0b"), "node-a");
+        assert_eq!((status, reason), ("False", REASON_CONFLICT));
+        assert!(
+            message.starts_with("192.0.2.10 is answered by another host, MAC 02:00:00:00:00:0b")
+        );
+        assert!(message.contains("node-a"));
+        assert!(!reports(
+            &written(ip, status, reason, message),
+            ip,
+            "node-a"
+        ));
+        // A node that gave the IP up says so, whatever it heard before.
+        let (_, reason, _) = condition_text(ip, &[], Some("02:00:00:00:00:0b"), "node-a");
+        assert_eq!(reason, REASON_NONE);
     }
 
     fn entry(ip: String, service: String, interface: &str) -> AnnouncedIP {
@@ -214,6 +258,7 @@ mod tests {
             interfaces: vec![interface.to_string()],
             services: vec![service],
             since: MicroTime(Timestamp::now()),
+            answered_by: None,
         }
     }
 

@@ -46,6 +46,8 @@ pub struct ConditionWrite {
 struct Claim {
     interfaces: Vec<String>,
     since: Timestamp,
+    /// The MAC of another host that answers for the IP, while the node holds back.
+    answered_by: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -93,9 +95,16 @@ impl Announced {
             let Ok(ip) = entry.ip.parse::<IpAddr>() else {
                 continue;
             };
+            // Hostile input again: only something shaped like a MAC is repeated.
+            let answered_by = entry
+                .answered_by
+                .as_deref()
+                .filter(|m| is_mac(m))
+                .map(str::to_string);
             let claim = Claim {
                 interfaces: entry.interfaces.clone(),
                 since: entry.since.0,
+                answered_by,
             };
             for service in &entry.services {
                 if let Some((namespace, name)) = service.split_once('/') {
@@ -212,7 +221,8 @@ impl Announced {
                 continue;
             };
             let type_ = condition_type(*ip);
-            let (status, reason, message) = condition_text(*ip, &claim.interfaces, node);
+            let (status, reason, message) =
+                condition_text(*ip, &claim.interfaces, claim.answered_by.as_deref(), node);
             if shown.conditions.get(type_) == Some(&message) {
                 continue;
             }
@@ -228,6 +238,14 @@ impl Announced {
         }
         writes
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, hexadecimal.
+fn is_mac(s: &str) -> bool {
+    s.len() == 17
+        && s.split(':').count() == 6
+        && s.split(':')
+            .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -318,6 +336,45 @@ mod tests {
             Some("192.0.2.10 is announced by node-a on eth0"),
         );
         assert!(a.service_applied(&seen).is_empty());
+    }
+
+    /// A node that hears another host answer for the IP says so, and the condition
+    /// names that host's MAC instead of calling the IP announced; once the node takes the
+    /// IP, the condition says so. A malformed MAC is not repeated on the Service.
+    #[test]
+    fn a_node_holding_back_turns_into_a_conflicting_responder_condition() {
+        let held = |mac: &str| {
+            let mut r = record("node-a", &[("192.0.2.10", &["eth0"], "default/web", 100)]);
+            r.spec.ips[0].answered_by = Some(mac.to_string());
+            r
+        };
+        let (mut a, writes) = started(
+            &[service("web", "5", &["192.0.2.10"], None)],
+            &[held("02:42:ac:12:00:0b")],
+        );
+        assert_eq!(
+            (writes[0].status, writes[0].reason),
+            ("False", "ConflictingResponder")
+        );
+        assert!(
+            writes[0].message.starts_with(
+                "192.0.2.10 is answered by another host, MAC 02:42:ac:12:00:0b, not by ferrolb: node-a"
+            ),
+            "{}",
+            writes[0].message
+        );
+        a.written(&writes[0], Some(6));
+        let taken = a.record_applied(&record(
+            "node-a",
+            &[("192.0.2.10", &["eth0"], "default/web", 200)],
+        ));
+        assert_eq!(
+            messages(&taken),
+            ["192.0.2.10 is announced by node-a on eth0"]
+        );
+        a.written(&taken[0], Some(7));
+        // Not a MAC: dropped, so the claim reads as announcing, which is shown already.
+        assert!(a.record_applied(&held("<b>node-b</b> 1234")).is_empty());
     }
 
     #[test]

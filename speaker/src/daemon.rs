@@ -25,7 +25,7 @@ use crate::interfaces::{self, Link};
 use crate::metrics::Metrics;
 use crate::node_network;
 use crate::probe;
-use crate::responder::{LinkSpec, Responder, Settings};
+use crate::responder::{Held, LinkSpec, Responder, Settings};
 
 /// Where the speaker's objects come from.
 pub trait Objects {
@@ -59,6 +59,9 @@ pub struct Ownership {
     /// node that announced it last).
     pub interfaces: Vec<String>,
     pub services: Vec<ferrolb_allocator::ServiceKey>,
+    /// Another host answers for the IP on every interface this node would announce it
+    /// on (that MAC answered the RFC 5227 probe): held back, not announced.
+    pub answered_by: Option<[u8; 6]>,
 }
 
 pub struct Options {
@@ -99,6 +102,7 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
     // Whether the NodePort forwarding this speaker may not do has been reported.
     let mut unforwarded_reported = false;
     let mut responder = Responder::new(opts.settings.clone(), opts.metrics.clone());
+    let mut held = responder.held();
     let mut state = Reported::default();
     let mut manifests = objects.current();
     let mut cluster = join(&manifests, &opts, &links.borrow()).await;
@@ -162,12 +166,14 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         state.report(&plan);
         responder.update(specs);
         account(&opts.metrics, &previous, &previous_owners, &state, &down_at);
-        let owned = ownership(&plan, &state);
+        let held_now = held.borrow_and_update().clone();
+        opts.metrics.set_announced(state.owned.iter(), &held_now);
+        let owned = ownership(&plan, &state, &held_now);
         opts.metrics.set_services_announced(
             &opts.node_name,
             owned
                 .iter()
-                .filter(|o| !o.interfaces.is_empty())
+                .filter(|o| !o.interfaces.is_empty() && o.answered_by.is_none())
                 .map(|o| (&o.ip, &o.services[..])),
         );
         objects.owned(owned);
@@ -237,6 +243,8 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         tokio::select! {
             _ = terminate.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
             _ = interrupt.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
+            // An IP held back because another host answers for it, or taken after all.
+            Ok(()) = held.changed() => {}
             changed = links.changed() => {
                 changed.context("the interface watcher stopped")?;
                 if let Some(c) = &mut cluster {
@@ -414,12 +422,12 @@ fn account(
             metrics.failover_seconds.observe(at.elapsed().as_secs_f64());
         }
     }
-    metrics.set_announced(state.owned.iter());
 }
 
-/// What to report: every IP this node answers for, and the IPs it answered for until
-/// now that no node may announce any more.
-fn ownership(plan: &NodePlan, state: &Reported) -> Vec<Ownership> {
+/// What to report: every IP this node answers for (or holds back on every interface,
+/// because another host answers for it there), and the IPs it answered for until now
+/// that no node may announce any more.
+fn ownership(plan: &NodePlan, state: &Reported, held: &Held) -> Vec<Ownership> {
     let announced = plan.by_ip();
     let mut out: Vec<Ownership> = state
         .owned
@@ -431,14 +439,25 @@ fn ownership(plan: &NodePlan, state: &Reported) -> Vec<Ownership> {
                 .get(ip)
                 .map(|a| a.services.clone())
                 .unwrap_or_default(),
+            answered_by: answered_by(*ip, interfaces, held),
         })
         .collect();
     out.extend(state.orphans.iter().map(|(ip, services)| Ownership {
         ip: *ip,
         interfaces: Vec::new(),
         services: services.clone(),
+        answered_by: None,
     }));
     out
+}
+
+/// The MAC that answers for `ip` when it is held back on every one of `interfaces`.
+fn answered_by(ip: IpAddr, interfaces: &[String], held: &Held) -> Option<[u8; 6]> {
+    let mut macs = interfaces
+        .iter()
+        .map(|name| held.get(&(ip, name.clone())).copied());
+    let first = macs.next()??;
+    macs.all(|m| m.is_some()).then_some(first)
 }
 
 /// Starts membership when it is configured and this node's Node object says where to

@@ -198,10 +198,15 @@ impl Metrics {
     pub fn set_announced<'a>(
         &self,
         owned: impl IntoIterator<Item = (&'a IpAddr, &'a Vec<String>)>,
+        held: &crate::responder::Held,
     ) {
         self.announced.clear();
         for (ip, interfaces) in owned {
-            for interface in interfaces {
+            // Held back where another host answers for it: not announced there.
+            for interface in interfaces
+                .iter()
+                .filter(|i| !held.contains_key(&(*ip, (*i).clone())))
+            {
                 self.announced
                     .get_or_create(&AnnouncedLabels {
                         ip: ip.to_string(),

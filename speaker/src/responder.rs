@@ -93,9 +93,15 @@ pub struct LinkSpec {
     pub takeovers: BTreeSet<IpAddr>,
 }
 
+/// IPs held back because another host answered their probe: by IP and link name, the
+/// MAC that answered. Published for the node's record, so the Service's condition says
+/// who answers instead of calling the IP announced.
+pub type Held = BTreeMap<(IpAddr, String), [u8; 6]>;
+
 /// The per-link tasks.
 pub struct Responder {
     settings: Settings,
+    held: Arc<watch::Sender<Held>>,
     /// Requests, replies, announcements and conflicts (the conflict count is also
     /// reported in the conflict warnings).
     metrics: Arc<Metrics>,
@@ -107,8 +113,14 @@ impl Responder {
         Responder {
             settings,
             metrics,
+            held: Arc::new(watch::channel(Held::new()).0),
             links: BTreeMap::new(),
         }
+    }
+
+    /// The IPs held back on each link, and the MAC that answers for each.
+    pub fn held(&self) -> watch::Receiver<Held> {
+        self.held.subscribe()
     }
 
     /// Makes the tasks match `desired`: a task per link with IPs, none for others.
@@ -118,6 +130,16 @@ impl Responder {
             .filter(|l| !l.ips.is_empty())
             .map(|l| (l.index, l))
             .collect();
+        // An IP taken from a link, or a link gone, holds nothing back there any more.
+        self.held.send_if_modified(|held| {
+            let before = held.len();
+            held.retain(|(ip, name), _| {
+                wanted
+                    .values()
+                    .any(|l| l.name == *name && l.ips.contains(ip))
+            });
+            held.len() != before
+        });
         self.links.retain(|index, (tx, task)| {
             let keep =
                 wanted.get(index).is_some_and(|w| w.mac == tx.borrow().mac) && !task.is_finished();
@@ -137,8 +159,12 @@ impl Responder {
                 }
                 None => {
                     let (tx, rx) = watch::channel(spec);
-                    let task =
-                        tokio::spawn(run_link(rx, self.settings.clone(), self.metrics.clone()));
+                    let task = tokio::spawn(run_link(
+                        rx,
+                        self.settings.clone(),
+                        self.metrics.clone(),
+                        self.held.clone(),
+                    ));
                     self.links.insert(index, (tx, task));
                 }
             }
@@ -189,6 +215,7 @@ struct LinkTask {
     filtered: Vec<Ipv4Addr>,
     /// Per IP: when a conflict was last logged, and how many were not logged since.
     conflict_log: HashMap<IpAddr, (Instant, u64)>,
+    held: Arc<watch::Sender<Held>>,
 }
 
 /// The IPv4 addresses among `ips`, sorted.
@@ -203,7 +230,12 @@ fn ipv4s<'a>(ips: impl Iterator<Item = &'a IpAddr>) -> Vec<Ipv4Addr> {
     v4
 }
 
-async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, metrics: Arc<Metrics>) {
+async fn run_link(
+    mut rx: watch::Receiver<LinkSpec>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    held: Arc<watch::Sender<Held>>,
+) {
     let spec = rx.borrow_and_update().clone();
     let open = |ethertype, filter: &[socket2::SockFilter]| {
         PacketSocket::open(spec.index, ethertype, filter)
@@ -229,6 +261,7 @@ async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, metrics
         joined: BTreeSet::new(),
         filtered,
         conflict_log: HashMap::new(),
+        held,
     };
     task.apply(spec).await;
     let mut arp_buf = vec![0u8; 2048];
@@ -260,13 +293,18 @@ async fn run_link(mut rx: watch::Receiver<LinkSpec>, settings: Settings, metrics
 impl LinkTask {
     async fn apply(&mut self, spec: LinkSpec) {
         let now = Instant::now();
+        let mut dropped = Vec::new();
         self.states.retain(|ip, _| {
             let keep = spec.ips.contains(ip);
             if !keep {
                 info!(ip = %ip, interface = %spec.name, "stopped answering");
+                dropped.push(*ip);
             }
             keep
         });
+        for ip in dropped {
+            self.hold(ip, None);
+        }
         for ip in &spec.ips {
             if self.states.contains_key(ip) {
                 continue;
@@ -335,6 +373,7 @@ impl LinkTask {
                 }
                 State::Probing { .. } => {
                     info!(ip = %ip, interface = %self.spec.name, "announcing");
+                    self.hold(ip, None);
                     self.announce(ip).await;
                     self.after_announce(self.settings.announce_count.saturating_sub(1), now)
                 }
@@ -398,6 +437,16 @@ impl LinkTask {
         }
     }
 
+    /// Publishes that `ip` is held back on this link because `mac` answers for it, or
+    /// (None) that it is not.
+    fn hold(&self, ip: IpAddr, mac: Option<[u8; 6]>) {
+        let key = (ip, self.spec.name.clone());
+        self.held.send_if_modified(|held| match mac {
+            Some(mac) => held.insert(key, mac) != Some(mac),
+            None => held.remove(&key).is_some(),
+        });
+    }
+
     /// When to probe an IP in conflict again: `conflict_retry`, or later when so many
     /// IPs of the link are in conflict that their probes would pass `conflict_probe_rate`.
     fn conflict_retry(&self) -> Duration {
@@ -446,6 +495,7 @@ impl LinkTask {
                     retry_at: Instant::now() + retry,
                 },
             );
+            self.hold(ip, Some(mac));
         } else if state.answers()
             && let Some(suppressed) = log
         {

@@ -173,6 +173,7 @@ impl Claims {
                     interfaces: o.interfaces.clone(),
                     services: o.services.iter().map(|k| k.to_string()).collect(),
                     since: at,
+                    answered_by: o.answered_by.as_ref().map(crate::mac::format),
                 }
             })
             .collect();
@@ -229,6 +230,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: "web".into(),
             }],
+            answered_by: None,
         }
     }
 
