@@ -17,7 +17,7 @@
 //! the VIP and carries the client's traffic (ferrolb: after the rejoin hold-down;
 //! keepalived: by preemption), so every round kills the same node with all three up.
 //!
-//! * ferrolb: `ferrolb speaker` in standalone mode on every node (membership on UDP 7946),
+//! * ferrolb: `ferrolb speaker` in standalone mode on every node (membership on UDP 7947),
 //!   the VIP forwarded to a TCP backend on the owner's InternalIP:30080 (NodePort).
 //! * keepalived: one `vrrp_instance` per node on eth0, `state BACKUP` on all (2.2.7 starts
 //!   a `state MASTER` one in BACKUP too, so this changes nothing), multicast adverts
@@ -28,7 +28,7 @@
 //!   until 5 more). The VIP is a local address of the master; a TCP backend listens on
 //!   0.0.0.0:80 on every node. Sub-second adverts need VRRP version 3.
 //!
-//! Membership traffic: the datagrams each node sends to UDP 7946 (ferrolb) or with IP
+//! Membership traffic: the datagrams each node sends to UDP 7947 (ferrolb) or with IP
 //! protocol 112 (VRRP), counted by an nftables output counter in every node namespace
 //! over a quiet window before the kills.
 //!

@@ -21,8 +21,8 @@ pub struct SpeakerArgs {
     #[arg(long, default_value = ferrolb_api::annotations::LOAD_BALANCER_CLASS)]
     load_balancer_class: String,
     /// Where /metrics, /healthz and /readyz are served (default in a cluster:
-    /// 0.0.0.0:7473; with --manifests: not served unless given). The chart binds the
-    /// node's own IP; an IPv6 address may go without brackets ($(NODE_IP):7473).
+    /// 0.0.0.0:7474; with --manifests: not served unless given). The chart binds the
+    /// node's own IP; an IPv6 address may go without brackets ($(NODE_IP):7474).
     #[arg(long, value_name = "ADDRESS", value_parser = ferrolb_kubernetes::http::parse_address)]
     metrics_address: Option<std::net::SocketAddr>,
     /// In a cluster: ferrolb's namespace, where this node's NodeAnnouncement is written;
@@ -178,7 +178,7 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
                 },
                 metrics_address: args
                     .metrics_address
-                    .unwrap_or_else(|| ([0, 0, 0, 0], 7473).into()),
+                    .unwrap_or_else(|| ([0, 0, 0, 0], 7474).into()),
                 namespace: crate::namespace::own(args.namespace),
             };
             runtime.block_on(

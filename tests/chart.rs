@@ -121,7 +121,7 @@ fn lint_and_template_with_defaults_and_every_feature() {
         "add: [NET_RAW]\n",
         "--node-port-forwarding=false",
         "fieldPath: spec.nodeName",
-        "--metrics-address=$(NODE_IP):7473",
+        "--metrics-address=$(NODE_IP):7474",
         "fieldPath: status.hostIP",
     ] {
         assert!(speaker.contains(line), "no `{line}` in\n{speaker}");
@@ -154,7 +154,7 @@ fn lint_and_template_with_defaults_and_every_feature() {
     // NodePort forwarding, and only it, brings CAP_NET_ADMIN (nftables).
     assert!(everything.contains("add: [NET_RAW, NET_ADMIN]"));
     assert!(everything.contains("--node-port-forwarding=true"));
-    assert!(everything.contains("--metrics-address=0.0.0.0:7473"));
+    assert!(everything.contains("--metrics-address=0.0.0.0:7474"));
 }
 
 #[test]

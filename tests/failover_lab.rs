@@ -184,8 +184,8 @@ fn after_a_partition_heals_every_ip_has_one_owner() {
     // Membership traffic of node0 is dropped both ways; ARP still flows, so node0 and
     // the others each believe they own the IPs of the ones they cannot see.
     let isolated = w.lab.node(0);
-    let rules = "table inet partition {\n chain input { type filter hook input priority 0; udp dport 7946 drop; }\n \
-                 chain output { type filter hook output priority 0; udp dport 7946 drop; }\n}\n";
+    let rules = "table inet partition {\n chain input { type filter hook input priority 0; udp dport 7947 drop; }\n \
+                 chain output { type filter hook output priority 0; udp dport 7947 drop; }\n}\n";
     let file = w.dir.path().join("partition.nft");
     std::fs::write(&file, rules).unwrap();
     isolated.run("nft", ["-f", file.to_str().unwrap()]).unwrap();
@@ -305,7 +305,7 @@ fn keyring(path: &std::path::Path, keys: &[&str]) -> Vec<String> {
     ]
 }
 
-/// The membership datagrams (UDP payloads to port 7946) that reach node `i` within
+/// The membership datagrams (UDP payloads to port 7947) that reach node `i` within
 /// `window`: genuine, sealed traffic of its peers, to replay later.
 fn capture_membership(w: &World, i: usize, window: Duration) -> Vec<Vec<u8>> {
     use ferrolb_speaker::packet_socket::{PacketSocket, arp_filter};
@@ -332,7 +332,7 @@ fn capture_membership(w: &World, i: usize, window: Duration) -> Vec<Vec<u8>> {
                     continue;
                 }
                 let port = u16::from_be_bytes([frame[udp + 2], frame[udp + 3]]);
-                if port == 7946 {
+                if port == 7947 {
                     captured.push(frame[udp + 8..].to_vec());
                 }
             }
@@ -366,7 +366,7 @@ impl Flood {
             .lab
             .nodes()
             .iter()
-            .map(|n| SocketAddr::new(n.ipv4().into(), 7946))
+            .map(|n| SocketAddr::new(n.ipv4().into(), 7947))
             .collect();
         let (stop2, sent2) = (stop.clone(), sent.clone());
         let thread = std::thread::spawn(move || {
@@ -539,14 +539,14 @@ fn a_lone_speaker_keeps_answering_while_junk_and_replays_reach_its_membership_po
 }
 
 /// One metric's value from node `i`'s speaker (started with
-/// `--metrics-address=127.0.0.1:7473`).
+/// `--metrics-address=127.0.0.1:7474`).
 fn metric(w: &World, i: usize, name: &str) -> Option<f64> {
     use std::io::{Read, Write};
     let text = w
         .lab
         .node(i)
         .in_netns(|| {
-            let mut s = TcpStream::connect(("127.0.0.1", 7473)).ok()?;
+            let mut s = TcpStream::connect(("127.0.0.1", 7474)).ok()?;
             s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
             s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
                 .ok()?;
@@ -563,7 +563,7 @@ fn metric(w: &World, i: usize, name: &str) -> Option<f64> {
 fn replayed_datagrams_of_a_killed_owner_do_not_keep_its_vip() {
     let keys = tempfile::tempdir().unwrap();
     let mut args = keyring(&keys.path().join("keys"), &["s3cret-of-the-cluster"]);
-    args.push("--metrics-address=127.0.0.1:7473".into());
+    args.push("--metrics-address=127.0.0.1:7474".into());
     let w = World::start_each(&service("web", 80, 30080, ""), |_| args.clone());
     let vip = w.ips_of("web")[0];
     w.wait_answered(vip);

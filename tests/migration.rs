@@ -53,9 +53,8 @@ const SERVICES: usize = 100;
 const NAMESPACES: [&str; 2] = ["shop", "blog"];
 const METALLB_NS: &str = "metallb-system";
 
-/// The steps the client's figures are reported by.
-const STEPS: [&str; 8] = [
-    "MetalLB serving",
+/// The steps the client's figures are reported by, in order.
+const STEPS: [&str; 7] = [
     "import, apply",
     "MetalLB's controller to 0",
     "helm install ferrolb",
@@ -277,6 +276,48 @@ fn run() -> Result<()> {
         },
     ))?;
     report.line(format!("ferrolb's pools after adoption: {counts:?}"));
+    // Beside MetalLB's speakers, ferrolb's do not fight them, and the Services say so: an
+    // IP whose elected node is not the one MetalLB answers from is held back, with a
+    // condition naming the MAC that answers; the others are announced by that very node.
+    let macs = node_macs(&c, &rt.block_on(c.node_ips())?)?;
+    let conditions = rt.block_on(poll(
+        "a ferrolb condition on every VIP",
+        DEADLINE,
+        || async {
+            let all = conditions(&c).await.ok()?;
+            (all.len() == vips.len()).then_some(all)
+        },
+    ))?;
+    let (mut held, mut same_node) = (0, 0);
+    for ((name, vip), answering) in vips.iter().zip(arping_all(&c, &vips)?) {
+        let [mac] = answering.as_slice() else {
+            bail!("{name} ({vip}) is answered by {answering:02x?} while MetalLB still runs");
+        };
+        let (reason, message) = &conditions[vip];
+        if reason == "ConflictingResponder" {
+            ensure!(
+                message.contains(&format!("MAC {}", format_mac(mac))),
+                "{name}: {message}, but {} answers",
+                format_mac(mac)
+            );
+            held += 1;
+        } else {
+            let node = macs
+                .iter()
+                .find(|(_, m)| m == mac)
+                .map(|(n, _)| n.as_str())
+                .unwrap_or("?");
+            ensure!(
+                reason == "NodeAssigned"
+                    && message.starts_with(&format!("{vip} is announced by {node} on ")),
+                "{name}: {reason}: {message}, but MetalLB answers from {node}"
+            );
+            same_node += 1;
+        }
+    }
+    report.line(format!(
+        "beside MetalLB's speakers: {held} VIPs held back by ferrolb, each condition naming the MAC MetalLB answers from; {same_node} announced by the node MetalLB answers from"
+    ));
     prober.next_step();
 
     // 4. MetalLB's speakers go; ferrolb's announce every IP.
@@ -497,6 +538,51 @@ fn pool_counts(c: &Cluster) -> Result<BTreeMap<String, usize>> {
         .collect())
 }
 
+/// Each IP's ferrolb condition: reason and message.
+async fn conditions(c: &Cluster) -> Result<BTreeMap<IpAddr, (String, String)>> {
+    let mut out = BTreeMap::new();
+    for ns in NAMESPACES {
+        let api: Api<Service> = Api::namespaced(c.client().await?, ns);
+        for svc in api.list(&ListParams::default()).await?.items {
+            let ips = ferrolb_allocator::input::ingress_ips(&svc);
+            let conditions = svc.status.and_then(|s| s.conditions).unwrap_or_default();
+            for ip in ips {
+                if let Some(c) = conditions.iter().find(|c| {
+                    c.type_ == "ferrolb.io/AnnouncedIPv4"
+                        && c.message.starts_with(&format!("{ip} "))
+                }) {
+                    out.insert(ip, (c.reason.clone(), c.message.clone()));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Each node's MAC, as its address answers ARP.
+fn node_macs(
+    c: &Cluster,
+    nodes: &[(String, std::net::Ipv4Addr)],
+) -> Result<Vec<(String, [u8; 6])>> {
+    nodes
+        .iter()
+        .map(|(name, ip)| {
+            let macs = client::arping(&c.client, IpAddr::V4(*ip), client::ARP_POLL)?;
+            let [mac] = macs.as_slice() else {
+                bail!("{name} ({ip}) is answered by {macs:02x?}");
+            };
+            Ok((name.clone(), *mac))
+        })
+        .collect()
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// How many of the Services' IPs ferrolb's condition calls announced.
 async fn announced(c: &Cluster) -> Result<usize> {
     let mut n = 0;
@@ -519,14 +605,44 @@ async fn announced(c: &Cluster) -> Result<usize> {
 /// (nodes) answer in all.
 fn one_answer_each(c: &Cluster, vips: &[(String, IpAddr)]) -> Result<usize> {
     let mut macs = std::collections::BTreeSet::new();
-    for (name, vip) in vips {
-        let answers = client::arping(&c.client, *vip, Duration::from_millis(100))?;
+    for ((name, vip), answers) in vips.iter().zip(arping_all(c, vips)?) {
         let [mac] = answers.as_slice() else {
             bail!("{name} ({vip}) is answered by {answers:02x?}");
         };
         macs.insert(*mac);
     }
     Ok(macs.len())
+}
+
+/// The distinct MACs that answer one ARP request for each VIP within half a second
+/// (MetalLB's speaker answers late while busy), ten requests at a time. Where ferrolb and
+/// MetalLB answer from the same node, that is one MAC.
+fn arping_all(c: &Cluster, vips: &[(String, IpAddr)]) -> Result<Vec<Vec<[u8; 6]>>> {
+    let mut out = Vec::with_capacity(vips.len());
+    for chunk in vips.chunks(10) {
+        let answers: Vec<Result<Vec<[u8; 6]>>> = std::thread::scope(|s| {
+            let threads: Vec<_> = chunk
+                .iter()
+                .map(|(_, vip)| {
+                    s.spawn(move || client::arping(&c.client, *vip, Duration::from_millis(500)))
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| bail!("an arping thread panicked"))
+                })
+                .collect()
+        });
+        for a in answers {
+            let mut macs = a?;
+            macs.sort();
+            macs.dedup();
+            out.push(macs);
+        }
+    }
+    Ok(out)
 }
 
 async fn pods_gone(c: &Cluster, namespace: &str, labels: &str) -> Result<()> {

@@ -60,7 +60,7 @@ async fn an_applied_service_answers_from_outside_and_says_which_node_announces_i
 /// on its metrics port, or `None` when it does not answer.
 fn speaker_get(w: &World, i: usize, path: &str) -> Option<String> {
     let node = w.lab.node(i);
-    let address = SocketAddr::new(node.ipv4().into(), 7473);
+    let address = SocketAddr::new(node.ipv4().into(), 7474);
     node.in_netns(|| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(address).ok()?;

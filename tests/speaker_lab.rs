@@ -280,6 +280,92 @@ fn an_ip_already_in_use_on_the_segment_is_not_announced_and_the_conflict_is_repo
     );
 }
 
+/// A host that answers the RFC 5227 probe late still holds the IP: MetalLB's speaker,
+/// busy with the probes of a whole node starting beside it, answers hundreds of
+/// milliseconds after the probe's 100 ms wait. The speaker stops answering when the late
+/// answer comes, so the segment hears one MAC, not two.
+#[test]
+fn a_late_answer_to_the_probe_still_keeps_the_speaker_off_the_ip() {
+    if let Err(missing) = Lab::check_prerequisites() {
+        panic!("{missing}");
+    }
+    let w = World::start("");
+    let client = w.lab.client();
+    let vip = std::net::Ipv4Addr::new(192, 0, 2, 205);
+    let client_mac = client.mac();
+    let index = link_index(client);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The slow host: answers every ARP request for the VIP 400 ms late.
+    let slow = {
+        let (client, stop) = (client.clone(), stop.clone());
+        std::thread::spawn(move || {
+            client.in_netns(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let socket = ferrolb_speaker::packet_socket::PacketSocket::open(
+                        index,
+                        ETH_P_ARP,
+                        &ferrolb_speaker::packet_socket::arp_filter(),
+                    )
+                    .unwrap();
+                    let mut buf = vec![0u8; 2048];
+                    let mut answered = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let wait = Duration::from_millis(100);
+                        let Ok(Ok(n)) = tokio::time::timeout(wait, socket.recv(&mut buf)).await
+                        else {
+                            continue;
+                        };
+                        let Ok(p) = arp::parse(&buf[..n]) else {
+                            continue;
+                        };
+                        if p.operation == arp::Operation::Request
+                            && p.target_ip == vip
+                            && p.sender_mac != client_mac
+                        {
+                            tokio::time::sleep(Duration::from_millis(400)).await;
+                            socket.send(&arp::reply(&p, client_mac, vip)).await.unwrap();
+                            answered += 1;
+                        }
+                    }
+                    answered
+                })
+            })
+        })
+    };
+    std::fs::write(
+        w.dir.path().join("services.yaml"),
+        service(
+            "taken",
+            80,
+            30080,
+            "ferrolb.io/loadBalancerIPs: 192.0.2.205",
+        ),
+    )
+    .unwrap();
+    poll_until(DEADLINE, "the late answer in a speaker's log", || {
+        w.speakers
+            .iter()
+            .any(|s| {
+                s.stderr()
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.contains("already in use") && l.contains("192.0.2.205"))
+            })
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    // No speaker answers (the slow host ignores its own requests).
+    let answers = arp_replies(client, IpAddr::V4(vip), Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = slow.join().unwrap().unwrap();
+    assert!(answered > 0);
+    assert_eq!(answers, Vec::<[u8; 6]>::new(), "{}", w.logs());
+}
+
 #[test]
 fn malformed_frames_get_no_reply_and_do_not_hurt_the_speaker() {
     let mut w = World::start(&service("web", 80, 30080, ""));
@@ -621,7 +707,7 @@ fn conflict_warnings_are_rate_limited_and_counted() {
     let w = World::start_each(&service("web", 80, 30080, ""), |i| {
         vec![
             "--metrics-address".to_string(),
-            format!("192.0.2.{}:7473", 10 + i),
+            format!("192.0.2.{}:7474", 10 + i),
         ]
     });
     let vip = w.ips_of("web")[0];
@@ -633,7 +719,7 @@ fn conflict_warnings_are_rate_limited_and_counted() {
         .map(|_| arp::gratuitous(client.mac(), v4))
         .collect();
     frames_answering(client, &claims, Duration::ZERO, ETH_P_ARP, |_| None);
-    let metrics = SocketAddr::new(owner.ipv4().into(), 7473);
+    let metrics = SocketAddr::new(owner.ipv4().into(), 7474);
     poll_until(DEADLINE, "200 conflicts counted", || {
         metric(client, metrics, "ferrolb_speaker_conflicts_total")
             .filter(|n| *n >= 200.0)

@@ -14,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{IPAddressPool, L2Advertisement};
+use crate::{IPAddressPool, L2Advertisement, validation};
 
 /// Where an object was read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,11 +183,15 @@ impl Manifests {
         }
         match (api_version.as_str(), kind.as_str()) {
             ("ferrolb.io/v1beta1", "IPAddressPool") => {
-                push(&mut self.pools, origin, doc).map_err(fail)
+                push_checked(&mut self.pools, origin, doc, validation::pool_repeats).map_err(fail)
             }
-            ("ferrolb.io/v1beta1", "L2Advertisement") => {
-                push(&mut self.l2_advertisements, origin, doc).map_err(fail)
-            }
+            ("ferrolb.io/v1beta1", "L2Advertisement") => push_checked(
+                &mut self.l2_advertisements,
+                origin,
+                doc,
+                validation::advertisement_repeats,
+            )
+            .map_err(fail),
             ("v1", "Service") => push(&mut self.services, origin, doc).map_err(fail),
             ("v1", "Namespace") => push(&mut self.namespaces, origin, doc).map_err(fail),
             ("v1", "Node") => push(&mut self.nodes, origin, doc).map_err(fail),
@@ -346,6 +350,17 @@ fn push<T: DeserializeOwned>(
     origin: Origin,
     doc: Value,
 ) -> Result<(), String> {
+    push_checked(into, origin, doc, |_| None)
+}
+
+/// [`push`], refusing an object that `refused` has something against (what the API
+/// server's schema would refuse but serde cannot see).
+fn push_checked<T: DeserializeOwned>(
+    into: &mut Vec<Located<T>>,
+    origin: Origin,
+    doc: Value,
+    refused: impl Fn(&T) -> Option<String>,
+) -> Result<(), String> {
     let object: T = serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
@@ -354,6 +369,9 @@ fn push<T: DeserializeOwned>(
             format!("{path}: {}", e.inner())
         }
     })?;
+    if let Some(problem) = refused(&object) {
+        return Err(problem);
+    }
     into.push(Located::new(origin, object));
     Ok(())
 }
@@ -361,6 +379,31 @@ fn push<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the API server refuses (a list declared a set with a repeat) is refused from
+    /// files too, naming the object and the field; the other documents are still read.
+    #[test]
+    fn repeats_the_api_server_refuses_are_refused_with_the_field() {
+        let mut m = Manifests::default();
+        let errors = m.add_text(
+            "pools.yaml",
+            "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: shop}\n\
+             spec: {addresses: [192.0.2.0/28], serviceAllocation: {namespaces: [shop, blog, shop]}}\n---\n\
+             apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: l2}\n\
+             spec: {nodeSelectors: [{matchLabels: {a: b}}, {matchLabels: {a: b}}]}\n---\n\
+             apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: blog}\n\
+             spec: {addresses: [192.0.2.16/28], serviceAllocation: {namespaces: [blog]}}\n",
+        );
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "pools.yaml, document 1 (IPAddressPool \"shop\"): spec.serviceAllocation.namespaces[2] \"shop\" repeats namespaces[0]; the API server refuses a list with repeats: remove one",
+                "pools.yaml, document 2 (L2Advertisement \"l2\"): spec.nodeSelectors[1] repeats nodeSelectors[0]; the API server refuses a list with repeats: remove one",
+            ]
+        );
+        assert_eq!(m.pools.len(), 1);
+    }
 
     #[test]
     fn reads_several_kinds_and_lists() {

@@ -9,6 +9,7 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use crate::L2Advertisement;
 use crate::address::{AddressRange, parse_range};
 use crate::pool::{IPAddressPool, MAX_ADDRESSES};
 use crate::selector;
@@ -145,6 +146,71 @@ pub fn check_pool(pool: &IPAddressPool) -> CheckedPool {
         name,
         ranges,
         problems,
+    }
+}
+
+/// The first repeat in a list the CRD declares a set, or whose items must be unique
+/// (`spec.serviceAllocation.namespaces[2] "shop" repeats namespaces[0]`): the API server
+/// refuses such a pool, as MetalLB's does, so files read by `plan`, `why -f` and
+/// `import` are refused the same way instead of planning with an object that could
+/// never be applied.
+pub fn pool_repeats(pool: &IPAddressPool) -> Option<String> {
+    let alloc = pool.spec.service_allocation.as_ref()?;
+    repeat("spec.serviceAllocation.namespaces", &alloc.namespaces)
+        .or_else(|| {
+            repeat(
+                "spec.serviceAllocation.namespaceSelectors",
+                &alloc.namespace_selectors,
+            )
+        })
+        .or_else(|| {
+            repeat(
+                "spec.serviceAllocation.serviceSelectors",
+                &alloc.service_selectors,
+            )
+        })
+}
+
+/// [`pool_repeats`] for an L2Advertisement's lists.
+pub fn advertisement_repeats(advertisement: &L2Advertisement) -> Option<String> {
+    let spec = &advertisement.spec;
+    repeat("spec.ipAddressPools", &spec.ip_address_pools)
+        .or_else(|| {
+            repeat(
+                "spec.ipAddressPoolSelectors",
+                &spec.ip_address_pool_selectors,
+            )
+        })
+        .or_else(|| repeat("spec.nodeSelectors", &spec.node_selectors))
+        .or_else(|| repeat("spec.interfaces", &spec.interfaces))
+}
+
+fn repeat<T: PartialEq + Shown>(field: &str, items: &[T]) -> Option<String> {
+    items.iter().enumerate().find_map(|(i, item)| {
+        let first = items[..i].iter().position(|x| x == item)?;
+        let list = field.rsplit('.').next().unwrap_or(field);
+        Some(format!(
+            "{field}[{i}]{} repeats {list}[{first}]; the API server refuses a list with repeats: remove one",
+            item.shown()
+        ))
+    })
+}
+
+/// How a repeated item is named in the message: a name quoted, a selector not at all
+/// (its index says which).
+trait Shown {
+    fn shown(&self) -> String;
+}
+
+impl Shown for String {
+    fn shown(&self) -> String {
+        format!(" {self:?}")
+    }
+}
+
+impl Shown for LabelSelector {
+    fn shown(&self) -> String {
+        String::new()
     }
 }
 

@@ -374,7 +374,7 @@ mod tests {
             .map(|i| {
                 (
                     format!("node{i}"),
-                    SocketAddr::from(([192, 0, 2, 10 + i], 7946)),
+                    SocketAddr::from(([192, 0, 2, 10 + i], 7947)),
                 )
             })
             .collect();

@@ -36,6 +36,29 @@ use crate::packet_socket::{
 /// (metric `conflicts`) and their number is given with the next warning.
 const CONFLICT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// A takeover from another ferrolb node is announced at once, without the RFC 5227
+/// probe; this much later one probe checks that nobody else answers for the IP — another
+/// load balancer's speaker that ferrolb was installed beside (MetalLB's, mid-migration),
+/// or a host that took the address meanwhile. The previous ferrolb owner has stopped
+/// answering long before: it drops an IP the moment its view changes, milliseconds after
+/// this node's.
+const TAKEOVER_CHECK_AFTER: Duration = Duration::from_millis(200);
+
+/// The probe that checks a takeover: due, or sent and listened for until then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    Due(Instant),
+    Listening(Instant),
+}
+
+impl Check {
+    fn at(self) -> Instant {
+        match self {
+            Check::Due(at) | Check::Listening(at) => at,
+        }
+    }
+}
+
 /// Timing of probes and announcements.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -216,6 +239,8 @@ struct LinkTask {
     /// Per IP: when a conflict was last logged, and how many were not logged since.
     conflict_log: HashMap<IpAddr, (Instant, u64)>,
     held: Arc<watch::Sender<Held>>,
+    /// Takeovers whose check is due or listened for.
+    checks: HashMap<IpAddr, Check>,
 }
 
 /// The IPv4 addresses among `ips`, sorted.
@@ -262,12 +287,13 @@ async fn run_link(
         filtered,
         conflict_log: HashMap::new(),
         held,
+        checks: HashMap::new(),
     };
     task.apply(spec).await;
     let mut arp_buf = vec![0u8; 2048];
     let mut ndp_buf = vec![0u8; 2048];
     loop {
-        let due = task.states.values().filter_map(State::due).min();
+        let due = task.next_due();
         let far = Instant::now() + Duration::from_secs(3600);
         tokio::select! {
             changed = rx.changed() => {
@@ -304,12 +330,17 @@ impl LinkTask {
         });
         for ip in dropped {
             self.hold(ip, None);
+            self.checks.remove(&ip);
         }
         for ip in &spec.ips {
             if self.states.contains_key(ip) {
                 continue;
             }
             let state = if self.settings.probe_count == 0 || spec.takeovers.contains(ip) {
+                if self.settings.probe_count > 0 {
+                    self.checks
+                        .insert(*ip, Check::Due(now + TAKEOVER_CHECK_AFTER));
+                }
                 State::Announcing {
                     left: self.settings.announce_count,
                     next: now,
@@ -347,9 +378,33 @@ impl LinkTask {
         self.tick().await;
     }
 
-    /// Does what is due: probes, announcements, retries.
+    /// When something is due next: a probe, an announcement, a retry, a check.
+    fn next_due(&self) -> Option<Instant> {
+        let states = self.states.values().filter_map(State::due);
+        states.chain(self.checks.values().map(|c| c.at())).min()
+    }
+
+    /// Does what is due: probes, announcements, retries, checks of takeovers.
     async fn tick(&mut self) {
         let now = Instant::now();
+        let checks: Vec<(IpAddr, Check)> = self
+            .checks
+            .iter()
+            .filter(|(_, c)| c.at() <= now)
+            .map(|(ip, c)| (*ip, *c))
+            .collect();
+        for (ip, check) in checks {
+            match check {
+                Check::Due(_) if self.states.get(&ip).is_some_and(State::answers) => {
+                    self.send_probe(ip).await;
+                    let until = now + self.settings.probe_wait;
+                    self.checks.insert(ip, Check::Listening(until));
+                }
+                _ => {
+                    self.checks.remove(&ip);
+                }
+            }
+        }
         let due: Vec<(IpAddr, State)> = self
             .states
             .iter()
@@ -461,7 +516,13 @@ impl LinkTask {
 
     /// Another MAC speaks for `ip`: before we announce, that is a conflict (RFC 5227);
     /// after, two hosts claim it, which the user must hear of.
-    fn claimed_by_other(&mut self, ip: IpAddr, mac: [u8; 6]) {
+    ///
+    /// `answers_our_probe`: the frame is an ARP reply to a probe of this node's (to its
+    /// MAC, target 0.0.0.0), come after the probe's wait: a slow responder (MetalLB's
+    /// speaker answers probes too, hundreds of milliseconds late while busy), which holds
+    /// the IP as much as a prompt one. Another ferrolb speaker answers within
+    /// microseconds or not at all.
+    fn claimed_by_other(&mut self, ip: IpAddr, mac: [u8; 6], answers_our_probe: bool) {
         let Some(state) = self.states.get(&ip).copied() else {
             return;
         };
@@ -483,7 +544,11 @@ impl LinkTask {
                 Some(0)
             }
         };
-        if let State::Probing { .. } = state {
+        let checking = matches!(self.checks.get(&ip), Some(Check::Listening(_)));
+        if matches!(state, State::Probing { .. })
+            || (state.answers() && (checking || answers_our_probe))
+        {
+            self.checks.remove(&ip);
             let retry = self.conflict_retry();
             if let Some(suppressed) = log {
                 warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts, suppressed,
@@ -518,7 +583,10 @@ impl LinkTask {
         }
         let sender = IpAddr::V4(packet.sender_ip);
         if packet.sender_ip != Ipv4Addr::UNSPECIFIED && self.states.contains_key(&sender) {
-            self.claimed_by_other(sender, packet.sender_mac);
+            let answers_our_probe = packet.operation == Operation::Reply
+                && packet.target_ip == Ipv4Addr::UNSPECIFIED
+                && packet.target_mac == self.spec.mac;
+            self.claimed_by_other(sender, packet.sender_mac, answers_our_probe);
             return;
         }
         // Another host *probing* for an address we probe is not a conflict here (RFC 5227
@@ -556,7 +624,7 @@ impl LinkTask {
             NdpKind::Advertisement { target_lladdr, .. } => {
                 let mac = target_lladdr.unwrap_or(packet.eth_source);
                 if mac != self.spec.mac {
-                    self.claimed_by_other(target, mac);
+                    self.claimed_by_other(target, mac, false);
                 }
             }
             NdpKind::Solicitation { .. } if state.answers() => {

@@ -27,7 +27,7 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// How long a member that must not be admitted is watched.
 const NOT_ADMITTED_FOR: Duration = Duration::from_millis(1500);
 const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
-const PORT: u16 = 7946;
+const PORT: u16 = 7947;
 
 /// One test at a time (see the module comment).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -112,7 +112,7 @@ impl World {
                 "--memberlist-secret-file",
                 self.secret.to_str().unwrap(),
                 "--metrics-address",
-                &format!("{}:7473", node.ipv4()),
+                &format!("{}:7474", node.ipv4()),
                 "--log-format",
                 "json",
             ],

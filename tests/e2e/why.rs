@@ -194,7 +194,7 @@ pub fn explains_real_failures(suite: &Suite) -> Result<()> {
     result
 }
 
-/// A host-network Pod on `node` that holds TCP port 7473, where the chart's speaker
+/// A host-network Pod on `node` that holds TCP port 7474, where the chart's speaker
 /// serves its metrics; it tolerates the taint that keeps the speaker away.
 fn squatter(suite: &Suite, node: &str) -> String {
     format!(
@@ -202,7 +202,7 @@ fn squatter(suite: &Suite, node: &str) -> String {
          spec:\n  nodeName: {node}\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  \
          tolerations: [{{key: {TAINT}, operator: Exists, effect: NoExecute}}]\n  \
          containers:\n  - name: squatter\n    image: {}\n    imagePullPolicy: IfNotPresent\n    \
-         args: [netexec, --http-port=7473]\n    readinessProbe: {{tcpSocket: {{port: 7473}}, periodSeconds: 1}}\n",
+         args: [netexec, --http-port=7474]\n    readinessProbe: {{tcpSocket: {{port: 7474}}, periodSeconds: 1}}\n",
         suite.cluster.backend_image
     )
 }

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 /// `IP:PORT`, `[IPv6]:PORT`, or an IPv6 address without brackets followed by `:PORT` —
-/// what `--metrics-address=$(NODE_IP):7473` gives on an IPv6 node, where the chart
+/// what `--metrics-address=$(NODE_IP):7474` gives on an IPv6 node, where the chart
 /// cannot know the family.
 pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
     if let Ok(address) = text.parse::<SocketAddr>() {
@@ -11,7 +11,7 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
     }
     let bad = || {
         format!(
-            "{text:?} is not an address and port (0.0.0.0:7473, 192.0.2.1:7473, [2001:db8::1]:7473)"
+            "{text:?} is not an address and port (0.0.0.0:7474, 192.0.2.1:7474, [2001:db8::1]:7474)"
         )
     };
     let (ip, port) = text.rsplit_once(':').ok_or_else(bad)?;
@@ -27,25 +27,25 @@ mod tests {
     #[test]
     fn either_family_with_or_without_brackets() {
         assert_eq!(
-            parse_address("192.0.2.1:7473"),
-            Ok(SocketAddr::from(([192, 0, 2, 1], 7473)))
+            parse_address("192.0.2.1:7474"),
+            Ok(SocketAddr::from(([192, 0, 2, 1], 7474)))
         );
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(
-            parse_address("[2001:db8::1]:7473"),
-            Ok(SocketAddr::new(v6, 7473))
+            parse_address("[2001:db8::1]:7474"),
+            Ok(SocketAddr::new(v6, 7474))
         );
         assert_eq!(
-            parse_address("2001:db8::1:7473"),
-            Ok(SocketAddr::new(v6, 7473))
+            parse_address("2001:db8::1:7474"),
+            Ok(SocketAddr::new(v6, 7474))
         );
         for bad in [
             "",
-            "7473",
-            "node:7473",
+            "7474",
+            "node:7474",
             "192.0.2.1",
             "192.0.2.1:99999",
-            ":7473",
+            ":7474",
         ] {
             let e = parse_address(bad).unwrap_err();
             assert!(e.contains("is not an address and port"), "{bad}: {e}");

@@ -52,7 +52,7 @@ mod tests {
     fn id(bump: u64, epoch: u64) -> NodeId {
         NodeId {
             name: "a".into(),
-            addr: ([192, 0, 2, 1], 7946).into(),
+            addr: ([192, 0, 2, 1], 7947).into(),
             bump,
             epoch,
         }

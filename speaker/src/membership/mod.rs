@@ -55,7 +55,7 @@ use identity::NodeId;
 use metadata::{MetaHandler, encode_meta};
 
 /// The UDP port speakers use for membership unless configured otherwise (memberlist's).
-pub const DEFAULT_PORT: u16 = 7946;
+pub const DEFAULT_PORT: u16 = 7947;
 
 /// How to run this node's membership.
 #[derive(Clone, Debug)]
