@@ -679,6 +679,8 @@ struct Step {
     longest: (Duration, Option<IpAddr>),
     /// The longest time one round over every VIP took (the resolution of the gaps).
     round: Duration,
+    /// The VIPs that failed, with how often, and how.
+    failing: BTreeMap<IpAddr, (u32, std::collections::BTreeSet<String>)>,
 }
 
 impl Prober {
@@ -705,13 +707,20 @@ impl Prober {
             .iter()
             .enumerate()
             .map(|(i, s)| {
+                let how: std::collections::BTreeSet<&String> =
+                    s.failing.values().flat_map(|f| &f.1).collect();
                 format!(
-                    "client, {:<42} longest without a connection {:>5} ms{}, {} of {} connections failed (a round over all VIPs took up to {} ms)",
+                    "client, {:<42} longest without a connection {:>5} ms{}, {} of {} connections failed{} (a round over all VIPs took up to {} ms)",
                     STEPS.get(i).copied().unwrap_or("after"),
                     s.longest.0.as_millis(),
                     s.longest.1.map(|ip| format!(" ({ip})")).unwrap_or_default(),
                     s.failed,
                     s.tries,
+                    if s.failing.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({} VIPs: {how:?}; {:?})", s.failing.len(), s.failing.iter().map(|(ip, f)| (ip, f.0)).collect::<Vec<_>>())
+                    },
                     s.round.as_millis()
                 )
             })
@@ -741,7 +750,12 @@ fn probe(vips: &[IpAddr], step: &AtomicUsize, done: &AtomicBool) -> Vec<Step> {
                     }
                     last_ok[i] = Instant::now();
                 }
-                Err(_) => s.failed += 1,
+                Err(e) => {
+                    s.failed += 1;
+                    let f = s.failing.entry(*vip).or_default();
+                    f.0 += 1;
+                    f.1.insert(format!("{:?}", e.kind()));
+                }
             }
         }
         let now = step.load(Ordering::Relaxed).min(steps.len() - 1);
