@@ -396,6 +396,62 @@ async fn another_host_answering_for_the_vip_is_reported_on_the_service_not_fough
     assert_eq!(w.owner(vip), elected);
 }
 
+/// A host that starts answering for a VIP ferrolb already announces (a router or
+/// keepalived configured with it) is found by the owner's routine check: the Service's
+/// condition says two hosts answer and names the other MAC, the metric counts two
+/// responders, and ferrolb goes on answering (it was there first). When the host lets
+/// go, the condition returns to plain "announced".
+#[tokio::test]
+async fn a_host_that_starts_answering_for_an_announced_vip_is_found_and_reported() {
+    let mut w = World::start().await;
+    let (vip, _) = w.service("web", "").await;
+    let owner = w.owner(vip);
+    w.wait_reported("web", vip, owner).await;
+    let client = w.lab.client();
+    client
+        .run("ip", ["addr", "add", &format!("{vip}/24"), "dev", "eth0"])
+        .unwrap();
+    let added = Instant::now();
+    let want = format!(
+        "{vip} is announced by {} on eth0, and another host answers for it too, MAC {}",
+        w.lab.node(owner).name(),
+        client.mac_string()
+    );
+    eventually(DEADLINE, "the report of a second responder", || async {
+        w.reported("web").starts_with(&want).then_some(())
+    })
+    .await;
+    println!(
+        "second responder reported {} ms after it appeared",
+        added.elapsed().as_millis()
+    );
+    assert_eq!(w.event_count("web", "ConflictingResponder"), 1);
+    let metrics = speaker_get(&w, owner, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!("ferrolb_speaker_vip_responders{{ip=\"{vip}\"}} 2")),
+        "{metrics}"
+    );
+    // Still answering: ferrolb was there first.
+    assert!(
+        w.lab
+            .node((owner + 1) % 3)
+            .arping_within(vip, Duration::from_millis(300))
+            .contains(&w.lab.node(owner).mac()),
+        "{}",
+        w.logs()
+    );
+
+    client
+        .run("ip", ["addr", "del", &format!("{vip}/24"), "dev", "eth0"])
+        .unwrap();
+    w.wait_reported("web", vip, owner).await;
+    let metrics = speaker_get(&w, owner, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!("ferrolb_speaker_vip_responders{{ip=\"{vip}\"}} 1")),
+        "{metrics}"
+    );
+}
+
 /// The names of the NodeAnnouncements in ferrolb's namespace.
 fn records(w: &World) -> Vec<String> {
     w.cluster

@@ -85,6 +85,11 @@ pub struct AnnouncedIP {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "mac_schema")]
     pub answered_by: Option<String>,
+    /// This node announces the IP, and another host answers for it too (this MAC
+    /// answered one of the node's routine checks): clients may reach either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "mac_schema")]
+    pub also_answered_by: Option<String>,
     /// When this node took the IP over (or gave it up): the newest claim on an IP is the
     /// one shown when two nodes claim it (a failover, or a split cluster).
     pub since: MicroTime,
@@ -150,14 +155,27 @@ pub fn condition_type(ip: IpAddr) -> &'static str {
 
 /// The condition's (status, reason, message) for `ip`, announced by `node` on
 /// `interfaces` (none: no node may announce it now, as `node` said last), or held back
-/// by `node` because the MAC `answered_by` answers for it.
+/// by `node` because the MAC `answered_by` answers for it; `also_answered_by`: another
+/// host answers too while `node` announces it.
 pub fn condition_text(
     ip: IpAddr,
     interfaces: &[String],
     answered_by: Option<&str>,
+    also_answered_by: Option<&str>,
     node: &str,
 ) -> (&'static str, &'static str, String) {
-    if let Some(mac) = answered_by.filter(|_| !interfaces.is_empty()) {
+    if let Some(mac) = also_answered_by.filter(|_| !interfaces.is_empty() && answered_by.is_none())
+    {
+        (
+            "True",
+            REASON_CONFLICT,
+            format!(
+                "{} on {}, and another host answers for it too, MAC {mac}: clients may reach either (a router, keepalived or another load balancer's speaker configured with the IP)",
+                announced_by(ip, node),
+                interfaces.join(", ")
+            ),
+        )
+    } else if let Some(mac) = answered_by.filter(|_| !interfaces.is_empty()) {
         (
             "False",
             REASON_CONFLICT,
@@ -219,14 +237,14 @@ mod tests {
     fn the_written_condition_names_its_node_and_no_other() {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let interfaces = vec!["eth0".to_string(), "eth1".to_string()];
-        let (status, reason, message) = condition_text(ip, &interfaces, None, "node-a");
+        let (status, reason, message) = condition_text(ip, &interfaces, None, None, "node-a");
         assert_eq!(message, "192.0.2.10 is announced by node-a on eth0, eth1");
         let condition = written(ip, status, reason, message);
         assert!(reports(&condition, ip, "node-a"));
         // A node whose name the owner's begins with, another IP, or no owner at all.
         assert!(!reports(&condition, ip, "node"));
         assert!(!reports(&condition, "192.0.2.1".parse().unwrap(), "node-a"));
-        let (status, reason, message) = condition_text(ip, &[], None, "node-a");
+        let (status, reason, message) = condition_text(ip, &[], None, None, "node-a");
         let none = written(ip, status, reason, message);
         assert!(!reports(&none, ip, "node-a"));
     }
@@ -236,7 +254,7 @@ mod tests {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let eth0 = vec!["eth0".to_string()];
         let (status, reason, message) =
-            condition_text(ip, &eth0, Some("02:00:00:00:00:0b"), "node-a");
+            condition_text(ip, &eth0, Some("02:00:00:00:00:0b"), None, "node-a");
         assert_eq!((status, reason), ("False", REASON_CONFLICT));
         assert!(
             message.starts_with("192.0.2.10 is answered by another host, MAC 02:00:00:00:00:0b")
@@ -248,8 +266,26 @@ mod tests {
             "node-a"
         ));
         // A node that gave the IP up says so, whatever it heard before.
-        let (_, reason, _) = condition_text(ip, &[], Some("02:00:00:00:00:0b"), "node-a");
+        let (_, reason, _) = condition_text(ip, &[], Some("02:00:00:00:00:0b"), None, "node-a");
         assert_eq!(reason, REASON_NONE);
+    }
+
+    #[test]
+    fn a_node_that_announces_an_ip_another_host_answers_for_too_says_both() {
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        let eth0 = vec!["eth0".to_string()];
+        let (status, reason, message) =
+            condition_text(ip, &eth0, None, Some("02:00:00:00:00:0b"), "node-a");
+        assert_eq!((status, reason), ("True", REASON_CONFLICT));
+        assert!(message.starts_with(
+            "192.0.2.10 is announced by node-a on eth0, and another host answers for it too, MAC 02:00:00:00:00:0b"
+        ));
+        // Not the plain "announced" a healthy IP shows, which `why` follows to the node.
+        assert!(!reports(
+            &written(ip, status, reason, message),
+            ip,
+            "node-a"
+        ));
     }
 
     fn entry(ip: String, service: String, interface: &str) -> AnnouncedIP {
@@ -259,6 +295,7 @@ mod tests {
             services: vec![service],
             since: MicroTime(Timestamp::now()),
             answered_by: None,
+            also_answered_by: None,
         }
     }
 

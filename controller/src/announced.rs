@@ -48,6 +48,8 @@ struct Claim {
     since: Timestamp,
     /// The MAC of another host that answers for the IP, while the node holds back.
     answered_by: Option<String>,
+    /// The MAC of another host that answers for the IP too, while the node announces it.
+    also_answered_by: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -96,15 +98,12 @@ impl Announced {
                 continue;
             };
             // Hostile input again: only something shaped like a MAC is repeated.
-            let answered_by = entry
-                .answered_by
-                .as_deref()
-                .filter(|m| is_mac(m))
-                .map(str::to_string);
+            let mac = |m: &Option<String>| m.as_deref().filter(|m| is_mac(m)).map(str::to_string);
             let claim = Claim {
                 interfaces: entry.interfaces.clone(),
                 since: entry.since.0,
-                answered_by,
+                answered_by: mac(&entry.answered_by),
+                also_answered_by: mac(&entry.also_answered_by),
             };
             for service in &entry.services {
                 if let Some((namespace, name)) = service.split_once('/') {
@@ -221,8 +220,13 @@ impl Announced {
                 continue;
             };
             let type_ = condition_type(*ip);
-            let (status, reason, message) =
-                condition_text(*ip, &claim.interfaces, claim.answered_by.as_deref(), node);
+            let (status, reason, message) = condition_text(
+                *ip,
+                &claim.interfaces,
+                claim.answered_by.as_deref(),
+                claim.also_answered_by.as_deref(),
+                node,
+            );
             if shown.conditions.get(type_) == Some(&message) {
                 continue;
             }

@@ -25,7 +25,7 @@ use crate::interfaces::{self, Link};
 use crate::metrics::Metrics;
 use crate::node_network;
 use crate::probe;
-use crate::responder::{Held, LinkSpec, Responder, Settings};
+use crate::responder::{LinkSpec, Others, Responder, Settings};
 
 /// Where the speaker's objects come from.
 pub trait Objects {
@@ -62,6 +62,9 @@ pub struct Ownership {
     /// Another host answers for the IP on every interface this node would announce it
     /// on (that MAC answered the RFC 5227 probe): held back, not announced.
     pub answered_by: Option<[u8; 6]>,
+    /// This node announces the IP, and another host answers for it too (this MAC
+    /// answered a routine check).
+    pub also_answered_by: Option<[u8; 6]>,
 }
 
 pub struct Options {
@@ -102,7 +105,7 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
     // Whether the NodePort forwarding this speaker may not do has been reported.
     let mut unforwarded_reported = false;
     let mut responder = Responder::new(opts.settings.clone(), opts.metrics.clone());
-    let mut held = responder.held();
+    let mut others = responder.others();
     let mut state = Reported::default();
     let mut manifests = objects.current();
     let mut cluster = join(&manifests, &opts, &links.borrow()).await;
@@ -166,9 +169,10 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         state.report(&plan);
         responder.update(specs);
         account(&opts.metrics, &previous, &previous_owners, &state, &down_at);
-        let held_now = held.borrow_and_update().clone();
-        opts.metrics.set_announced(state.owned.iter(), &held_now);
-        let owned = ownership(&plan, &state, &held_now);
+        let others_now = others.borrow_and_update().clone();
+        opts.metrics.set_announced(state.owned.iter(), &others_now);
+        let owned = ownership(&plan, &state, &others_now);
+        opts.metrics.set_responders(&owned);
         opts.metrics.set_services_announced(
             &opts.node_name,
             owned
@@ -243,8 +247,8 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         tokio::select! {
             _ = terminate.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
             _ = interrupt.recv() => return withdraw(responder, &forwarder, &state, cluster).await,
-            // An IP held back because another host answers for it, or taken after all.
-            Ok(()) = held.changed() => {}
+            // Another host answers for an IP of this node's, or stopped answering.
+            Ok(()) = others.changed() => {}
             changed = links.changed() => {
                 changed.context("the interface watcher stopped")?;
                 if let Some(c) = &mut cluster {
@@ -427,7 +431,7 @@ fn account(
 /// What to report: every IP this node answers for (or holds back on every interface,
 /// because another host answers for it there), and the IPs it answered for until now
 /// that no node may announce any more.
-fn ownership(plan: &NodePlan, state: &Reported, held: &Held) -> Vec<Ownership> {
+fn ownership(plan: &NodePlan, state: &Reported, others: &Others) -> Vec<Ownership> {
     let announced = plan.by_ip();
     let mut out: Vec<Ownership> = state
         .owned
@@ -439,7 +443,8 @@ fn ownership(plan: &NodePlan, state: &Reported, held: &Held) -> Vec<Ownership> {
                 .get(ip)
                 .map(|a| a.services.clone())
                 .unwrap_or_default(),
-            answered_by: answered_by(*ip, interfaces, held),
+            answered_by: answered_by(*ip, interfaces, others),
+            also_answered_by: also_answered_by(*ip, interfaces, others),
         })
         .collect();
     out.extend(state.orphans.iter().map(|(ip, services)| Ownership {
@@ -447,17 +452,35 @@ fn ownership(plan: &NodePlan, state: &Reported, held: &Held) -> Vec<Ownership> {
         interfaces: Vec::new(),
         services: services.clone(),
         answered_by: None,
+        also_answered_by: None,
     }));
     out
 }
 
 /// The MAC that answers for `ip` when it is held back on every one of `interfaces`.
-fn answered_by(ip: IpAddr, interfaces: &[String], held: &Held) -> Option<[u8; 6]> {
-    let mut macs = interfaces
-        .iter()
-        .map(|name| held.get(&(ip, name.clone())).copied());
-    let first = macs.next()??;
-    macs.all(|m| m.is_some()).then_some(first)
+fn answered_by(ip: IpAddr, interfaces: &[String], others: &Others) -> Option<[u8; 6]> {
+    let mut held = interfaces.iter().map(|name| {
+        others
+            .get(&(ip, name.clone()))
+            .filter(|o| o.held)
+            .map(|o| o.mac)
+    });
+    let first = held.next()??;
+    held.all(|m| m.is_some()).then_some(first)
+}
+
+/// Another host's MAC that answers for `ip` on one of `interfaces` where this node
+/// announces it, unless the IP is held back everywhere.
+fn also_answered_by(ip: IpAddr, interfaces: &[String], others: &Others) -> Option<[u8; 6]> {
+    if answered_by(ip, interfaces, others).is_some() {
+        return None;
+    }
+    interfaces.iter().find_map(|name| {
+        others
+            .get(&(ip, name.clone()))
+            .filter(|o| !o.held)
+            .map(|o| o.mac)
+    })
 }
 
 /// Starts membership when it is configured and this node's Node object says where to

@@ -19,6 +19,11 @@ pub struct InterfaceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IpLabels {
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AnnouncedLabels {
     pub ip: String,
     pub interface: String,
@@ -48,6 +53,10 @@ pub struct Metrics {
     pub conflicts: Counter,
     /// 1 per IP and interface this node answers on.
     pub announced: Family<AnnouncedLabels, Gauge>,
+    /// Per IP this node owns: how many hosts answer for it, this one included (2 or
+    /// more: another host answers too; the node's log and the Service's condition name
+    /// its MAC).
+    pub vip_responders: Family<IpLabels, Gauge>,
     /// IPs this node took or gave up.
     pub ownership_changes: Counter,
     /// From a peer being declared down to this node answering for its IPs.
@@ -81,6 +90,7 @@ impl Default for Metrics {
             announcements: Family::default(),
             conflicts: Counter::default(),
             announced: Family::default(),
+            vip_responders: Family::default(),
             ownership_changes: Counter::default(),
             failover_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             plan_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -134,6 +144,11 @@ impl Default for Metrics {
             "announced",
             "1 for each IP and interface this node answers on",
             m.announced.clone(),
+        );
+        r.register(
+            "vip_responders",
+            "hosts that answer for each IP this node owns, this node included when it announces it",
+            m.vip_responders.clone(),
         );
         r.register(
             "ownership_changes",
@@ -198,14 +213,14 @@ impl Metrics {
     pub fn set_announced<'a>(
         &self,
         owned: impl IntoIterator<Item = (&'a IpAddr, &'a Vec<String>)>,
-        held: &crate::responder::Held,
+        others: &crate::responder::Others,
     ) {
         self.announced.clear();
         for (ip, interfaces) in owned {
             // Held back where another host answers for it: not announced there.
             for interface in interfaces
                 .iter()
-                .filter(|i| !held.contains_key(&(*ip, (*i).clone())))
+                .filter(|i| !others.get(&(*ip, (*i).clone())).is_some_and(|o| o.held))
             {
                 self.announced
                     .get_or_create(&AnnouncedLabels {
@@ -214,6 +229,21 @@ impl Metrics {
                     })
                     .set(1);
             }
+        }
+    }
+
+    /// Sets `vip_responders` to exactly the IPs of `owned` that this node announces or
+    /// holds back.
+    pub fn set_responders(&self, owned: &[crate::daemon::Ownership]) {
+        self.vip_responders.clear();
+        for o in owned.iter().filter(|o| !o.interfaces.is_empty()) {
+            let us = u8::from(o.answered_by.is_none());
+            let others = u8::from(o.answered_by.is_some() || o.also_answered_by.is_some());
+            self.vip_responders
+                .get_or_create(&IpLabels {
+                    ip: o.ip.to_string(),
+                })
+                .set(i64::from(us + others));
         }
     }
 

@@ -44,17 +44,28 @@ const CONFLICT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// this node's.
 const TAKEOVER_CHECK_AFTER: Duration = Duration::from_millis(200);
 
-/// The probe that checks a takeover: due, or sent and listened for until then.
+/// Why an announced IP is probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// Once, after a takeover: another host answering means the IP is held back.
+    Takeover,
+    /// Every [`Settings::verify_interval`]: another host answering is reported, and the
+    /// IP still answered (it was ferrolb's first).
+    Routine,
+}
+
+/// A probe of an announced IP: due, or sent and listened for until then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Check {
-    Due(Instant),
-    Listening(Instant),
+    Due(Instant, Purpose),
+    /// Sent; `heard`: another host has answered it.
+    Listening(Instant, Purpose, bool),
 }
 
 impl Check {
     fn at(self) -> Instant {
         match self {
-            Check::Due(at) | Check::Listening(at) => at,
+            Check::Due(at, _) | Check::Listening(at, _, _) => at,
         }
     }
 }
@@ -79,6 +90,11 @@ pub struct Settings {
     /// Re-probes of the IPs in conflict on one link stay under this many frames a second,
     /// however many there are: each one's retry grows with their number.
     pub conflict_probe_rate: u32,
+    /// How often each announced IP is probed to see whether another host answers for it
+    /// too (a router, a forgotten keepalived, another load balancer's speaker), spread
+    /// out further on a link with many IPs so that these probes stay under
+    /// `conflict_probe_rate` as well. None: never.
+    pub verify_interval: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -92,6 +108,7 @@ impl Default for Settings {
             refresh: None,
             conflict_retry: Duration::from_secs(3),
             conflict_probe_rate: 20,
+            verify_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -102,6 +119,27 @@ fn conflict_retry(settings: &Settings, in_conflict: usize) -> Duration {
     let frames = in_conflict as f64 * f64::from(settings.probe_count.max(1));
     let spread = frames / f64::from(settings.conflict_probe_rate.max(1));
     settings.conflict_retry.max(Duration::from_secs_f64(spread))
+}
+
+/// The time between routine checks of each of `announced` IPs of a link:
+/// [`Settings::verify_interval`], or longer so that they stay under
+/// [`Settings::conflict_probe_rate`] (which the re-probes of IPs in conflict share).
+fn verify_interval(settings: &Settings, announced: usize) -> Option<Duration> {
+    let spread = announced as f64 / f64::from(settings.conflict_probe_rate.max(1));
+    Some(
+        settings
+            .verify_interval?
+            .max(Duration::from_secs_f64(spread)),
+    )
+}
+
+/// Where in a check interval `ip`'s check falls, in [0, 1): fixed per IP, so a link's
+/// checks are spread out.
+fn spread_fraction(ip: IpAddr) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ip.hash(&mut h);
+    (h.finish() % 1024) as f64 / 1024.0
 }
 
 /// What one interface must answer for.
@@ -116,15 +154,24 @@ pub struct LinkSpec {
     pub takeovers: BTreeSet<IpAddr>,
 }
 
-/// IPs held back because another host answered their probe: by IP and link name, the
-/// MAC that answered. Published for the node's record, so the Service's condition says
-/// who answers instead of calling the IP announced.
-pub type Held = BTreeMap<(IpAddr, String), [u8; 6]>;
+/// Another host that answers for an IP of this node's, on one link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Other {
+    pub mac: [u8; 6],
+    /// It answered before this node announced (or right after a takeover): the IP is
+    /// held back there. Otherwise it answered a routine check of an IP this node
+    /// announces, which it goes on announcing.
+    pub held: bool,
+}
+
+/// The other hosts that answer for this node's IPs, by IP and link name. Published for
+/// the node's record, so the Service's condition says who answers.
+pub type Others = BTreeMap<(IpAddr, String), Other>;
 
 /// The per-link tasks.
 pub struct Responder {
     settings: Settings,
-    held: Arc<watch::Sender<Held>>,
+    others: Arc<watch::Sender<Others>>,
     /// Requests, replies, announcements and conflicts (the conflict count is also
     /// reported in the conflict warnings).
     metrics: Arc<Metrics>,
@@ -136,14 +183,14 @@ impl Responder {
         Responder {
             settings,
             metrics,
-            held: Arc::new(watch::channel(Held::new()).0),
+            others: Arc::new(watch::channel(Others::new()).0),
             links: BTreeMap::new(),
         }
     }
 
-    /// The IPs held back on each link, and the MAC that answers for each.
-    pub fn held(&self) -> watch::Receiver<Held> {
-        self.held.subscribe()
+    /// The other hosts that answer for this node's IPs, on each link.
+    pub fn others(&self) -> watch::Receiver<Others> {
+        self.others.subscribe()
     }
 
     /// Makes the tasks match `desired`: a task per link with IPs, none for others.
@@ -154,14 +201,14 @@ impl Responder {
             .map(|l| (l.index, l))
             .collect();
         // An IP taken from a link, or a link gone, holds nothing back there any more.
-        self.held.send_if_modified(|held| {
-            let before = held.len();
-            held.retain(|(ip, name), _| {
+        self.others.send_if_modified(|others| {
+            let before = others.len();
+            others.retain(|(ip, name), _| {
                 wanted
                     .values()
                     .any(|l| l.name == *name && l.ips.contains(ip))
             });
-            held.len() != before
+            others.len() != before
         });
         self.links.retain(|index, (tx, task)| {
             let keep =
@@ -186,7 +233,7 @@ impl Responder {
                         rx,
                         self.settings.clone(),
                         self.metrics.clone(),
-                        self.held.clone(),
+                        self.others.clone(),
                     ));
                     self.links.insert(index, (tx, task));
                 }
@@ -238,7 +285,7 @@ struct LinkTask {
     filtered: Vec<Ipv4Addr>,
     /// Per IP: when a conflict was last logged, and how many were not logged since.
     conflict_log: HashMap<IpAddr, (Instant, u64)>,
-    held: Arc<watch::Sender<Held>>,
+    others: Arc<watch::Sender<Others>>,
     /// Takeovers whose check is due or listened for.
     checks: HashMap<IpAddr, Check>,
 }
@@ -259,7 +306,7 @@ async fn run_link(
     mut rx: watch::Receiver<LinkSpec>,
     settings: Settings,
     metrics: Arc<Metrics>,
-    held: Arc<watch::Sender<Held>>,
+    others: Arc<watch::Sender<Others>>,
 ) {
     let spec = rx.borrow_and_update().clone();
     let open = |ethertype, filter: &[socket2::SockFilter]| {
@@ -286,7 +333,7 @@ async fn run_link(
         joined: BTreeSet::new(),
         filtered,
         conflict_log: HashMap::new(),
-        held,
+        others,
         checks: HashMap::new(),
     };
     task.apply(spec).await;
@@ -329,7 +376,7 @@ impl LinkTask {
             keep
         });
         for ip in dropped {
-            self.hold(ip, None);
+            self.other(ip, None);
             self.checks.remove(&ip);
         }
         for ip in &spec.ips {
@@ -338,8 +385,10 @@ impl LinkTask {
             }
             let state = if self.settings.probe_count == 0 || spec.takeovers.contains(ip) {
                 if self.settings.probe_count > 0 {
-                    self.checks
-                        .insert(*ip, Check::Due(now + TAKEOVER_CHECK_AFTER));
+                    self.checks.insert(
+                        *ip,
+                        Check::Due(now + TAKEOVER_CHECK_AFTER, Purpose::Takeover),
+                    );
                 }
                 State::Announcing {
                     left: self.settings.announce_count,
@@ -395,10 +444,20 @@ impl LinkTask {
             .collect();
         for (ip, check) in checks {
             match check {
-                Check::Due(_) if self.states.get(&ip).is_some_and(State::answers) => {
+                Check::Due(_, purpose) if self.states.get(&ip).is_some_and(State::answers) => {
                     self.send_probe(ip).await;
                     let until = now + self.settings.probe_wait;
-                    self.checks.insert(ip, Check::Listening(until));
+                    self.checks
+                        .insert(ip, Check::Listening(until, purpose, false));
+                }
+                Check::Listening(_, _, heard)
+                    if self.states.get(&ip).is_some_and(State::answers) =>
+                {
+                    if !heard {
+                        // Nobody else answered: whatever answered before has stopped.
+                        self.other(ip, None);
+                    }
+                    self.schedule_check(ip, now);
                 }
                 _ => {
                     self.checks.remove(&ip);
@@ -428,7 +487,7 @@ impl LinkTask {
                 }
                 State::Probing { .. } => {
                     info!(ip = %ip, interface = %self.spec.name, "announcing");
-                    self.hold(ip, None);
+                    self.other(ip, None);
                     self.announce(ip).await;
                     self.after_announce(self.settings.announce_count.saturating_sub(1), now)
                 }
@@ -442,6 +501,27 @@ impl LinkTask {
                 }
             };
             self.states.insert(ip, next);
+            if next.answers() && !self.checks.contains_key(&ip) {
+                self.schedule_check(ip, now);
+            }
+        }
+    }
+
+    /// The next routine check of `ip`, or none when they are off.
+    fn schedule_check(&mut self, ip: IpAddr, now: Instant) {
+        let announced = self.states.values().filter(|s| s.answers()).count();
+        match verify_interval(&self.settings, announced).filter(|_| self.settings.probe_count > 0) {
+            Some(every) => {
+                // Spread over the interval, so a link's checks do not all fall together.
+                let offset = every.mul_f64(spread_fraction(ip));
+                self.checks.insert(
+                    ip,
+                    Check::Due(now + every / 2 + offset / 2, Purpose::Routine),
+                );
+            }
+            None => {
+                self.checks.remove(&ip);
+            }
         }
     }
 
@@ -492,13 +572,13 @@ impl LinkTask {
         }
     }
 
-    /// Publishes that `ip` is held back on this link because `mac` answers for it, or
-    /// (None) that it is not.
-    fn hold(&self, ip: IpAddr, mac: Option<[u8; 6]>) {
+    /// Publishes which other host answers for `ip` on this link, or (None) that none
+    /// does.
+    fn other(&self, ip: IpAddr, other: Option<Other>) {
         let key = (ip, self.spec.name.clone());
-        self.held.send_if_modified(|held| match mac {
-            Some(mac) => held.insert(key, mac) != Some(mac),
-            None => held.remove(&key).is_some(),
+        self.others.send_if_modified(|others| match other {
+            Some(o) => others.insert(key, o) != Some(o),
+            None => others.remove(&key).is_some(),
         });
     }
 
@@ -544,9 +624,24 @@ impl LinkTask {
                 Some(0)
             }
         };
-        let checking = matches!(self.checks.get(&ip), Some(Check::Listening(_)));
+        let listening = match self.checks.get_mut(&ip) {
+            Some(Check::Listening(_, purpose, heard)) => {
+                *heard = true;
+                Some(*purpose)
+            }
+            _ => None,
+        };
+        if state.answers() && listening == Some(Purpose::Routine) {
+            // ferrolb's first: go on answering, and say that another host does too.
+            if let Some(suppressed) = log {
+                warn!(ip = %ip, interface = %self.spec.name, other_mac = %other, conflicts, suppressed,
+                    "another host answers for an IP this node announces (it answered a check); clients may reach either");
+            }
+            self.other(ip, Some(Other { mac, held: false }));
+            return;
+        }
         if matches!(state, State::Probing { .. })
-            || (state.answers() && (checking || answers_our_probe))
+            || (state.answers() && (listening == Some(Purpose::Takeover) || answers_our_probe))
         {
             self.checks.remove(&ip);
             let retry = self.conflict_retry();
@@ -560,7 +655,7 @@ impl LinkTask {
                     retry_at: Instant::now() + retry,
                 },
             );
-            self.hold(ip, Some(mac));
+            self.other(ip, Some(Other { mac, held: true }));
         } else if state.answers()
             && let Some(suppressed) = log
         {
@@ -647,6 +742,25 @@ mod tests {
 
     /// A few IPs in conflict are probed again after 3 s; many are spread out so that
     /// their probes stay under 20 frames a second on the link, however many there are.
+    #[test]
+    fn routine_checks_come_every_10_s_and_stay_under_the_rate_on_a_busy_link() {
+        let s = Settings::default();
+        assert_eq!(verify_interval(&s, 1), Some(Duration::from_secs(10)));
+        assert_eq!(verify_interval(&s, 200), Some(Duration::from_secs(10)));
+        // 1,000 IPs on one link: one check every 50 s each, 20 a second in all.
+        assert_eq!(verify_interval(&s, 1000), Some(Duration::from_secs(50)));
+        let off = Settings {
+            verify_interval: None,
+            ..Settings::default()
+        };
+        assert_eq!(verify_interval(&off, 1), None);
+        // Spread: IPs of one subnet fall all over the interval, not together.
+        let fractions: BTreeSet<u64> = (1..=50u8)
+            .map(|i| (spread_fraction(IpAddr::from([192, 0, 2, i])) * 10.0) as u64)
+            .collect();
+        assert!(fractions.len() >= 8, "{fractions:?}");
+    }
+
     #[test]
     fn re_probes_of_conflicting_ips_stay_under_the_rate() {
         let s = Settings::default();

@@ -440,6 +440,23 @@ fn announced(
         .flatten()
         .find(|c| c.type_ == type_ && c.message.starts_with(&format!("{ip} ")));
     match condition {
+        Some(c) if c.reason == report::REASON_CONFLICT => {
+            d.evidence.push(format!("condition {type_}: {}", c.message));
+            Err(stop(
+                d,
+                if c.status == "True" {
+                    format!("two hosts answer for {ip}: {}", c.message)
+                } else {
+                    format!("another host answers for {ip}, not ferrolb: {}", c.message)
+                },
+                &format!(
+                    "find the host with that MAC (`ip neigh show {ip}` on a machine of the segment, your switch's MAC table): \
+                     another load balancer's speaker still running (kubectl get pods -A | grep -i -e metallb -e kube-vip), \
+                     or a host configured with the IP; once it stops answering, ferrolb takes the IP within seconds. \
+                     To keep ferrolb off the IP instead, remove it from the pool"
+                ),
+            ))
+        }
         Some(c) if c.status == "True" => {
             d.evidence.push(format!("condition {type_}: {}", c.message));
             // Which node it names, asked of the rule that words it, not read from the text.
@@ -457,19 +474,6 @@ fn announced(
                     ),
                 )),
             }
-        }
-        Some(c) if c.reason == report::REASON_CONFLICT => {
-            d.evidence.push(format!("condition {type_}: {}", c.message));
-            Err(stop(
-                d,
-                format!("another host answers for {ip}, not ferrolb: {}", c.message),
-                &format!(
-                    "find the host with that MAC (`ip neigh show {ip}` on a machine of the segment, your switch's MAC table): \
-                     another load balancer's speaker still running (kubectl get pods -A | grep -i -e metallb -e kube-vip), \
-                     or a host configured with the IP; once it stops answering, ferrolb takes the IP within seconds. \
-                     To keep ferrolb off the IP instead, remove it from the pool"
-                ),
-            ))
         }
         Some(c) => Err(stop(
             d,

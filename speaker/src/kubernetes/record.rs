@@ -174,6 +174,7 @@ impl Claims {
                     services: o.services.iter().map(|k| k.to_string()).collect(),
                     since: at,
                     answered_by: o.answered_by.as_ref().map(crate::mac::format),
+                    also_answered_by: o.also_answered_by.as_ref().map(crate::mac::format),
                 }
             })
             .collect();
@@ -231,6 +232,7 @@ mod tests {
                 name: "web".into(),
             }],
             answered_by: None,
+            also_answered_by: None,
         }
     }
 
