@@ -294,19 +294,20 @@ fn run() -> Result<()> {
             bail!("{name} ({vip}) is answered by {answering:02x?} while MetalLB still runs");
         };
         let (reason, message) = &conditions[vip];
+        let node = macs
+            .iter()
+            .find(|(_, m)| m == mac)
+            .map(|(n, _)| n.as_str())
+            .unwrap_or("?");
         if reason == "ConflictingResponder" {
+            // The MAC, and the node it belongs to: MetalLB's speaker there.
             ensure!(
-                message.contains(&format!("MAC {}", format_mac(mac))),
-                "{name}: {message}, but {} answers",
+                message.contains(&format!("MAC {} (node {node})", format_mac(mac))),
+                "{name}: {message}, but {} ({node}) answers",
                 format_mac(mac)
             );
             held += 1;
         } else {
-            let node = macs
-                .iter()
-                .find(|(_, m)| m == mac)
-                .map(|(n, _)| n.as_str())
-                .unwrap_or("?");
             ensure!(
                 reason == "NodeAssigned"
                     && message.starts_with(&format!("{vip} is announced by {node} on ")),
@@ -316,7 +317,7 @@ fn run() -> Result<()> {
         }
     }
     report.line(format!(
-        "beside MetalLB's speakers: {held} VIPs held back by ferrolb, each condition naming the MAC MetalLB answers from; {same_node} announced by the node MetalLB answers from"
+        "beside MetalLB's speakers: {held} VIPs held back by ferrolb, each condition naming the MAC and the node MetalLB answers from; {same_node} announced by the node MetalLB answers from"
     ));
     prober.next_step();
 

@@ -279,6 +279,7 @@ async fn assigned_but_not_announced_then_announced_but_nowhere_to_go() {
         &["eth0".to_string()],
         Some("02:42:ac:12:00:0b"),
         None,
+        None,
         "node-d",
     );
     let held = serde_json::json!({"status": {"conditions": [{

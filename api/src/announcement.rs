@@ -90,6 +90,11 @@ pub struct AnnouncedIP {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "mac_schema")]
     pub also_answered_by: Option<String>,
+    /// The node whose InternalIP has the MAC of `answeredBy` or `alsoAnsweredBy`, when
+    /// it is one of the cluster's (another load balancer's speaker on that node, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "node_name_schema")]
+    pub answering_node: Option<String>,
     /// When this node took the IP over (or gave it up): the newest claim on an IP is the
     /// one shown when two nodes claim it (a failover, or a split cluster).
     pub since: MicroTime,
@@ -97,6 +102,10 @@ pub struct AnnouncedIP {
 
 fn ip_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({"type": "string", "maxLength": 45})
+}
+
+fn node_name_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "maxLength": 253})
 }
 
 fn mac_schema(_: &mut SchemaGenerator) -> Schema {
@@ -156,21 +165,26 @@ pub fn condition_type(ip: IpAddr) -> &'static str {
 /// The condition's (status, reason, message) for `ip`, announced by `node` on
 /// `interfaces` (none: no node may announce it now, as `node` said last), or held back
 /// by `node` because the MAC `answered_by` answers for it; `also_answered_by`: another
-/// host answers too while `node` announces it.
+/// host answers too while `node` announces it; `answering_node`: the node that MAC
+/// belongs to, when it is one of the cluster's.
 pub fn condition_text(
     ip: IpAddr,
     interfaces: &[String],
     answered_by: Option<&str>,
     also_answered_by: Option<&str>,
+    answering_node: Option<&str>,
     node: &str,
 ) -> (&'static str, &'static str, String) {
+    let on = answering_node
+        .map(|n| format!(" (node {n})"))
+        .unwrap_or_default();
     if let Some(mac) = also_answered_by.filter(|_| !interfaces.is_empty() && answered_by.is_none())
     {
         (
             "True",
             REASON_CONFLICT,
             format!(
-                "{} on {}, and another host answers for it too, MAC {mac}: clients may reach either (a router, keepalived or another load balancer's speaker configured with the IP)",
+                "{} on {}, and another host answers for it too, MAC {mac}{on}: clients may reach either (a router, keepalived or another load balancer's speaker configured with the IP)",
                 announced_by(ip, node),
                 interfaces.join(", ")
             ),
@@ -180,7 +194,7 @@ pub fn condition_text(
             "False",
             REASON_CONFLICT,
             format!(
-                "{ip} is answered by another host, MAC {mac}, not by ferrolb: {node}, elected to announce it, holds back and probes again every few seconds (another load balancer's speaker still running, or a host configured with the IP)"
+                "{ip} is answered by another host, MAC {mac}{on}, not by ferrolb: {node}, elected to announce it, holds back and probes again every few seconds (another load balancer's speaker still running, or a host configured with the IP)"
             ),
         )
     } else if interfaces.is_empty() {
@@ -237,14 +251,14 @@ mod tests {
     fn the_written_condition_names_its_node_and_no_other() {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let interfaces = vec!["eth0".to_string(), "eth1".to_string()];
-        let (status, reason, message) = condition_text(ip, &interfaces, None, None, "node-a");
+        let (status, reason, message) = condition_text(ip, &interfaces, None, None, None, "node-a");
         assert_eq!(message, "192.0.2.10 is announced by node-a on eth0, eth1");
         let condition = written(ip, status, reason, message);
         assert!(reports(&condition, ip, "node-a"));
         // A node whose name the owner's begins with, another IP, or no owner at all.
         assert!(!reports(&condition, ip, "node"));
         assert!(!reports(&condition, "192.0.2.1".parse().unwrap(), "node-a"));
-        let (status, reason, message) = condition_text(ip, &[], None, None, "node-a");
+        let (status, reason, message) = condition_text(ip, &[], None, None, None, "node-a");
         let none = written(ip, status, reason, message);
         assert!(!reports(&none, ip, "node-a"));
     }
@@ -253,11 +267,20 @@ mod tests {
     fn a_node_holding_back_names_the_mac_that_answers_and_does_not_report_announcing() {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let eth0 = vec!["eth0".to_string()];
-        let (status, reason, message) =
-            condition_text(ip, &eth0, Some("02:00:00:00:00:0b"), None, "node-a");
+        let (status, reason, message) = condition_text(
+            ip,
+            &eth0,
+            Some("02:00:00:00:00:0b"),
+            None,
+            Some("node-b"),
+            "node-a",
+        );
         assert_eq!((status, reason), ("False", REASON_CONFLICT));
         assert!(
-            message.starts_with("192.0.2.10 is answered by another host, MAC 02:00:00:00:00:0b")
+            message.starts_with(
+                "192.0.2.10 is answered by another host, MAC 02:00:00:00:00:0b (node node-b), not by ferrolb: node-a"
+            ),
+            "{message}"
         );
         assert!(message.contains("node-a"));
         assert!(!reports(
@@ -266,7 +289,8 @@ mod tests {
             "node-a"
         ));
         // A node that gave the IP up says so, whatever it heard before.
-        let (_, reason, _) = condition_text(ip, &[], Some("02:00:00:00:00:0b"), None, "node-a");
+        let (_, reason, _) =
+            condition_text(ip, &[], Some("02:00:00:00:00:0b"), None, None, "node-a");
         assert_eq!(reason, REASON_NONE);
     }
 
@@ -275,7 +299,7 @@ mod tests {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let eth0 = vec!["eth0".to_string()];
         let (status, reason, message) =
-            condition_text(ip, &eth0, None, Some("02:00:00:00:00:0b"), "node-a");
+            condition_text(ip, &eth0, None, Some("02:00:00:00:00:0b"), None, "node-a");
         assert_eq!((status, reason), ("True", REASON_CONFLICT));
         assert!(message.starts_with(
             "192.0.2.10 is announced by node-a on eth0, and another host answers for it too, MAC 02:00:00:00:00:0b"
@@ -296,6 +320,7 @@ mod tests {
             since: MicroTime(Timestamp::now()),
             answered_by: None,
             also_answered_by: None,
+            answering_node: None,
         }
     }
 

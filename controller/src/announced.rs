@@ -50,6 +50,8 @@ struct Claim {
     answered_by: Option<String>,
     /// The MAC of another host that answers for the IP too, while the node announces it.
     also_answered_by: Option<String>,
+    /// The node that MAC belongs to.
+    answering_node: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -104,6 +106,11 @@ impl Announced {
                 since: entry.since.0,
                 answered_by: mac(&entry.answered_by),
                 also_answered_by: mac(&entry.also_answered_by),
+                answering_node: entry
+                    .answering_node
+                    .as_deref()
+                    .filter(|n| is_node_name(n))
+                    .map(str::to_string),
             };
             for service in &entry.services {
                 if let Some((namespace, name)) = service.split_once('/') {
@@ -225,6 +232,7 @@ impl Announced {
                 &claim.interfaces,
                 claim.answered_by.as_deref(),
                 claim.also_answered_by.as_deref(),
+                claim.answering_node.as_deref(),
                 node,
             );
             if shown.conditions.get(type_) == Some(&message) {
@@ -242,6 +250,14 @@ impl Announced {
         }
         writes
     }
+}
+
+/// A Node's name: a DNS subdomain (lowercase letters, digits, `-` and `.`, at most 253).
+fn is_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
 /// `aa:bb:cc:dd:ee:ff`, hexadecimal.
@@ -350,6 +366,7 @@ mod tests {
         let held = |mac: &str| {
             let mut r = record("node-a", &[("192.0.2.10", &["eth0"], "default/web", 100)]);
             r.spec.ips[0].answered_by = Some(mac.to_string());
+            r.spec.ips[0].answering_node = Some("node-b".to_string());
             r
         };
         let (mut a, writes) = started(
@@ -362,7 +379,7 @@ mod tests {
         );
         assert!(
             writes[0].message.starts_with(
-                "192.0.2.10 is answered by another host, MAC 02:42:ac:12:00:0b, not by ferrolb: node-a"
+                "192.0.2.10 is answered by another host, MAC 02:42:ac:12:00:0b (node node-b), not by ferrolb: node-a"
             ),
             "{}",
             writes[0].message

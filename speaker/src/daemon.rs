@@ -65,6 +65,8 @@ pub struct Ownership {
     /// This node announces the IP, and another host answers for it too (this MAC
     /// answered a routine check).
     pub also_answered_by: Option<[u8; 6]>,
+    /// The node whose InternalIP has that other MAC, when it is one of the cluster's.
+    pub answering_node: Option<String>,
 }
 
 pub struct Options {
@@ -171,7 +173,8 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         account(&opts.metrics, &previous, &previous_owners, &state, &down_at);
         let others_now = others.borrow_and_update().clone();
         opts.metrics.set_announced(state.owned.iter(), &others_now);
-        let owned = ownership(&plan, &state, &others_now);
+        let mut owned = ownership(&plan, &state, &others_now);
+        name_answering_nodes(&mut owned, &manifests);
         opts.metrics.set_responders(&owned);
         opts.metrics.set_services_announced(
             &opts.node_name,
@@ -445,6 +448,7 @@ fn ownership(plan: &NodePlan, state: &Reported, others: &Others) -> Vec<Ownershi
                 .unwrap_or_default(),
             answered_by: answered_by(*ip, interfaces, others),
             also_answered_by: also_answered_by(*ip, interfaces, others),
+            answering_node: None,
         })
         .collect();
     out.extend(state.orphans.iter().map(|(ip, services)| Ownership {
@@ -453,8 +457,32 @@ fn ownership(plan: &NodePlan, state: &Reported, others: &Others) -> Vec<Ownershi
         services: services.clone(),
         answered_by: None,
         also_answered_by: None,
+        answering_node: None,
     }));
     out
+}
+
+/// Names the node of each other MAC that is one of the cluster's nodes, from the kernel's
+/// neighbour table (read only when another host answers for something).
+fn name_answering_nodes(owned: &mut [Ownership], manifests: &Manifests) {
+    if owned
+        .iter()
+        .all(|o| o.answered_by.is_none() && o.also_answered_by.is_none())
+    {
+        return;
+    }
+    let table = crate::neighbours::parse_proc_net_arp(
+        &std::fs::read_to_string("/proc/net/arp").unwrap_or_default(),
+    );
+    for o in owned.iter_mut() {
+        if let Some(mac) = o.answered_by.or(o.also_answered_by) {
+            o.answering_node = crate::neighbours::node_with_mac(
+                mac,
+                &table,
+                manifests.nodes.iter().map(|n| &*n.object),
+            );
+        }
+    }
 }
 
 /// The MAC that answers for `ip` when it is held back on every one of `interfaces`.

@@ -31,6 +31,7 @@ pub mod kubernetes;
 pub mod mac;
 pub mod membership;
 pub mod metrics;
+pub mod neighbours;
 pub mod node_network;
 pub mod packet_socket;
 pub mod probe;

@@ -175,6 +175,7 @@ impl Claims {
                     since: at,
                     answered_by: o.answered_by.as_ref().map(crate::mac::format),
                     also_answered_by: o.also_answered_by.as_ref().map(crate::mac::format),
+                    answering_node: o.answering_node.clone(),
                 }
             })
             .collect();
@@ -233,6 +234,7 @@ mod tests {
             }],
             answered_by: None,
             also_answered_by: None,
+            answering_node: None,
         }
     }
 
