@@ -118,7 +118,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let metallb = build_metallb();
+    let metallb = cluster::build_metallb().expect("building MetalLB");
     let only = std::env::var("FERROLB_BENCH_ONLY").unwrap_or_default();
     let count = env_count("FERROLB_BENCH_SERVICES", 1000);
     let rounds = env_count("FERROLB_BENCH_ROUNDS", 10);
@@ -806,22 +806,6 @@ async fn latency(c: &Cluster) -> Result<Latency> {
         samples: samples.len(),
         timed_out,
     })
-}
-
-fn build_metallb() -> PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/metallb/build");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("running tests/metallb/build");
-    assert!(out.status.success(), "tests/metallb/build failed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default(),
-    )
 }
 
 fn metallb_version(dir: &Path) -> String {

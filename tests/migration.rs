@@ -32,7 +32,6 @@ mod cluster;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,7 +71,7 @@ fn metallb_to_ferrolb_and_back_moves_no_ip() {
 }
 
 fn run() -> Result<()> {
-    let metallb = build_metallb()?;
+    let metallb = cluster::build_metallb()?;
     let version = metallb
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -198,10 +197,11 @@ fn run() -> Result<()> {
         changes.clone(),
     ));
     let prober = Prober::start(&c.client, vips.iter().map(|v| v.1).collect());
-    let report = Report::default();
+    let mut report = Report::default();
 
     // 1. Convert, check, apply.
-    let dir = tempdir("ferrolb-migration")?;
+    let dir = tempfile::tempdir()?;
+    let dir = dir.path();
     let (ok, out, err) = ferrolb(&[
         "import",
         "metallb",
@@ -225,17 +225,7 @@ fn run() -> Result<()> {
     prober.next_step();
 
     // 2. MetalLB's controller stops writing.
-    c.kubectl(
-        &[
-            "-n",
-            METALLB_NS,
-            "scale",
-            "deployment",
-            "metallb-controller",
-            "--replicas=0",
-        ],
-        None,
-    )?;
+    scale(&c, METALLB_NS, "metallb-controller", 0)?;
     rt.block_on(pods_gone(
         &c,
         METALLB_NS,
@@ -302,9 +292,12 @@ fn run() -> Result<()> {
         if reason == "ConflictingResponder" {
             // The MAC, and the node it belongs to: MetalLB's speaker there.
             ensure!(
-                message.contains(&format!("MAC {} (node {node})", format_mac(mac))),
+                message.contains(&format!(
+                    "MAC {} (node {node})",
+                    ferrolb_speaker::mac::format(mac)
+                )),
                 "{name}: {message}, but {} ({node}) answers",
-                format_mac(mac)
+                ferrolb_speaker::mac::format(mac)
             );
             held += 1;
         } else {
@@ -355,33 +348,13 @@ fn run() -> Result<()> {
     prober.next_step();
 
     // And back to MetalLB.
-    c.kubectl(
-        &[
-            "-n",
-            cluster::NAMESPACE,
-            "scale",
-            "deployment",
-            "ferrolb-controller",
-            "--replicas=0",
-        ],
-        None,
-    )?;
+    scale(&c, cluster::NAMESPACE, "ferrolb-controller", 0)?;
     rt.block_on(pods_gone(
         &c,
         cluster::NAMESPACE,
         "app.kubernetes.io/component=controller",
     ))?;
-    c.kubectl(
-        &[
-            "-n",
-            METALLB_NS,
-            "scale",
-            "deployment",
-            "metallb-controller",
-            "--replicas=1",
-        ],
-        None,
-    )?;
+    scale(&c, METALLB_NS, "metallb-controller", 1)?;
     c.kubectl(
         &[
             "-n",
@@ -577,13 +550,6 @@ fn node_macs(
         .collect()
 }
 
-fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// How many of the Services' IPs ferrolb's condition calls announced.
 async fn announced(c: &Cluster) -> Result<usize> {
     let mut n = 0;
@@ -765,19 +731,26 @@ fn probe(vips: &[IpAddr], step: &AtomicUsize, done: &AtomicBool) -> Vec<Step> {
     steps
 }
 
+/// `kubectl scale deployment NAME --replicas=N` in `namespace`.
+fn scale(c: &Cluster, namespace: &str, name: &str, replicas: u32) -> Result<String> {
+    let deployment = format!("deployment/{name}");
+    let replicas = format!("--replicas={replicas}");
+    c.kubectl(&["-n", namespace, "scale", &deployment, &replicas], None)
+}
+
 /// Lines printed together at the end, so they are not lost among the commands' output.
 #[derive(Default)]
-struct Report(Mutex<Vec<String>>);
+struct Report(Vec<String>);
 
 impl Report {
-    fn line(&self, line: String) {
+    fn line(&mut self, line: String) {
         eprintln!("{line}");
-        self.0.lock().unwrap().push(line);
+        self.0.push(line);
     }
 
     fn print(&self) {
         eprintln!("\n== MetalLB -> ferrolb -> MetalLB, real nodes");
-        for line in self.0.lock().unwrap().iter() {
+        for line in &self.0 {
             eprintln!("  {line}");
         }
     }
@@ -793,29 +766,5 @@ fn ferrolb(args: &[&str]) -> Result<(bool, String, String)> {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-fn tempdir(prefix: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// MetalLB's binaries, images and chart (tests/metallb/build): their directory.
-fn build_metallb() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/metallb/build");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running tests/metallb/build")?;
-    ensure!(out.status.success(), "tests/metallb/build failed");
-    Ok(PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default(),
     ))
 }

@@ -277,9 +277,11 @@ async fn assigned_but_not_announced_then_announced_but_nowhere_to_go() {
     let (status, reason, message) = ferrolb_api::announcement::condition_text(
         ip.parse().unwrap(),
         &["eth0".to_string()],
-        Some("02:42:ac:12:00:0b"),
-        None,
-        None,
+        Some(&ferrolb_api::OtherResponder {
+            mac: "02:42:ac:12:00:0b".into(),
+            node: None,
+            held_back: true,
+        }),
         "node-d",
     );
     let held = serde_json::json!({"status": {"conditions": [{

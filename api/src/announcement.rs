@@ -79,22 +79,9 @@ pub struct AnnouncedIP {
     /// The Services holding the IP, as namespace/name.
     #[schemars(schema_with = "services_schema")]
     pub services: Vec<String>,
-    /// Another host answers for the IP (this MAC answered the node's RFC 5227 probe):
-    /// the node, elected to announce it, holds back rather than fight that host, and
-    /// probes again every few seconds. The IP is not announced meanwhile.
+    /// Another host that answers for the IP on this node's segment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "mac_schema")]
-    pub answered_by: Option<String>,
-    /// This node announces the IP, and another host answers for it too (this MAC
-    /// answered one of the node's routine checks): clients may reach either.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "mac_schema")]
-    pub also_answered_by: Option<String>,
-    /// The node whose InternalIP has the MAC of `answeredBy` or `alsoAnsweredBy`, when
-    /// it is one of the cluster's (another load balancer's speaker on that node, say).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "node_name_schema")]
-    pub answering_node: Option<String>,
+    pub other_responder: Option<OtherResponder>,
     /// When this node took the IP over (or gave it up): the newest claim on an IP is the
     /// one shown when two nodes claim it (a failover, or a split cluster).
     pub since: MicroTime,
@@ -106,6 +93,26 @@ fn ip_schema(_: &mut SchemaGenerator) -> Schema {
 
 fn node_name_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({"type": "string", "maxLength": 253})
+}
+
+/// Another host that answers for an IP a node was elected to announce.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OtherResponder {
+    /// Its MAC, as it answered the node's probe.
+    #[schemars(schema_with = "mac_schema")]
+    pub mac: String,
+    /// The node whose InternalIP has this MAC, when it is one of the cluster's (another
+    /// load balancer's speaker on that node, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "node_name_schema")]
+    pub node: Option<String>,
+    /// It answered before the node announced the IP (RFC 5227 probe, or the check after
+    /// a takeover): the node holds back rather than fight it, does not announce the IP,
+    /// and probes again every few seconds. False: the node announces the IP and this
+    /// host answers too (found by a routine check): clients may reach either.
+    #[serde(default)]
+    pub held_back: bool,
 }
 
 fn mac_schema(_: &mut SchemaGenerator) -> Schema {
@@ -163,23 +170,20 @@ pub fn condition_type(ip: IpAddr) -> &'static str {
 }
 
 /// The condition's (status, reason, message) for `ip`, announced by `node` on
-/// `interfaces` (none: no node may announce it now, as `node` said last), or held back
-/// by `node` because the MAC `answered_by` answers for it; `also_answered_by`: another
-/// host answers too while `node` announces it; `answering_node`: the node that MAC
-/// belongs to, when it is one of the cluster's.
+/// `interfaces` (none: no node may announce it now, as `node` said last), with `other`
+/// answering for it too, or instead (held back).
 pub fn condition_text(
     ip: IpAddr,
     interfaces: &[String],
-    answered_by: Option<&str>,
-    also_answered_by: Option<&str>,
-    answering_node: Option<&str>,
+    other: Option<&OtherResponder>,
     node: &str,
 ) -> (&'static str, &'static str, String) {
-    let on = answering_node
-        .map(|n| format!(" (node {n})"))
-        .unwrap_or_default();
-    if let Some(mac) = also_answered_by.filter(|_| !interfaces.is_empty() && answered_by.is_none())
-    {
+    let other = other.filter(|_| !interfaces.is_empty());
+    let (mac, on) = other.map_or((String::new(), String::new()), |o| {
+        let on = o.node.as_ref().map(|n| format!(" (node {n})"));
+        (o.mac.clone(), on.unwrap_or_default())
+    });
+    if other.is_some_and(|o| !o.held_back) {
         (
             "True",
             REASON_CONFLICT,
@@ -189,7 +193,7 @@ pub fn condition_text(
                 interfaces.join(", ")
             ),
         )
-    } else if let Some(mac) = answered_by.filter(|_| !interfaces.is_empty()) {
+    } else if other.is_some() {
         (
             "False",
             REASON_CONFLICT,
@@ -251,14 +255,14 @@ mod tests {
     fn the_written_condition_names_its_node_and_no_other() {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let interfaces = vec!["eth0".to_string(), "eth1".to_string()];
-        let (status, reason, message) = condition_text(ip, &interfaces, None, None, None, "node-a");
+        let (status, reason, message) = condition_text(ip, &interfaces, None, "node-a");
         assert_eq!(message, "192.0.2.10 is announced by node-a on eth0, eth1");
         let condition = written(ip, status, reason, message);
         assert!(reports(&condition, ip, "node-a"));
         // A node whose name the owner's begins with, another IP, or no owner at all.
         assert!(!reports(&condition, ip, "node"));
         assert!(!reports(&condition, "192.0.2.1".parse().unwrap(), "node-a"));
-        let (status, reason, message) = condition_text(ip, &[], None, None, None, "node-a");
+        let (status, reason, message) = condition_text(ip, &[], None, "node-a");
         let none = written(ip, status, reason, message);
         assert!(!reports(&none, ip, "node-a"));
     }
@@ -267,14 +271,12 @@ mod tests {
     fn a_node_holding_back_names_the_mac_that_answers_and_does_not_report_announcing() {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let eth0 = vec!["eth0".to_string()];
-        let (status, reason, message) = condition_text(
-            ip,
-            &eth0,
-            Some("02:00:00:00:00:0b"),
-            None,
-            Some("node-b"),
-            "node-a",
-        );
+        let held = OtherResponder {
+            mac: "02:00:00:00:00:0b".into(),
+            node: Some("node-b".into()),
+            held_back: true,
+        };
+        let (status, reason, message) = condition_text(ip, &eth0, Some(&held), "node-a");
         assert_eq!((status, reason), ("False", REASON_CONFLICT));
         assert!(
             message.starts_with(
@@ -289,8 +291,7 @@ mod tests {
             "node-a"
         ));
         // A node that gave the IP up says so, whatever it heard before.
-        let (_, reason, _) =
-            condition_text(ip, &[], Some("02:00:00:00:00:0b"), None, None, "node-a");
+        let (_, reason, _) = condition_text(ip, &[], Some(&held), "node-a");
         assert_eq!(reason, REASON_NONE);
     }
 
@@ -298,8 +299,12 @@ mod tests {
     fn a_node_that_announces_an_ip_another_host_answers_for_too_says_both() {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let eth0 = vec!["eth0".to_string()];
-        let (status, reason, message) =
-            condition_text(ip, &eth0, None, Some("02:00:00:00:00:0b"), None, "node-a");
+        let too = OtherResponder {
+            mac: "02:00:00:00:00:0b".into(),
+            node: None,
+            held_back: false,
+        };
+        let (status, reason, message) = condition_text(ip, &eth0, Some(&too), "node-a");
         assert_eq!((status, reason), ("True", REASON_CONFLICT));
         assert!(message.starts_with(
             "192.0.2.10 is announced by node-a on eth0, and another host answers for it too, MAC 02:00:00:00:00:0b"
@@ -318,9 +323,7 @@ mod tests {
             interfaces: vec![interface.to_string()],
             services: vec![service],
             since: MicroTime(Timestamp::now()),
-            answered_by: None,
-            also_answered_by: None,
-            answering_node: None,
+            other_responder: None,
         }
     }
 

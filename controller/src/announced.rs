@@ -22,8 +22,8 @@ use std::net::IpAddr;
 
 use ferrolb_allocator::ServiceKey;
 use ferrolb_allocator::input::{self, ingress_ips};
-use ferrolb_api::NodeAnnouncement;
 use ferrolb_api::announcement::{condition_text, condition_type};
+use ferrolb_api::{NodeAnnouncement, OtherResponder};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
 
@@ -46,12 +46,8 @@ pub struct ConditionWrite {
 struct Claim {
     interfaces: Vec<String>,
     since: Timestamp,
-    /// The MAC of another host that answers for the IP, while the node holds back.
-    answered_by: Option<String>,
-    /// The MAC of another host that answers for the IP too, while the node announces it.
-    also_answered_by: Option<String>,
-    /// The node that MAC belongs to.
-    answering_node: Option<String>,
+    /// Another host that answers for the IP, as the node heard it.
+    other: Option<OtherResponder>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -99,18 +95,10 @@ impl Announced {
             let Ok(ip) = entry.ip.parse::<IpAddr>() else {
                 continue;
             };
-            // Hostile input again: only something shaped like a MAC is repeated.
-            let mac = |m: &Option<String>| m.as_deref().filter(|m| is_mac(m)).map(str::to_string);
             let claim = Claim {
                 interfaces: entry.interfaces.clone(),
                 since: entry.since.0,
-                answered_by: mac(&entry.answered_by),
-                also_answered_by: mac(&entry.also_answered_by),
-                answering_node: entry
-                    .answering_node
-                    .as_deref()
-                    .filter(|n| is_node_name(n))
-                    .map(str::to_string),
+                other: entry.other_responder.as_ref().and_then(checked_responder),
             };
             for service in &entry.services {
                 if let Some((namespace, name)) = service.split_once('/') {
@@ -227,14 +215,8 @@ impl Announced {
                 continue;
             };
             let type_ = condition_type(*ip);
-            let (status, reason, message) = condition_text(
-                *ip,
-                &claim.interfaces,
-                claim.answered_by.as_deref(),
-                claim.also_answered_by.as_deref(),
-                claim.answering_node.as_deref(),
-                node,
-            );
+            let (status, reason, message) =
+                condition_text(*ip, &claim.interfaces, claim.other.as_ref(), node);
             if shown.conditions.get(type_) == Some(&message) {
                 continue;
             }
@@ -250,6 +232,16 @@ impl Announced {
         }
         writes
     }
+}
+
+/// Hostile input again: what reaches a Service's condition is a MAC and a node name,
+/// or nothing (a node name that is not one is dropped, a MAC that is not one drops all).
+fn checked_responder(other: &OtherResponder) -> Option<OtherResponder> {
+    is_mac(&other.mac).then(|| OtherResponder {
+        mac: other.mac.clone(),
+        node: other.node.clone().filter(|n| is_node_name(n)),
+        held_back: other.held_back,
+    })
 }
 
 /// A Node's name: a DNS subdomain (lowercase letters, digits, `-` and `.`, at most 253).
@@ -365,8 +357,11 @@ mod tests {
     fn a_node_holding_back_turns_into_a_conflicting_responder_condition() {
         let held = |mac: &str| {
             let mut r = record("node-a", &[("192.0.2.10", &["eth0"], "default/web", 100)]);
-            r.spec.ips[0].answered_by = Some(mac.to_string());
-            r.spec.ips[0].answering_node = Some("node-b".to_string());
+            r.spec.ips[0].other_responder = Some(OtherResponder {
+                mac: mac.to_string(),
+                node: Some("node-b".to_string()),
+                held_back: true,
+            });
             r
         };
         let (mut a, writes) = started(

@@ -6,13 +6,14 @@
 //! never waits on the API server: announcements and failover run on the last objects
 //! seen and on membership alone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
 use anyhow::Context;
+use ferrolb_api::OtherResponder;
 use ferrolb_api::manifests::Manifests;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{Instrument, error, info, warn};
@@ -25,7 +26,7 @@ use crate::interfaces::{self, Link};
 use crate::metrics::Metrics;
 use crate::node_network;
 use crate::probe;
-use crate::responder::{LinkSpec, Others, Responder, Settings};
+use crate::responder::{LinkSpec, Other, Others, Responder, Settings};
 
 /// Where the speaker's objects come from.
 pub trait Objects {
@@ -52,21 +53,15 @@ pub struct Resolved {
 }
 
 /// What this node says about one IP.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ownership {
     pub ip: IpAddr,
     /// The interfaces it answers on; empty: no node may announce it now (said by the
     /// node that announced it last).
     pub interfaces: Vec<String>,
     pub services: Vec<ferrolb_allocator::ServiceKey>,
-    /// Another host answers for the IP on every interface this node would announce it
-    /// on (that MAC answered the RFC 5227 probe): held back, not announced.
-    pub answered_by: Option<[u8; 6]>,
-    /// This node announces the IP, and another host answers for it too (this MAC
-    /// answered a routine check).
-    pub also_answered_by: Option<[u8; 6]>,
-    /// The node whose InternalIP has that other MAC, when it is one of the cluster's.
-    pub answering_node: Option<String>,
+    /// Another host that answers for the IP: instead of this node (held back), or too.
+    pub other: Option<OtherResponder>,
 }
 
 pub struct Options {
@@ -173,14 +168,27 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         account(&opts.metrics, &previous, &previous_owners, &state, &down_at);
         let others_now = others.borrow_and_update().clone();
         opts.metrics.set_announced(state.owned.iter(), &others_now);
-        let mut owned = ownership(&plan, &state, &others_now);
-        name_answering_nodes(&mut owned, &manifests);
+        // Which node each other MAC is, when it is one of ours: the kernel's neighbour
+        // table is read only while another host answers for something.
+        let nodes_by_mac = if others_now.is_empty() {
+            HashMap::new()
+        } else {
+            crate::neighbours::nodes_by_mac(
+                &crate::neighbours::parse_proc_net_arp(
+                    &std::fs::read_to_string("/proc/net/arp").unwrap_or_default(),
+                ),
+                manifests.nodes.iter().map(|n| &*n.object),
+            )
+        };
+        let owned = ownership(&plan, &state, &others_now, &nodes_by_mac);
         opts.metrics.set_responders(&owned);
         opts.metrics.set_services_announced(
             &opts.node_name,
             owned
                 .iter()
-                .filter(|o| !o.interfaces.is_empty() && o.answered_by.is_none())
+                .filter(|o| {
+                    !o.interfaces.is_empty() && !o.other.as_ref().is_some_and(|o| o.held_back)
+                })
                 .map(|o| (&o.ip, &o.services[..])),
         );
         objects.owned(owned);
@@ -434,7 +442,12 @@ fn account(
 /// What to report: every IP this node answers for (or holds back on every interface,
 /// because another host answers for it there), and the IPs it answered for until now
 /// that no node may announce any more.
-fn ownership(plan: &NodePlan, state: &Reported, others: &Others) -> Vec<Ownership> {
+fn ownership(
+    plan: &NodePlan,
+    state: &Reported,
+    others: &Others,
+    nodes_by_mac: &HashMap<[u8; 6], String>,
+) -> Vec<Ownership> {
     let announced = plan.by_ip();
     let mut out: Vec<Ownership> = state
         .owned
@@ -446,68 +459,41 @@ fn ownership(plan: &NodePlan, state: &Reported, others: &Others) -> Vec<Ownershi
                 .get(ip)
                 .map(|a| a.services.clone())
                 .unwrap_or_default(),
-            answered_by: answered_by(*ip, interfaces, others),
-            also_answered_by: also_answered_by(*ip, interfaces, others),
-            answering_node: None,
+            other: other_responder(*ip, interfaces, others, nodes_by_mac),
         })
         .collect();
     out.extend(state.orphans.iter().map(|(ip, services)| Ownership {
         ip: *ip,
         interfaces: Vec::new(),
         services: services.clone(),
-        answered_by: None,
-        also_answered_by: None,
-        answering_node: None,
+        other: None,
     }));
     out
 }
 
-/// Names the node of each other MAC that is one of the cluster's nodes, from the kernel's
-/// neighbour table (read only when another host answers for something).
-fn name_answering_nodes(owned: &mut [Ownership], manifests: &Manifests) {
-    if owned
+/// Another host that answers for `ip` where this node would announce it: held back when
+/// it answered on every one of `interfaces` before this node announced there, else one
+/// that answers too where this node announces it.
+fn other_responder(
+    ip: IpAddr,
+    interfaces: &[String],
+    others: &Others,
+    nodes_by_mac: &HashMap<[u8; 6], String>,
+) -> Option<OtherResponder> {
+    let on: Vec<Option<&Other>> = interfaces
         .iter()
-        .all(|o| o.answered_by.is_none() && o.also_answered_by.is_none())
-    {
-        return;
-    }
-    let table = crate::neighbours::parse_proc_net_arp(
-        &std::fs::read_to_string("/proc/net/arp").unwrap_or_default(),
-    );
-    for o in owned.iter_mut() {
-        if let Some(mac) = o.answered_by.or(o.also_answered_by) {
-            o.answering_node = crate::neighbours::node_with_mac(
-                mac,
-                &table,
-                manifests.nodes.iter().map(|n| &*n.object),
-            );
-        }
-    }
-}
-
-/// The MAC that answers for `ip` when it is held back on every one of `interfaces`.
-fn answered_by(ip: IpAddr, interfaces: &[String], others: &Others) -> Option<[u8; 6]> {
-    let mut held = interfaces.iter().map(|name| {
-        others
-            .get(&(ip, name.clone()))
-            .filter(|o| o.held)
-            .map(|o| o.mac)
-    });
-    let first = held.next()??;
-    held.all(|m| m.is_some()).then_some(first)
-}
-
-/// Another host's MAC that answers for `ip` on one of `interfaces` where this node
-/// announces it, unless the IP is held back everywhere.
-fn also_answered_by(ip: IpAddr, interfaces: &[String], others: &Others) -> Option<[u8; 6]> {
-    if answered_by(ip, interfaces, others).is_some() {
-        return None;
-    }
-    interfaces.iter().find_map(|name| {
-        others
-            .get(&(ip, name.clone()))
-            .filter(|o| !o.held)
-            .map(|o| o.mac)
+        .map(|name| others.get(&(ip, name.clone())))
+        .collect();
+    let held_everywhere = !on.is_empty() && on.iter().all(|o| o.is_some_and(|o| o.held));
+    let other = if held_everywhere {
+        on[0]
+    } else {
+        on.into_iter().flatten().find(|o| !o.held)
+    }?;
+    Some(OtherResponder {
+        mac: crate::mac::format(&other.mac),
+        node: nodes_by_mac.get(&other.mac).cloned(),
+        held_back: other.held,
     })
 }
 

@@ -237,8 +237,8 @@ impl Metrics {
     pub fn set_responders(&self, owned: &[crate::daemon::Ownership]) {
         self.vip_responders.clear();
         for o in owned.iter().filter(|o| !o.interfaces.is_empty()) {
-            let us = u8::from(o.answered_by.is_none());
-            let others = u8::from(o.answered_by.is_some() || o.also_answered_by.is_some());
+            let us = u8::from(!o.other.as_ref().is_some_and(|o| o.held_back));
+            let others = u8::from(o.other.is_some());
             self.vip_responders
                 .get_or_create(&IpLabels {
                     ip: o.ip.to_string(),

@@ -3,6 +3,7 @@
 //! answers for one of our IPs can be named by node (MetalLB's speaker on node-b, say)
 //! rather than by MAC alone.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Node;
@@ -27,21 +28,23 @@ pub fn parse_proc_net_arp(text: &str) -> Vec<(Ipv4Addr, [u8; 6])> {
         .collect()
 }
 
-/// The node whose InternalIPv4 has `mac` in `table`.
-pub fn node_with_mac<'a>(
-    mac: [u8; 6],
+/// The node of each MAC in `table` that is a node's InternalIPv4: one pass over each,
+/// however many IPs are then looked up.
+pub fn nodes_by_mac<'a>(
     table: &[(Ipv4Addr, [u8; 6])],
     nodes: impl IntoIterator<Item = &'a Node>,
-) -> Option<String> {
-    nodes.into_iter().find_map(|node| {
-        let Some(IpAddr::V4(ip)) = internal_ip(node, Family::V4) else {
-            return None;
-        };
-        table
-            .iter()
-            .any(|(i, m)| *i == ip && *m == mac)
-            .then(|| node.metadata.name.clone())?
-    })
+) -> HashMap<[u8; 6], String> {
+    let by_ip: HashMap<Ipv4Addr, &str> = nodes
+        .into_iter()
+        .filter_map(|node| match internal_ip(node, Family::V4)? {
+            IpAddr::V4(ip) => Some((ip, node.metadata.name.as_deref()?)),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    table
+        .iter()
+        .filter_map(|(ip, mac)| Some((*mac, by_ip.get(ip)?.to_string())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -69,9 +72,10 @@ garbage
         let table = parse_proc_net_arp(TABLE);
         assert_eq!(table.len(), 2, "incomplete entries and garbage are skipped");
         let nodes = [node("node2", "10.99.0.12"), node("node3", "10.99.0.13")];
+        let by_mac = nodes_by_mac(&table, &nodes);
         let mac = [0x6e, 0x79, 0x2e, 0x3d, 0x23, 0x52];
-        assert_eq!(node_with_mac(mac, &table, &nodes), Some("node2".into()));
+        assert_eq!(by_mac.get(&mac).map(String::as_str), Some("node2"));
         // The client's MAC is in the table, but no node's.
-        assert_eq!(node_with_mac([2, 0, 0, 0, 0, 0x64], &table, &nodes), None);
+        assert_eq!(by_mac.get(&[2, 0, 0, 0, 0, 0x64]), None);
     }
 }

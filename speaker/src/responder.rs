@@ -123,7 +123,8 @@ fn conflict_retry(settings: &Settings, in_conflict: usize) -> Duration {
 
 /// The time between routine checks of each of `announced` IPs of a link:
 /// [`Settings::verify_interval`], or longer so that they stay under
-/// [`Settings::conflict_probe_rate`] (which the re-probes of IPs in conflict share).
+/// [`Settings::conflict_probe_rate`] (a bound of their own, besides the re-probes of
+/// IPs in conflict).
 fn verify_interval(settings: &Settings, announced: usize) -> Option<Duration> {
     let spread = announced as f64 / f64::from(settings.conflict_probe_rate.max(1));
     Some(
@@ -450,14 +451,14 @@ impl LinkTask {
                     self.checks
                         .insert(ip, Check::Listening(until, purpose, false));
                 }
-                Check::Listening(_, _, heard)
+                Check::Listening(_, purpose, heard)
                     if self.states.get(&ip).is_some_and(State::answers) =>
                 {
                     if !heard {
                         // Nobody else answered: whatever answered before has stopped.
                         self.other(ip, None);
                     }
-                    self.schedule_check(ip, now);
+                    self.schedule_check(ip, now, purpose == Purpose::Takeover);
                 }
                 _ => {
                     self.checks.remove(&ip);
@@ -502,22 +503,25 @@ impl LinkTask {
             };
             self.states.insert(ip, next);
             if next.answers() && !self.checks.contains_key(&ip) {
-                self.schedule_check(ip, now);
+                self.schedule_check(ip, now, true);
             }
         }
     }
 
-    /// The next routine check of `ip`, or none when they are off.
-    fn schedule_check(&mut self, ip: IpAddr, now: Instant) {
+    /// The next routine check of `ip`, or none when they are off: one interval after the
+    /// last, so that each IP is probed at most once per interval; the `first` somewhere
+    /// in the interval, fixed per IP, so that IPs announced together are checked apart.
+    fn schedule_check(&mut self, ip: IpAddr, now: Instant, first: bool) {
         let announced = self.states.values().filter(|s| s.answers()).count();
         match verify_interval(&self.settings, announced).filter(|_| self.settings.probe_count > 0) {
             Some(every) => {
-                // Spread over the interval, so a link's checks do not all fall together.
-                let offset = every.mul_f64(spread_fraction(ip));
-                self.checks.insert(
-                    ip,
-                    Check::Due(now + every / 2 + offset / 2, Purpose::Routine),
-                );
+                let wait = if first {
+                    every.mul_f64(spread_fraction(ip))
+                } else {
+                    every
+                };
+                self.checks
+                    .insert(ip, Check::Due(now + wait, Purpose::Routine));
             }
             None => {
                 self.checks.remove(&ip);

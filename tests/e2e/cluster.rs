@@ -391,3 +391,22 @@ fn checked(cmd: &mut Command, input: Option<&str>, what: &str) -> Result<String>
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// MetalLB's binaries, images and chart, built from its Go module by
+/// tests/metallb/build (cached): their directory, named after the version.
+#[allow(dead_code)] // for tests/migration.rs and the benchmarks, not the e2e suite
+pub fn build_metallb() -> Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/metallb/build"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running tests/metallb/build")?;
+    if !out.status.success() {
+        bail!(
+            "tests/metallb/build failed ({}); its output is above",
+            out.status
+        );
+    }
+    let dir = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(dir.lines().last().unwrap_or_default()))
+}

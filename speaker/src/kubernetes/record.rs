@@ -173,9 +173,7 @@ impl Claims {
                     interfaces: o.interfaces.clone(),
                     services: o.services.iter().map(|k| k.to_string()).collect(),
                     since: at,
-                    answered_by: o.answered_by.as_ref().map(crate::mac::format),
-                    also_answered_by: o.also_answered_by.as_ref().map(crate::mac::format),
-                    answering_node: o.answering_node.clone(),
+                    other_responder: o.other.clone(),
                 }
             })
             .collect();
@@ -232,9 +230,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: "web".into(),
             }],
-            answered_by: None,
-            also_answered_by: None,
-            answering_node: None,
+            other: None,
         }
     }
 
