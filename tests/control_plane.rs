@@ -118,6 +118,7 @@ async fn the_server_enforces_every_cel_rule_with_its_message() {
         ("192.168.10.5/24", "host bits set"),
         // What plan refuses too, though client-side CEL (kube-cel) takes it.
         ("10.0.0.024/32", "must be a CIDR"),
+        ("fd00::/024", "must be a CIDR"),
         ("0.0.0.0/0", "covers the whole address family"),
     ];
     for (entry, message) in cases {
@@ -160,6 +161,59 @@ async fn the_server_enforces_every_cel_rule_with_its_message() {
         .to_string();
     assert!(err.contains("spec.forwarding"), "{err}");
     assert!(err.contains("\"nodePort\""), "{err}");
+    // Issue 23, item 4: the gratuitous ARP policy's bounds, each refusal naming its field.
+    let ad = |gratuitous: &str| {
+        format!(
+            "apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {{name: g}}\n\
+             spec: {{gratuitous: {gratuitous}}}\n"
+        )
+    };
+    for (gratuitous, field, message) in [
+        (
+            "{count: 0}",
+            "spec.gratuitous.count",
+            "greater than or equal to 1",
+        ),
+        (
+            "{count: 31}",
+            "spec.gratuitous.count",
+            "less than or equal to 30",
+        ),
+        (
+            "{intervalMilliseconds: 5}",
+            "spec.gratuitous.intervalMilliseconds",
+            "greater than or equal to 10",
+        ),
+        (
+            "{refreshSeconds: 3}",
+            "spec.gratuitous",
+            "refreshSeconds is 0 (off) or at least 10",
+        ),
+    ] {
+        let err = cp.apply(&ad(gratuitous)).unwrap_err().to_string();
+        assert!(
+            err.contains(field) && err.contains(message),
+            "{gratuitous}: {err}"
+        );
+        // plan refuses the same in a file, naming the same field.
+        let problem: String = ferrolb_api::manifests::Manifests::default()
+            .add_text("ad.yaml", &ad(gratuitous))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            problem.contains(field),
+            "{gratuitous}: plan says {problem:?}"
+        );
+    }
+    for gratuitous in [
+        "{count: 1, intervalMilliseconds: 10, refreshSeconds: 0}",
+        "{count: 30, intervalMilliseconds: 60000, refreshSeconds: 86400}",
+        "{refreshSeconds: 10}",
+    ] {
+        cp.apply(&ad(gratuitous))
+            .unwrap_or_else(|e| panic!("{gratuitous} was refused: {e:#}"));
+    }
     let names = cp
         .kubectl_run(&["get", "ipaddresspools", "-o", "name"], None)
         .unwrap();

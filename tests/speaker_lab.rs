@@ -733,3 +733,111 @@ fn conflict_warnings_are_rate_limited_and_counted() {
         .count();
     assert_eq!(warnings, 1, "{log}");
 }
+
+/// Issue 23, item 4: an L2Advertisement sets how its IPs are announced. Its IPs get its
+/// count and interval of gratuitous ARPs / unsolicited NAs and its periodic refresh;
+/// the IPs of a pool it does not announce keep the speaker's defaults (5, no refresh).
+#[test]
+fn an_advertisement_s_gratuitous_policy_sets_count_interval_and_refresh() {
+    let w = World::start("");
+    let tuned = r#"
+apiVersion: ferrolb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: tuned}
+spec:
+  addresses: [192.0.2.220-192.0.2.221, "2001:db8::220-2001:db8::221"]
+---
+apiVersion: ferrolb.io/v1beta1
+kind: L2Advertisement
+metadata: {name: tuned}
+spec:
+  ipAddressPools: [tuned]
+  gratuitous: {count: 3, intervalMilliseconds: 100, refreshSeconds: 10}
+"#;
+    let services = format!(
+        "{tuned}{}{}",
+        service("web", 80, 30080, "ferrolb.io/address-pool: tuned"),
+        service("plain", 81, 30081, ""),
+    );
+    let client = w.lab.client();
+    let window = Duration::from_secs(13);
+    // What the client hears: every gratuitous ARP and unsolicited NA, by target.
+    let heard = std::thread::scope(|scope| {
+        let arps = scope.spawn(|| {
+            capture_at(client, link_index(client), &[], window, ETH_P_ARP, |f| {
+                arp::parse(f)
+                    .ok()
+                    .filter(|p| p.sender_ip == p.target_ip)
+                    .map(|p| (IpAddr::V4(p.sender_ip), p.sender_mac))
+            })
+        });
+        let nas = scope.spawn(|| {
+            capture_at(client, link_index(client), &[], window, ETH_P_IPV6, |f| {
+                let p = ndp::parse(f).ok()?;
+                match p.kind {
+                    ndp::NdpKind::Advertisement {
+                        router,
+                        solicited,
+                        override_,
+                        target_lladdr,
+                    } => {
+                        // Unsolicited, to all-nodes, overriding, not from a router.
+                        assert_eq!(
+                            (router, solicited, override_, p.destination),
+                            (false, false, true, ndp::ALL_NODES),
+                            "{p:?}"
+                        );
+                        Some((IpAddr::V6(p.target), target_lladdr?))
+                    }
+                    _ => None,
+                }
+            })
+        });
+        // Pools, advertisement and Services land in one step, so no IP is announced
+        // before its policy is read.
+        let staged = w.dir.path().join(".services.yaml");
+        std::fs::write(&staged, &services).unwrap();
+        std::fs::rename(&staged, w.dir.path().join("services.yaml")).unwrap();
+        let mut heard = arps.join().unwrap();
+        heard.extend(nas.join().unwrap());
+        heard
+    });
+    let at = |ip: IpAddr| -> Vec<Duration> {
+        let (_, owner) = w.owner(ip);
+        heard
+            .iter()
+            .filter(|(_, (target, mac))| *target == ip && *mac == owner.mac())
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    let web = w.ips_of("web");
+    let plain = w.ips_of("plain");
+    assert_eq!((web.len(), plain.len()), (2, 2), "{web:?} {plain:?}");
+    for ip in web {
+        let times = at(ip);
+        let gaps: Vec<Duration> = times.windows(2).map(|p| p[1] - p[0]).collect();
+        println!("{ip}: announced at {times:?}, gaps {gaps:?}");
+        assert!(
+            times.len() >= 4,
+            "{ip}: 3 on taking it, then a refresh: {times:?}\n{}",
+            w.logs()
+        );
+        // The takeover burst: 3, at least the interval apart (timers never fire early).
+        assert!(
+            gaps[..2].iter().all(|g| *g >= Duration::from_millis(95)),
+            "{ip}: {gaps:?}"
+        );
+        // Then nothing until the refresh, 10 s after the last of them.
+        assert!(gaps[2] >= Duration::from_millis(9_900), "{ip}: {gaps:?}");
+    }
+    for ip in plain {
+        let times = at(ip);
+        println!("{ip}: announced at {times:?}");
+        assert_eq!(
+            times.len(),
+            5,
+            "{ip}: the default, and no refresh: {times:?}\n{}",
+            w.logs()
+        );
+    }
+}

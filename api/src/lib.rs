@@ -16,7 +16,7 @@ pub mod validation;
 
 pub use address::{AddressRange, Family};
 pub use announcement::{AnnouncedIP, NodeAnnouncement, NodeAnnouncementSpec, OtherResponder};
-pub use l2advertisement::{Forwarding, L2Advertisement, L2AdvertisementSpec};
+pub use l2advertisement::{Forwarding, Gratuitous, L2Advertisement, L2AdvertisementSpec};
 pub use pool::{
     AddressEntry, FromNodeNetwork, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus,
     NodeNetworkStatus, ServiceAllocation,

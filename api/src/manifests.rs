@@ -189,7 +189,7 @@ impl Manifests {
                 &mut self.l2_advertisements,
                 origin,
                 doc,
-                validation::advertisement_repeats,
+                validation::advertisement_problem,
             )
             .map_err(fail),
             ("v1", "Service") => push(&mut self.services, origin, doc).map_err(fail),
@@ -392,7 +392,9 @@ mod tests {
              apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: l2}\n\
              spec: {nodeSelectors: [{matchLabels: {a: b}}, {matchLabels: {a: b}}]}\n---\n\
              apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: blog}\n\
-             spec: {addresses: [192.0.2.16/28], serviceAllocation: {namespaces: [blog]}}\n",
+             spec: {addresses: [192.0.2.16/28], serviceAllocation: {namespaces: [blog]}}\n---\n\
+             apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: fast}\n\
+             spec: {gratuitous: {count: 3, intervalMilliseconds: 2}}\n",
         );
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -400,6 +402,7 @@ mod tests {
             [
                 "pools.yaml, document 1 (IPAddressPool \"shop\"): spec.serviceAllocation.namespaces[2] \"shop\" repeats namespaces[0]; the API server refuses a list with repeats: remove one",
                 "pools.yaml, document 2 (L2Advertisement \"l2\"): spec.nodeSelectors[1] repeats nodeSelectors[0]; the API server refuses a list with repeats: remove one",
+                "pools.yaml, document 4 (L2Advertisement \"fast\"): spec.gratuitous.intervalMilliseconds 2 is out of 10..=60000",
             ]
         );
         assert_eq!(m.pools.len(), 1);

@@ -171,8 +171,9 @@ pub fn pool_repeats(pool: &IPAddressPool) -> Option<String> {
         })
 }
 
-/// [`pool_repeats`] for an L2Advertisement's lists.
-pub fn advertisement_repeats(advertisement: &L2Advertisement) -> Option<String> {
+/// [`pool_repeats`] for an L2Advertisement's lists, and its `gratuitous` bounds: what
+/// the API server refuses in an L2Advertisement.
+pub fn advertisement_problem(advertisement: &L2Advertisement) -> Option<String> {
     let spec = &advertisement.spec;
     repeat("spec.ipAddressPools", &spec.ip_address_pools)
         .or_else(|| {
@@ -183,6 +184,7 @@ pub fn advertisement_repeats(advertisement: &L2Advertisement) -> Option<String> 
         })
         .or_else(|| repeat("spec.nodeSelectors", &spec.node_selectors))
         .or_else(|| repeat("spec.interfaces", &spec.interfaces))
+        .or_else(|| spec.gratuitous.as_ref().and_then(|g| g.problem()))
 }
 
 fn repeat<T: PartialEq + Shown>(field: &str, items: &[T]) -> Option<String> {

@@ -104,10 +104,10 @@ fn forwarding_is_an_enum_the_server_checks() {
 /// the CRD's rules take; whatever they take, the parser takes too, except ranges that
 /// end below their start (CEL cannot compare addresses; the pool is then Invalid).
 fn agree(entry: &str) -> Result<(), String> {
-    // kube-cel's isCIDR takes an octet with a leading zero ("10.0.0.024/32"); the API
-    // server's (Go's netip) refuses it, as plan does. tests/control_plane.rs checks that
-    // on the real server.
-    if leading_zero_octet(entry) {
+    // kube-cel's isCIDR takes an octet or a prefix length with a leading zero
+    // ("10.0.0.024/32", "fd00::/024"); the API server's (Go's netip) refuses both, as
+    // plan does. tests/control_plane.rs checks that on the real server.
+    if leading_zero_octet(entry) || leading_zero_prefix(entry) {
         return Ok(());
     }
     let cel = errors(&[entry]);
@@ -129,6 +129,13 @@ fn leading_zero_octet(entry: &str) -> bool {
         .split(|c: char| !c.is_ascii_digit())
         .any(|part| part.len() > 1 && part.starts_with('0'))
         && entry.contains('.')
+}
+
+fn leading_zero_prefix(entry: &str) -> bool {
+    entry.split('/').skip(1).any(|after| {
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        digits.len() > 1 && digits.starts_with('0')
+    })
 }
 
 #[test]

@@ -22,7 +22,7 @@ use ferrolb_allocator::input;
 use ferrolb_allocator::{self as allocator, Outcome, ServiceKey};
 use ferrolb_api::manifests::Manifests;
 use ferrolb_api::selector::{self, Labels};
-use ferrolb_api::{Family, Forwarding, L2Advertisement};
+use ferrolb_api::{Family, Forwarding, Gratuitous, L2Advertisement};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
@@ -46,6 +46,8 @@ pub struct Announcement {
     /// The L2Advertisements that announce it, for messages.
     pub advertisements: Vec<String>,
     pub services: Vec<ServiceKey>,
+    /// Their gratuitous ARP / NA policy, merged (unset fields: the speaker's defaults).
+    pub gratuitous: Gratuitous,
 }
 
 /// Everything the speaker of `node` must do, and what it should tell the user.
@@ -211,6 +213,10 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
                 .filter_map(|a| a.metadata.name.clone())
                 .collect(),
             services: keys,
+            gratuitous: advs
+                .iter()
+                .filter_map(|a| a.spec.gratuitous)
+                .fold(Gratuitous::default(), Gratuitous::most),
         });
     }
     out.forwards.sort();
@@ -774,6 +780,27 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
         assert_eq!(
             plan_node(&m, owner, &ClusterView::everyone()).announcements[0].interfaces,
             ["eth0", "eth1"]
+        );
+    }
+
+    /// Two advertisements of one pool: each field of the policy announces most.
+    #[test]
+    fn gratuitous_policies_of_several_advertisements_merge() {
+        let m = manifests(&format!(
+            "{}---\n{}---\n{}",
+            adv("{gratuitous: {count: 2, refreshSeconds: 60}}"),
+            adv("{gratuitous: {count: 4, intervalMilliseconds: 50}}")
+                .replace("name: adv", "name: other"),
+            svc("")
+        ));
+        let owner = &announcers(&m)[0];
+        assert_eq!(
+            plan_node(&m, owner, &ClusterView::everyone()).announcements[0].gratuitous,
+            Gratuitous {
+                count: Some(4),
+                interval_milliseconds: Some(50),
+                refresh_seconds: Some(60),
+            }
         );
     }
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
 use anyhow::Context;
-use ferrolb_api::OtherResponder;
 use ferrolb_api::manifests::Manifests;
+use ferrolb_api::{Gratuitous, OtherResponder};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{Instrument, error, info, warn};
 
@@ -585,8 +585,12 @@ fn link_specs(plan: &NodePlan, node: &str, links: &[Link], state: &mut Reported)
                 mac,
                 ips: BTreeSet::new(),
                 takeovers: BTreeSet::new(),
+                gratuitous: BTreeMap::new(),
             });
             spec.ips.insert(a.ip);
+            if a.gratuitous != Gratuitous::default() {
+                spec.gratuitous.insert(a.ip, a.gratuitous);
+            }
             let before = state.owners.get(&a.ip).cloned().flatten();
             if before.is_some_and(|b| b != node) {
                 spec.takeovers.insert(a.ip);

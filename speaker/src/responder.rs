@@ -25,6 +25,8 @@ use tracing::{debug, info, warn};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
+use ferrolb_api::Gratuitous;
+
 use crate::arp::{self, Operation};
 use crate::metrics::{InterfaceLabels, Metrics};
 use crate::ndp::{self, NdpKind};
@@ -153,6 +155,41 @@ pub struct LinkSpec {
     /// IPs taken over from another ferrolb node: announced at once, without the RFC 5227
     /// probe (the address was ours a moment ago, and every millisecond is outage).
     pub takeovers: BTreeSet<IpAddr>,
+    /// The IPs whose L2Advertisements set their own gratuitous ARP / NA policy; the
+    /// others follow [`Settings`].
+    pub gratuitous: BTreeMap<IpAddr, Gratuitous>,
+}
+
+/// How one IP is announced: [`Settings`] where its advertisements leave a field out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Announcing {
+    count: u32,
+    interval: Duration,
+    refresh: Option<Duration>,
+}
+
+impl Announcing {
+    fn of(settings: &Settings, policy: Option<&Gratuitous>) -> Announcing {
+        let policy = policy.copied().unwrap_or_default();
+        Announcing {
+            // The API server keeps the fields in their bounds (validation refuses
+            // others in files), so the conversions below never clamp in practice.
+            count: policy
+                .count
+                .map_or(settings.announce_count, |c| c.unsigned_abs())
+                .max(1),
+            interval: policy
+                .interval_milliseconds
+                .map_or(settings.announce_interval, |ms| {
+                    Duration::from_millis(ms.unsigned_abs().into())
+                }),
+            refresh: match policy.refresh_seconds {
+                Some(s) if s <= 0 => None,
+                Some(s) => Some(Duration::from_secs(s.unsigned_abs().into())),
+                None => settings.refresh,
+            },
+        }
+    }
 }
 
 /// Another host that answers for an IP of this node's, on one link.
@@ -392,7 +429,7 @@ impl LinkTask {
                     );
                 }
                 State::Announcing {
-                    left: self.settings.announce_count,
+                    left: self.announcing(&spec, *ip).count,
                     next: now,
                 }
             } else {
@@ -420,6 +457,15 @@ impl LinkTask {
                     if fallback.is_ok() {
                         self.filtered = wanted;
                     }
+                }
+            }
+        }
+        // A changed refresh applies from now, not after the old one falls due.
+        for (ip, state) in self.states.iter_mut() {
+            if let State::Steady { refresh_at } = state {
+                let new = Announcing::of(&self.settings, spec.gratuitous.get(ip)).refresh;
+                if new != Announcing::of(&self.settings, self.spec.gratuitous.get(ip)).refresh {
+                    *refresh_at = new.map(|r| now + r);
                 }
             }
         }
@@ -490,15 +536,16 @@ impl LinkTask {
                     info!(ip = %ip, interface = %self.spec.name, "announcing");
                     self.other(ip, None);
                     self.announce(ip).await;
-                    self.after_announce(self.settings.announce_count.saturating_sub(1), now)
+                    let count = self.announcing(&self.spec, ip).count;
+                    self.after_announce(ip, count.saturating_sub(1), now)
                 }
                 State::Announcing { left, .. } => {
                     self.announce(ip).await;
-                    self.after_announce(left.saturating_sub(1), now)
+                    self.after_announce(ip, left.saturating_sub(1), now)
                 }
                 State::Steady { .. } => {
                     self.announce(ip).await;
-                    self.after_announce(0, now)
+                    self.after_announce(ip, 0, now)
                 }
             };
             self.states.insert(ip, next);
@@ -529,15 +576,20 @@ impl LinkTask {
         }
     }
 
-    fn after_announce(&self, left: u32, now: Instant) -> State {
+    fn announcing(&self, spec: &LinkSpec, ip: IpAddr) -> Announcing {
+        Announcing::of(&self.settings, spec.gratuitous.get(&ip))
+    }
+
+    fn after_announce(&self, ip: IpAddr, left: u32, now: Instant) -> State {
+        let announcing = self.announcing(&self.spec, ip);
         if left > 0 {
             State::Announcing {
                 left,
-                next: now + self.settings.announce_interval,
+                next: now + announcing.interval,
             }
         } else {
             State::Steady {
-                refresh_at: self.settings.refresh.map(|r| now + r),
+                refresh_at: announcing.refresh.map(|r| now + r),
             }
         }
     }

@@ -208,6 +208,22 @@ pub fn frames_answering_at(
     ethertype: u16,
     pick: impl Fn(&[u8]) -> Option<[u8; 6]> + Send + Sync,
 ) -> Vec<[u8; 6]> {
+    capture_at(origin, index, frames, window, ethertype, pick)
+        .into_iter()
+        .map(|(_, mac)| mac)
+        .collect()
+}
+
+/// Sends `frames` from interface `index` of `origin`'s namespace, then keeps what `pick`
+/// makes of each frame arriving within `window`, with the time since the start.
+pub fn capture_at<T: Send>(
+    origin: &impl Origin,
+    index: u32,
+    frames: &[Vec<u8>],
+    window: Duration,
+    ethertype: u16,
+    pick: impl Fn(&[u8]) -> Option<T> + Send + Sync,
+) -> Vec<(Duration, T)> {
     origin
         .in_netns(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -221,15 +237,16 @@ pub fn frames_answering_at(
                     ndp_filter()
                 };
                 let socket = PacketSocket::open(index, ethertype, &filter).unwrap();
+                let start = tokio::time::Instant::now();
                 for f in frames {
                     socket.send(f).await.unwrap();
                 }
                 let mut seen = Vec::new();
                 let mut buf = vec![0u8; 2048];
-                let end = tokio::time::Instant::now() + window;
+                let end = start + window;
                 while let Ok(Ok(n)) = tokio::time::timeout_at(end, socket.recv(&mut buf)).await {
-                    if let Some(mac) = pick(&buf[..n]) {
-                        seen.push(mac);
+                    if let Some(t) = pick(&buf[..n]) {
+                        seen.push((start.elapsed(), t));
                     }
                 }
                 seen
