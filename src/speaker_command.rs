@@ -91,6 +91,15 @@ pub struct SpeakerArgs {
     /// At start, announce nothing until every declared peer is heard from, or this long (ms).
     #[arg(long, default_value_t = 1000)]
     join_grace_ms: u64,
+    /// Port of kube-proxy's health server (`healthzBindAddress`, usually 10256), checked
+    /// on this node's InternalIP: while it fails, other nodes announce this node's IPs.
+    /// 0: do not check (the chart checks 10256). Needs membership.
+    #[arg(long, default_value_t = 0)]
+    kube_proxy_health_port: u16,
+    /// Milliseconds between those checks (2 failures in a row: unhealthy; 4 passes:
+    /// healthy again).
+    #[arg(long, default_value_t = 500)]
+    kube_proxy_health_interval_ms: u64,
 }
 
 pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
@@ -116,6 +125,13 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
+    if args.no_membership && args.kube_proxy_health_port != 0 {
+        anyhow::bail!(
+            "--kube-proxy-health-port {} needs membership, which tells the other nodes that this \
+             one cannot deliver: drop --no-membership, or set --kube-proxy-health-port 0",
+            args.kube_proxy_health_port
+        );
+    }
     let cluster = (!args.no_membership).then(|| ferrolb_speaker::cluster::ClusterOptions {
         port: args.memberlist_port,
         keyring,
@@ -128,6 +144,12 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
         },
         hold: Duration::from_millis(args.rejoin_hold_ms),
         join_grace: Duration::from_millis(args.join_grace_ms),
+        kube_proxy_health: (args.kube_proxy_health_port != 0).then(|| {
+            ferrolb_speaker::proxy_health::Check {
+                port: args.kube_proxy_health_port,
+                interval: Duration::from_millis(args.kube_proxy_health_interval_ms.max(50)),
+            }
+        }),
     });
     let metrics = std::sync::Arc::new(ferrolb_speaker::metrics::Metrics::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()

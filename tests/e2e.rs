@@ -91,6 +91,11 @@ const CASES: &[(&str, Case, bool)] = &[
         NODES,
     ),
     ("failover::link_cut", failover::link_cut, NODES),
+    (
+        "failover::kube_proxy_stopped_moves_the_vip",
+        failover::kube_proxy_stopped,
+        NODES,
+    ),
     ("failover::drained", failover::drained, ANY),
     (
         "failover::kubelet_stopped",

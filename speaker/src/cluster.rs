@@ -43,6 +43,7 @@ use tracing::info;
 
 use crate::election::{ClusterView, MemberView};
 use crate::membership::{self, Config, Members, Membership, NodeMeta};
+use crate::proxy_health;
 
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -56,6 +57,8 @@ pub struct ClusterOptions {
     pub hold: Duration,
     /// How long a starting node waits for peers it has not heard from.
     pub join_grace: Duration,
+    /// Check kube-proxy's health on this node, and tell the others when it fails.
+    pub kube_proxy_health: Option<proxy_health::Check>,
 }
 
 impl Default for ClusterOptions {
@@ -67,6 +70,7 @@ impl Default for ClusterOptions {
             settings: membership::Settings::default(),
             hold: Duration::from_secs(3),
             join_grace: Duration::from_secs(1),
+            kube_proxy_health: None,
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct Cluster {
     /// Until when a node whose link came back holds off, as if joining (see
     /// [`Cluster::set_subnets`]).
     rejoining_until: Option<Instant>,
+    /// The verdict of the kube-proxy health checks, when they run.
+    proxy_health: Option<watch::Receiver<bool>>,
 }
 
 impl Cluster {
@@ -114,6 +120,7 @@ impl Cluster {
             settled: false,
             started_at_ms,
             reported: true,
+            proxy_failing: false,
         };
         let (membership, members) = Membership::start(Config {
             node_name: node.to_string(),
@@ -127,6 +134,15 @@ impl Cluster {
         .await
         .with_context(|| format!("starting membership on {bind}"))?;
         info!(bind = %bind, peers = peers.len().saturating_sub(1), "membership started");
+        let proxy_health = opts.kube_proxy_health.map(|check| {
+            let address = SocketAddr::new(bind.ip(), check.port);
+            info!(url = %format!("http://{address}{}", proxy_health::PATH), every = ?check.interval,
+                "checking kube-proxy's health: while it fails, other nodes announce this node's IPs");
+            proxy_health::spawn(proxy_health::Options {
+                address,
+                interval: check.interval,
+            })
+        });
         Ok(Cluster {
             membership: Some(membership),
             members,
@@ -138,7 +154,13 @@ impl Cluster {
             peers,
             joined: false,
             rejoining_until: None,
+            proxy_health,
         })
+    }
+
+    /// Whether kube-proxy on this node passes its health check; `None`: not checked.
+    pub fn proxy_healthy(&self) -> Option<bool> {
+        self.proxy_health.as_ref().map(|h| *h.borrow())
     }
 
     /// Membership's datagram counters (none before membership started).
@@ -149,6 +171,9 @@ impl Cluster {
     /// Who may own IPs now. While joining: nobody (announce nothing yet).
     pub fn view(&mut self) -> ClusterView {
         let now = Instant::now();
+        if let Some(healthy) = self.proxy_health.as_mut().map(|h| *h.borrow_and_update()) {
+            self.set_proxy_healthy(healthy);
+        }
         let members = self.members.borrow_and_update().clone();
         if !self.joined {
             if !self.heard_all(&members) && now < self.started + self.opts.join_grace {
@@ -215,6 +240,7 @@ impl Cluster {
                         subnets: meta.subnets,
                         settled: meta.settled,
                         known: meta.reported,
+                        proxy_failing: meta.proxy_failing,
                     },
                 )
             })
@@ -226,6 +252,7 @@ impl Cluster {
                 subnets: self.meta.subnets.clone(),
                 settled: self.meta.settled,
                 known: true,
+                proxy_failing: self.meta.proxy_failing,
             },
         );
         ClusterView {
@@ -253,9 +280,18 @@ impl Cluster {
         }
     }
 
-    /// Resolves when membership changes.
+    /// Resolves when membership changes, or the verdict on kube-proxy's health.
     pub async fn changed(&mut self) -> anyhow::Result<()> {
-        self.members.changed().await.context("membership stopped")
+        let health = async {
+            match &mut self.proxy_health {
+                Some(h) => h.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = self.members.changed() => changed.context("membership stopped"),
+            changed = health => changed.context("the kube-proxy health checks stopped"),
+        }
     }
 
     /// Our links changed: tell the others which subnets we can still reach. Losing one
@@ -280,6 +316,15 @@ impl Cluster {
                 "reachable subnets changed"
             );
             self.meta.subnets = subnets;
+            self.publish_meta();
+        }
+    }
+
+    /// kube-proxy on this node passes its health check, or fails it: tell the others,
+    /// whose elections pass over a node that fails while another passes.
+    fn set_proxy_healthy(&mut self, healthy: bool) {
+        if self.meta.proxy_failing == healthy {
+            self.meta.proxy_failing = !healthy;
             self.publish_meta();
         }
     }
@@ -364,6 +409,7 @@ mod tests {
                         settled: true,
                         started_at_ms: 0,
                         reported: true,
+                        proxy_failing: false,
                     };
                     (n.to_string(), meta)
                 })
@@ -390,10 +436,12 @@ mod tests {
                 settled: true,
                 started_at_ms: 0,
                 reported: true,
+                proxy_failing: false,
             },
             peers,
             joined: true,
             rejoining_until: None,
+            proxy_health: None,
         };
         (cluster, tx)
     }

@@ -134,6 +134,9 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             opts.metrics.members.set(alive.len() as i64);
             alive_before = alive;
         }
+        if let Some(healthy) = cluster.as_ref().and_then(Cluster::proxy_healthy) {
+            opts.metrics.kube_proxy_healthy.set(i64::from(healthy));
+        }
         if let Some(stats) = cluster.as_ref().and_then(Cluster::stats) {
             Metrics::count_to(
                 &opts.metrics.membership_rejected,

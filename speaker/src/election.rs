@@ -34,6 +34,8 @@ pub struct MemberView {
     /// Whether the node's metadata has arrived; a node not heard from yet is not passed
     /// over for what it has not said (its gossip is milliseconds behind its liveness).
     pub known: bool,
+    /// Its kube-proxy fails its health check: it may not deliver what it announces.
+    pub proxy_failing: bool,
 }
 
 impl ClusterView {
@@ -48,7 +50,9 @@ impl ClusterView {
     /// 2. with a link on a subnet holding the IP, when any alive node has one, so that
     ///    a node cut off from the IP's segment is never elected (multi-subnet clusters,
     ///    or a node whose announcing link went down);
-    /// 3. settled, when any is: a node that has just (re)joined takes IPs back only after
+    /// 3. whose kube-proxy passes its health check, when any does: a node that cannot
+    ///    deliver the traffic does not draw it (when none can, the check is ignored);
+    /// 4. settled, when any is: a node that has just (re)joined takes IPs back only after
     ///    the hold-down, so a flapping node never drags IPs back and forth.
     pub fn candidates<'a>(&self, ip: IpAddr, eligible: &[&'a str]) -> Vec<&'a str> {
         let Some(members) = &self.members else {
@@ -70,9 +74,10 @@ impl ClusterView {
         let on_segment = narrow(alive, &|m| {
             !m.known || m.subnets.iter().any(|s| s.contains(ip))
         });
+        let delivering = narrow(on_segment, &|m| !m.proxy_failing);
         // Unknown metadata counts as not settled: a node must not take IPs back on the
         // strength of gossip that has not arrived.
-        narrow(on_segment, &|m| m.known && m.settled)
+        narrow(delivering, &|m| m.known && m.settled)
     }
 }
 
@@ -118,6 +123,7 @@ mod tests {
                                 subnets,
                                 settled: *settled,
                                 known: true,
+                                proxy_failing: false,
                             },
                         )
                     })
@@ -188,6 +194,32 @@ mod tests {
             v.candidates(ip(1), &["a", "b"]),
             ["a"],
             "unknown is not settled"
+        );
+    }
+
+    /// Issue 23, item 2: a node whose kube-proxy fails is passed over while another on
+    /// the segment passes, even a settled one for an unsettled one (it can deliver);
+    /// when none passes, the check is ignored rather than leave the IP unannounced.
+    #[test]
+    fn a_node_whose_kube_proxy_fails_is_passed_over_while_another_can_deliver() {
+        let lan = &["192.0.2.0/24"][..];
+        let mut v = view(&[("a", lan, true), ("b", lan, false), ("c", &[], true)]);
+        let failing = |v: &mut ClusterView, node: &str, failing: bool| {
+            v.members
+                .as_mut()
+                .unwrap()
+                .get_mut(node)
+                .unwrap()
+                .proxy_failing = failing;
+        };
+        assert_eq!(v.candidates(ip(1), &["a", "b", "c"]), ["a"]);
+        failing(&mut v, "a", true);
+        assert_eq!(v.candidates(ip(1), &["a", "b", "c"]), ["b"]);
+        failing(&mut v, "b", true);
+        assert_eq!(
+            v.candidates(ip(1), &["a", "b", "c"]),
+            ["a"],
+            "none delivers: as if nobody checked (and c, off the segment, still not)"
         );
     }
 

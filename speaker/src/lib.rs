@@ -13,6 +13,8 @@
 //!   it into the view election needs.
 //! * [`node_network`]: which addresses a `fromNodeNetwork` pool takes (pure); [`probe`]
 //!   asks the wire whether they are in use.
+//! * [`proxy_health`]: whether kube-proxy on this node passes its health check, so
+//!   that the node may announce (gossiped; election passes over a node that fails).
 //! * [`daemon`]: the main loop, from objects to announcements, forwarding and membership.
 //! * [`standalone`]: the speaker driven by a directory of manifests.
 //! * [`kubernetes`]: the speaker driven by the API server, reporting which node
@@ -35,5 +37,6 @@ pub mod neighbours;
 pub mod node_network;
 pub mod packet_socket;
 pub mod probe;
+pub mod proxy_health;
 pub mod responder;
 pub mod standalone;

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub membership_encrypted: Gauge,
     /// 1 while every watch of the API server has listed and none is failing.
     pub api_connected: Gauge,
+    /// 1 while kube-proxy on this node passes its health check, or it is not checked.
+    pub kube_proxy_healthy: Gauge,
     /// MetalLB's `metallb_speaker_announced`: 1 per Service and IP this node announces.
     pub metallb_announced: Family<MetallbAnnouncedLabels, Gauge>,
     /// MetalLB's `metallb_k8s_client_config_loaded_bool`: 1 once every watch has listed.
@@ -100,6 +102,7 @@ impl Default for Metrics {
             membership_replayed: Counter::default(),
             membership_encrypted: Gauge::default(),
             api_connected: Gauge::default(),
+            kube_proxy_healthy: Gauge::default(),
             metallb_announced: Family::default(),
             metallb_config_loaded: Gauge::default(),
         };
@@ -129,6 +132,12 @@ impl Default for Metrics {
             "na_replies",
             "Neighbor Advertisements sent in reply",
             m.na_replies.clone(),
+        );
+        m.kube_proxy_healthy.set(1);
+        r.register(
+            "kube_proxy_healthy",
+            "1 while kube-proxy on this node passes its health check (or it is not checked); 0: the node's IPs are announced by others",
+            m.kube_proxy_healthy.clone(),
         );
         r.register(
             "gratuitous_announcements",

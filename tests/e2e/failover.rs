@@ -78,34 +78,102 @@ pub fn settle(suite: &Suite, vip: IpAddr) -> Result<String> {
         )
         .await
     })?;
-    let deadline = std::time::Instant::now() + DEADLINE;
+    let (owner, _) = on_the_wire_until(suite, &nodes, vip, DEADLINE, |_| true)?;
+    Ok(owner)
+}
+
+/// Polls until the Service's condition and the wire agree on a node that `wanted`
+/// takes: ARP for `vip` answered by exactly one MAC, that node's, the condition naming
+/// it, and the VIP serving. That node, and how long it took.
+fn on_the_wire_until(
+    suite: &Suite,
+    nodes: &[(String, std::net::Ipv4Addr)],
+    vip: IpAddr,
+    deadline: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<(String, Duration)> {
+    let c = &suite.cluster;
+    let start = std::time::Instant::now();
     loop {
         let said = suite.block_on(c.announcer(WEB_NAMESPACE, "web", vip))?;
         let macs = client::arping(&c.client, vip, client::ARP_POLL)?;
         let mut wire = None;
         if let [mac] = macs.as_slice() {
-            for (node, ip) in &nodes {
+            for (node, ip) in nodes {
                 if client::arping(&c.client, IpAddr::V4(*ip), client::ARP_POLL)?.contains(mac) {
                     wire = Some(node.clone());
                 }
             }
         }
         match (&said, &wire) {
-            (Some(s), Some(w)) if s == w && client::ask(&c.client, vip).is_ok() => {
-                return Ok(s.clone());
+            (Some(s), Some(w)) if s == w && wanted(s) && client::ask(&c.client, vip).is_ok() => {
+                return Ok((s.clone(), start.elapsed()));
             }
             _ => {}
         }
         let last =
             format!("the condition says {said:?}, ARP is answered by {macs:02x?} ({wire:?})");
-        if std::time::Instant::now() > deadline {
+        if start.elapsed() > deadline {
             bail!(
-                "{vip} did not settle within {} s: {last}",
-                DEADLINE.as_secs()
+                "{vip} did not settle as wanted within {} s: {last}",
+                deadline.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Issue 23, item 2: the owner's kube-proxy stops, and its health server with it. The
+/// VIP moves to a node whose kube-proxy passes its check (the rules a stopped
+/// kube-proxy leaves behind go stale at the next change of endpoints: the node cannot be
+/// trusted to deliver); when kube-proxy runs again the VIP comes back, as election
+/// gives it to that node.
+pub fn kube_proxy_stopped(suite: &Suite) -> Result<()> {
+    let web = suite.web()?;
+    let c = &suite.cluster;
+    let vip = web.ips[0];
+    let nodes = suite.block_on(c.node_ips())?;
+    let mut moves = Vec::new();
+    let mut backs = Vec::new();
+    for round in 1..=suite.rounds() {
+        let owner = settle(suite, vip)?;
+        let mut moved = None;
+        let measured = client::outage(&c.client, vip, || {
+            c.node(&owner, &["stop", "kube-proxy"])?;
+            moved = Some(on_the_wire_until(
+                suite,
+                &nodes,
+                vip,
+                Duration::from_secs(30),
+                |n| n != owner,
+            )?);
+            Ok(())
+        });
+        // Start it again even when the VIP did not move, so later cases find it running.
+        let restarted = c.node(&owner, &["start", "kube-proxy"]);
+        let (outage, (failed, all)) =
+            measured.with_context(|| format!("kube-proxy stopped on {owner}"))?;
+        restarted.with_context(|| format!("starting kube-proxy on {owner} again"))?;
+        let (to, took) = moved.context("the VIP did not move")?;
+        let (back, back_after) =
+            on_the_wire_until(suite, &nodes, vip, Duration::from_secs(60), |n| n == owner)
+                .with_context(|| format!("{vip} back on {owner} once its kube-proxy runs"))?;
+        report!(
+            "round {round}: kube-proxy stopped on {owner}: {vip} announced by {to} {} ms later (condition and ARP); \
+             outage {} ms, then {failed} of {all} new connections failed over 3 s; back on {back} {} ms after kube-proxy started",
+            took.as_millis(),
+            outage.as_millis(),
+            back_after.as_millis()
+        );
+        moves.push(took);
+        backs.push(back_after);
+    }
+    report!(
+        "kube-proxy stopped: moved after {}; back after {}",
+        spread(&moves),
+        spread(&backs)
+    );
+    Ok(())
 }
 
 /// The speaker Pod on `node`.

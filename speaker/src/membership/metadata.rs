@@ -29,6 +29,10 @@ pub struct NodeMeta {
     /// True in every NodeMeta a node sends; false in the default shown for a member
     /// whose metadata has not arrived yet, so that "unknown" is not read as "no subnets".
     pub reported: bool,
+    /// kube-proxy on the node fails its health check (`crate::proxy_health`): it may
+    /// not deliver what it announces. Last, so that a speaker one version older still
+    /// reads the fields before it (it ignores what follows).
+    pub proxy_failing: bool,
 }
 
 /// A node's metadata as gossiped: kept per process (its random epoch) and versioned
@@ -106,7 +110,16 @@ impl foca::BroadcastHandler<NodeId> for MetaHandler {
         data: &[u8],
         _sender: Option<&NodeId>,
     ) -> Result<Option<MetaKey>, BadMeta> {
-        let update: MetaUpdate = postcard::from_bytes(data)?;
+        let update: MetaUpdate = match postcard::from_bytes(data) {
+            Ok(update) => update,
+            // A speaker one version older sends no `proxy_failing`, the last byte of the
+            // encoding: read it as false (postcard's `false` is one zero byte), so a
+            // rolling upgrade keeps every node's metadata.
+            Err(postcard::Error::DeserializeUnexpectedEnd) => {
+                postcard::from_bytes(&[data, &[0]].concat())?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut metas = self.metas.lock().unwrap_or_else(|e| e.into_inner());
         let processes = metas.entry(update.name.clone()).or_default();
         let known = processes
@@ -145,6 +158,7 @@ mod tests {
             settled: false,
             started_at_ms: 0,
             reported: true,
+            proxy_failing: false,
         };
         let send = |h: &mut MetaHandler, epoch, version, m: &NodeMeta| {
             let data = encode_meta("a", epoch, version, m).expect("encode");
@@ -191,6 +205,66 @@ mod tests {
         );
     }
 
+    /// The metadata of a speaker from before `proxy_failing` is read, as false; what a
+    /// newer speaker sends is read by an older one (postcard ignores what follows).
+    #[test]
+    fn metadata_of_the_previous_version_is_read() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Before {
+            subnets: Vec<IpNetwork>,
+            settled: bool,
+            started_at_ms: u64,
+            reported: bool,
+        }
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct BeforeUpdate {
+            name: String,
+            epoch: u64,
+            version: u64,
+            meta: Before,
+        }
+        let before = BeforeUpdate {
+            name: "a".into(),
+            epoch: 1,
+            version: 1,
+            meta: Before {
+                subnets: vec!["10.0.0.0/24".parse().expect("net")],
+                settled: true,
+                started_at_ms: 7,
+                reported: true,
+            },
+        };
+        let mut handler = MetaHandler {
+            metas: Arc::default(),
+            changed: Arc::default(),
+        };
+        let old = postcard::to_allocvec(&before).expect("encode");
+        foca::BroadcastHandler::receive_item(&mut handler, &old, None).expect("decode");
+        let (_, _, meta) = handler.metas.lock().expect("lock")["a"][0].clone();
+        assert_eq!(
+            meta,
+            NodeMeta {
+                subnets: before.meta.subnets.clone(),
+                settled: true,
+                started_at_ms: 7,
+                reported: true,
+                proxy_failing: false,
+            }
+        );
+        let new = encode_meta(
+            "a",
+            1,
+            2,
+            &NodeMeta {
+                proxy_failing: true,
+                ..meta
+            },
+        )
+        .expect("encode");
+        let read: BeforeUpdate = postcard::from_bytes(&new).expect("an older speaker reads it");
+        assert_eq!(read.meta, before.meta);
+    }
+
     #[test]
     fn oversized_metadata_is_refused() {
         let subnets = (0..200)
@@ -205,6 +279,7 @@ mod tests {
                 settled: false,
                 started_at_ms: 0,
                 reported: true,
+                proxy_failing: false,
             },
         )
         .expect_err("200 subnets do not fit");

@@ -234,6 +234,7 @@ fn nodes_on_different_subnets_are_named() {
         subnets: subnets.iter().map(|s| s.parse().unwrap()).collect(),
         settled: true,
         known: true,
+        proxy_failing: false,
     };
     let view = ClusterView {
         members: Some(BTreeMap::from([
