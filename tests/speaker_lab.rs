@@ -841,3 +841,128 @@ spec:
         );
     }
 }
+
+/// Issue 23, item 6: IPv6 as the kernel and ndisc6 expect it. A solicitation is answered
+/// with Solicited and Override set and Router clear, to the asker; a host that tries to
+/// configure the VIP finds it taken (its kernel's duplicate address detection fails), and
+/// the speaker keeps it; after a takeover the client's kernel moves its existing entry to
+/// the new owner on the unsolicited advertisement alone (Override), asking nothing.
+#[test]
+fn ipv6_answers_and_takeovers_are_what_kernels_expect() {
+    let w = World::start(&service("web", 80, 30080, ""));
+    let vip = *w
+        .ips_of("web")
+        .iter()
+        .find(|ip| ip.is_ipv6())
+        .expect("an IPv6 VIP");
+    let IpAddr::V6(vip6) = vip else {
+        unreachable!()
+    };
+    w.wait_answered(vip);
+    let client = w.lab.client();
+    let (owner, owner_host) = w.owner(vip);
+    let owner_mac = owner_host.mac();
+
+    // ndisc6 resolves it, and the answer carries the flags RFC 4861 §7.2.4 asks.
+    assert_eq!(client.ndisc6(vip), Some(owner_mac));
+    let ns = ndp::solicitation(vip6, client.mac(), client.ipv6());
+    let answers = capture_at(
+        client,
+        link_index(client),
+        &[ns],
+        Duration::from_millis(500),
+        ETH_P_IPV6,
+        |f| {
+            let p = ndp::parse(f).ok()?;
+            match p.kind {
+                ndp::NdpKind::Advertisement {
+                    router,
+                    solicited,
+                    override_,
+                    target_lladdr,
+                } if p.target == vip6 && p.destination == client.ipv6() => Some((
+                    p.eth_source,
+                    p.source,
+                    (router, solicited, override_),
+                    target_lladdr,
+                )),
+                _ => None,
+            }
+        },
+    );
+    let answers: Vec<_> = answers.into_iter().map(|(_, a)| a).collect();
+    assert_eq!(
+        answers,
+        [(owner_mac, vip6, (false, true, true), Some(owner_mac))],
+        "one solicited NA from the owner, sourced from the VIP"
+    );
+
+    // A host configuring the VIP: its kernel's DAD probe is answered, so the address
+    // fails DAD there, and the speaker goes on answering (a probe does not take an IP).
+    let dad_of = |ip: &str| -> String {
+        let out = client
+            .run("ip", ["-6", "-o", "addr", "show", "dev", "eth0"])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains(&format!(" {ip}/")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let with_prefix = format!("{vip6}/64");
+    client
+        .run(
+            "sysctl",
+            [
+                "-qw",
+                "net.ipv6.conf.eth0.accept_dad=1",
+                "net.ipv6.conf.eth0.dad_transmits=1",
+            ],
+        )
+        .unwrap();
+    client
+        .run("ip", ["-6", "addr", "add", &with_prefix, "dev", "eth0"])
+        .unwrap();
+    let line = poll_until(DEADLINE, "the client's DAD for the VIP to fail", || {
+        Some(dad_of(&vip6.to_string())).filter(|l| l.contains("dadfailed"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", dad_of(&vip6.to_string()), w.logs()));
+    println!("the client's kernel: {line}");
+    client
+        .run("ip", ["-6", "addr", "del", &with_prefix, "dev", "eth0"])
+        .unwrap();
+    assert_eq!(
+        client.ndisc6(vip),
+        Some(owner_mac),
+        "the owner keeps the VIP"
+    );
+
+    // The client's kernel learns the owner by resolving it (a connection attempt), then
+    // follows the takeover with no further question of its own.
+    client.flush_neighbours().unwrap();
+    let _ = client.in_netns(|| {
+        std::net::TcpStream::connect_timeout(&SocketAddr::new(vip, 80), Duration::from_millis(300))
+    });
+    let learned = poll_until(DEADLINE, "the client's neighbour entry for the VIP", || {
+        client.neighbour(vip).ok().flatten()
+    })
+    .unwrap();
+    assert_eq!(learned, owner_mac);
+    w.speakers[owner].kill_hard().unwrap();
+    let moved = poll_until(
+        Duration::from_secs(3),
+        "the client's kernel entry to move to another node",
+        || {
+            let mac = client.neighbour(vip).ok().flatten()?;
+            (mac != owner_mac).then_some(mac)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    let new = w
+        .lab
+        .nodes()
+        .iter()
+        .position(|n| n.mac() == moved)
+        .expect("a node's MAC");
+    assert_ne!(new, owner);
+}
