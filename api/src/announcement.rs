@@ -62,6 +62,12 @@ pub struct NodeAnnouncementSpec {
     /// How many IPs are listed (for `kubectl get`).
     #[serde(default)]
     pub count: i32,
+    /// Why kube-proxy on this node fails its health check, while it does: the election
+    /// passes the node over while another node can deliver. Absent when it passes or is
+    /// not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub kube_proxy_failing: Option<String>,
 }
 
 /// One IP as this node announces it.
@@ -152,7 +158,14 @@ impl NodeAnnouncementSpec {
         }
         let left_out = total - kept.len();
         let count = kept.len() as i32;
-        (NodeAnnouncementSpec { ips: kept, count }, left_out)
+        (
+            NodeAnnouncementSpec {
+                ips: kept,
+                count,
+                kube_proxy_failing: None,
+            },
+            left_out,
+        )
     }
 }
 

@@ -90,7 +90,7 @@ pub struct Cluster {
     /// [`Cluster::set_subnets`]).
     rejoining_until: Option<Instant>,
     /// The verdict of the kube-proxy health checks, when they run.
-    proxy_health: Option<watch::Receiver<bool>>,
+    proxy_health: Option<watch::Receiver<proxy_health::Failing>>,
 }
 
 impl Cluster {
@@ -158,9 +158,15 @@ impl Cluster {
         })
     }
 
-    /// Whether kube-proxy on this node passes its health check; `None`: not checked.
-    pub fn proxy_healthy(&self) -> Option<bool> {
-        self.proxy_health.as_ref().map(|h| *h.borrow())
+    /// Why kube-proxy on this node fails its health check; `None`: it passes, or is not
+    /// checked.
+    pub fn kube_proxy_failing(&self) -> proxy_health::Failing {
+        self.proxy_health.as_ref().and_then(|h| h.borrow().clone())
+    }
+
+    /// Whether kube-proxy's health is checked here.
+    pub fn checks_kube_proxy(&self) -> bool {
+        self.proxy_health.is_some()
     }
 
     /// Membership's datagram counters (none before membership started).
@@ -171,7 +177,11 @@ impl Cluster {
     /// Who may own IPs now. While joining: nobody (announce nothing yet).
     pub fn view(&mut self) -> ClusterView {
         let now = Instant::now();
-        if let Some(healthy) = self.proxy_health.as_mut().map(|h| *h.borrow_and_update()) {
+        if let Some(healthy) = self
+            .proxy_health
+            .as_mut()
+            .map(|h| h.borrow_and_update().is_none())
+        {
             self.set_proxy_healthy(healthy);
         }
         let members = self.members.borrow_and_update().clone();

@@ -36,6 +36,9 @@ pub trait Objects {
     fn changed(&mut self) -> impl Future<Output = anyhow::Result<()>>;
     /// What this node owns after each change, for sources that report it.
     fn owned(&mut self, _owned: Vec<Ownership>) {}
+    /// Why kube-proxy on this node fails its health check (`None`: it passes), for
+    /// sources that report it.
+    fn kube_proxy(&mut self, _failing: Option<String>) {}
     /// Whether `fromNodeNetwork` pools are resolved here (a cluster, where the result
     /// can be written to the pool's status for every node and the controller).
     fn resolves_pools(&self) -> bool {
@@ -134,8 +137,12 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             opts.metrics.members.set(alive.len() as i64);
             alive_before = alive;
         }
-        if let Some(healthy) = cluster.as_ref().and_then(Cluster::proxy_healthy) {
-            opts.metrics.kube_proxy_healthy.set(i64::from(healthy));
+        if let Some(c) = cluster.as_ref().filter(|c| c.checks_kube_proxy()) {
+            let failing = c.kube_proxy_failing();
+            opts.metrics
+                .kube_proxy_healthy
+                .set(i64::from(failing.is_none()));
+            objects.kube_proxy(failing);
         }
         if let Some(stats) = cluster.as_ref().and_then(Cluster::stats) {
             Metrics::count_to(

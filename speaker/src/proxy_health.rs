@@ -50,6 +50,9 @@ pub struct Check {
     pub interval: Duration,
 }
 
+/// The longest reason published (the record's bound).
+const MAX_REASON: usize = 256;
+
 /// The path kube-proxy serves its health on.
 pub const PATH: &str = "/healthz";
 
@@ -98,11 +101,14 @@ impl Verdict {
     }
 }
 
-/// Checks every `interval` and publishes the verdict (true: healthy) on the channel it
-/// returns; logs each change, naming the address and the failure. Stops when the
-/// receiver is dropped.
-pub fn spawn(options: Options) -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(true);
+/// The verdict as published: `None` while kube-proxy passes, else why it fails (the
+/// address and the last failure).
+pub type Failing = Option<String>;
+
+/// Checks every `interval` and publishes the verdict on the channel it returns; logs
+/// each change, naming the address and the failure. Stops when the receiver is dropped.
+pub fn spawn(options: Options) -> watch::Receiver<Failing> {
+    let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let url = format!("http://{}{PATH}", options.address);
         let mut verdict = Verdict::default();
@@ -115,16 +121,22 @@ pub fn spawn(options: Options) -> watch::Receiver<bool> {
             if let Err(e) = &outcome {
                 debug!(url = %url, error = %e, "kube-proxy health check failed");
             }
-            match verdict.observe(outcome.is_ok()) {
+            let failing = match verdict.observe(outcome.is_ok()) {
                 Some(false) => {
-                    warn!(url = %url, error = %outcome.as_ref().err().map(String::as_str).unwrap_or_default(), checks = FAIL_AFTER,
+                    let error = outcome.err().unwrap_or_default();
+                    warn!(url = %url, error = %error, checks = FAIL_AFTER,
                         "kube-proxy on this node fails its health check: other nodes announce its IPs while it does (none: this node goes on)");
+                    // The record's bound counts characters.
+                    Some(format!("{url}: {error}").chars().take(MAX_REASON).collect())
                 }
-                Some(true) => info!(url = %url, checks = RECOVER_AFTER,
-                    "kube-proxy on this node passes its health check again: it may announce IPs"),
+                Some(true) => {
+                    info!(url = %url, checks = RECOVER_AFTER,
+                        "kube-proxy on this node passes its health check again: it may announce IPs");
+                    None
+                }
                 None => continue,
-            }
-            if tx.send(verdict.healthy()).is_err() {
+            };
+            if tx.send(failing).is_err() {
                 return;
             }
         }

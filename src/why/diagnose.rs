@@ -48,6 +48,8 @@ pub struct Speaker {
     /// Why it is not running, when its container says (`in CrashLoopBackOff (restarted
     /// 4 times; last exit code 1, Error)`).
     pub problem: Option<String>,
+    /// Why kube-proxy fails its health check there, as the node's record says.
+    pub kube_proxy_failing: Option<String>,
 }
 
 /// Everything the diagnosis reads.
@@ -430,6 +432,26 @@ fn announced(
                 ),
             },
         ));
+    }
+    let cannot_deliver: Vec<String> = running
+        .iter()
+        .filter_map(|n| {
+            let why = components.speakers.get(*n)?.kube_proxy_failing.as_ref()?;
+            Some(format!("{n} (kube-proxy fails its health check: {why})"))
+        })
+        .collect();
+    if !cannot_deliver.is_empty() {
+        d.evidence.push(if cannot_deliver.len() == running.len() {
+            format!(
+                "kube-proxy fails on every node that may announce it, so the check is ignored and traffic may go nowhere: {}",
+                cannot_deliver.join("; ")
+            )
+        } else {
+            format!(
+                "passed over while another node can deliver: {}",
+                cannot_deliver.join("; ")
+            )
+        });
     }
     let type_ = report::condition_type(ip);
     let condition = svc

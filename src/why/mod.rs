@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use ferrolb_allocator::ServiceKey;
 use ferrolb_api::manifests::{Located, Manifests, Origin};
-use ferrolb_api::{IPAddressPool, L2Advertisement};
+use ferrolb_api::{IPAddressPool, L2Advertisement, NodeAnnouncement};
 use ferrolb_kubernetes::lease::Holder;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -185,7 +185,7 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
     // A terminating Pod has stopped serving (a speaker withdraws on SIGTERM): during
     // `helm uninstall` the pools go first, and ferrolb is to be called not running, not
     // left holding IPs "in no pool".
-    let ours: Vec<Pod> = Api::<Pod>::namespaced(client, &args.ferrolb_namespace)
+    let ours: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), &args.ferrolb_namespace)
         .list(&ListParams::default().labels("app.kubernetes.io/component in (speaker,controller)"))
         .await?
         .items
@@ -208,11 +208,25 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
         )),
         other => other,
     };
-    let speakers: BTreeMap<String, Speaker> = ours
+    let mut speakers: BTreeMap<String, Speaker> = ours
         .iter()
         .filter(|p| component(p, "speaker"))
         .filter_map(|p| Some((p.spec.as_ref()?.node_name.clone()?, speaker(p))))
         .collect();
+    // What each node's record says of its kube-proxy. Reading records is a nicety: a
+    // user who may not list them still gets the rest of the diagnosis.
+    let records = Api::<NodeAnnouncement>::namespaced(client.clone(), &args.ferrolb_namespace)
+        .list(&all)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    for record in records {
+        if let (Some(node), Some(failing)) = (record.metadata.name, record.spec.kube_proxy_failing)
+            && let Some(s) = speakers.get_mut(&node)
+        {
+            s.kube_proxy_failing = Some(failing);
+        }
+    }
 
     fn located<T>(items: Vec<T>) -> Vec<Located<T>> {
         items
@@ -269,5 +283,6 @@ fn speaker(p: &Pod) -> Speaker {
         pod: p.metadata.name.clone().unwrap_or_default(),
         ready,
         problem,
+        kube_proxy_failing: None,
     }
 }

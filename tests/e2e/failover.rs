@@ -147,6 +147,22 @@ pub fn kube_proxy_stopped(suite: &Suite) -> Result<()> {
                 Duration::from_secs(30),
                 |n| n != owner,
             )?);
+            // `ferrolb why` names the node passed over, and why, from its record.
+            let passed_over = format!(
+                "passed over while another node can deliver: {owner} (kube-proxy fails its health check: "
+            );
+            let said = suite.block_on(poll(
+                "ferrolb why to name the node whose kube-proxy fails",
+                Duration::from_secs(30),
+                || async {
+                    let d = crate::why::why(suite, WEB_NAMESPACE, "web").ok()?;
+                    d.evidence
+                        .iter()
+                        .find(|e| e.starts_with(&passed_over))
+                        .cloned()
+                },
+            ))?;
+            report!("ferrolb why web: {said}");
             Ok(())
         });
         // Start it again even when the VIP did not move, so later cases find it running.

@@ -22,6 +22,8 @@ pub struct Diagnosis {
     pub headline: String,
     #[serde(default)]
     pub next: Option<String>,
+    #[serde(default)]
+    pub evidence: Vec<String>,
 }
 
 /// `ferrolb why NAME -n NAMESPACE -o json` against the cluster, as its admin.

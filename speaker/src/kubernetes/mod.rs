@@ -68,6 +68,10 @@ impl Objects for ClusterObjects {
         self.record.update(owned);
     }
 
+    fn kube_proxy(&mut self, failing: Option<String>) {
+        self.record.kube_proxy(failing);
+    }
+
     fn resolves_pools(&self) -> bool {
         true
     }

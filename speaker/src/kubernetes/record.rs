@@ -47,6 +47,7 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Hands the newest ownership to the task that writes the record.
 pub struct Record {
     tx: watch::Sender<Vec<Ownership>>,
+    kube_proxy: watch::Sender<Option<String>>,
     task: JoinHandle<()>,
     api: Api<NodeAnnouncement>,
     node: String,
@@ -62,9 +63,13 @@ impl Record {
     ) -> Record {
         let api: Api<NodeAnnouncement> = Api::namespaced(client, namespace);
         let (tx, rx) = watch::channel(Vec::new());
-        let task = tokio::spawn(run(api.clone(), node.clone(), rx, snapshots).in_current_span());
+        let (kube_proxy, kube_proxy_rx) = watch::channel(None);
+        let task = tokio::spawn(
+            run(api.clone(), node.clone(), rx, kube_proxy_rx, snapshots).in_current_span(),
+        );
         Record {
             tx,
+            kube_proxy,
             task,
             api,
             node,
@@ -75,6 +80,15 @@ impl Record {
         self.tx.send_if_modified(|current| {
             let changed = *current != owned;
             *current = owned;
+            changed
+        });
+    }
+
+    /// Why kube-proxy on this node fails its health check (`None`: it passes).
+    pub fn kube_proxy(&self, failing: Option<String>) {
+        self.kube_proxy.send_if_modified(|current| {
+            let changed = *current != failing;
+            *current = failing;
             changed
         });
     }
@@ -102,6 +116,7 @@ async fn run(
     api: Api<NodeAnnouncement>,
     node: String,
     mut owned: watch::Receiver<Vec<Ownership>>,
+    mut kube_proxy: watch::Receiver<Option<String>>,
     snapshots: watch::Receiver<Arc<Manifests>>,
 ) {
     let mut claims = Claims::default();
@@ -112,7 +127,8 @@ async fn run(
     let mut left_out_before = 0;
     loop {
         let wanted = owned.borrow_and_update().clone();
-        let (spec, left_out) = claims.spec(&wanted, Timestamp::now());
+        let (mut spec, left_out) = claims.spec(&wanted, Timestamp::now());
+        spec.kube_proxy_failing = kube_proxy.borrow_and_update().clone();
         if left_out != left_out_before {
             if left_out > 0 {
                 warn!(
@@ -144,6 +160,7 @@ async fn run(
         let retry_at = pending.then_some(not_before);
         tokio::select! {
             changed = owned.changed() => if changed.is_err() { return },
+            changed = kube_proxy.changed() => if changed.is_err() { return },
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {}
         }
     }

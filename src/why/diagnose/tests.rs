@@ -88,6 +88,7 @@ fn running() -> Components {
                         pod: format!("speaker-{n}"),
                         ready: true,
                         problem: None,
+                        kube_proxy_failing: None,
                     },
                 )
             })
@@ -139,6 +140,40 @@ fn healthy_names_the_node_that_reported_and_the_ready_endpoints() {
     assert_eq!(d.node.as_deref(), Some("node-b"));
     assert!(
         d.evidence.contains(&"ready endpoints: web-0".to_string()),
+        "{d:?}"
+    );
+}
+
+/// Issue 23, item 2: a node passed over for its kube-proxy is named with the reason its
+/// record gives; when every node fails, `why` says the check is ignored.
+#[test]
+fn a_node_whose_kube_proxy_fails_is_named_as_passed_over() {
+    let docs = cluster(&service("", &announced_by("node-b")));
+    let refused = "http://10.0.0.1:10256/healthz: Connection refused (os error 111)";
+    let mut components = running();
+    components
+        .speakers
+        .get_mut("node-a")
+        .unwrap()
+        .kube_proxy_failing = Some(refused.into());
+    let d = why(&refs(&docs), Some(components.clone()));
+    assert!(d.healthy, "{d:?}");
+    assert!(
+        d.evidence.contains(&format!(
+            "passed over while another node can deliver: node-a (kube-proxy fails its health check: {refused})"
+        )),
+        "{d:?}"
+    );
+    components
+        .speakers
+        .get_mut("node-b")
+        .unwrap()
+        .kube_proxy_failing = Some(refused.into());
+    let d = why(&refs(&docs), Some(components));
+    assert!(
+        d.evidence.iter().any(|e| e.starts_with(
+            "kube-proxy fails on every node that may announce it, so the check is ignored and traffic may go nowhere: node-a"
+        )),
         "{d:?}"
     );
 }
