@@ -378,6 +378,24 @@ async fn another_host_answering_for_the_vip_is_reported_on_the_service_not_fough
         w.logs()
     );
     assert_eq!(w.event_count("web", "ConflictingResponder"), 1);
+    // The pool says which of its addresses is taken, and by whom.
+    let taken = |w: &World| {
+        w.cluster.kubectl(&[
+            "get",
+            "ipaddresspool",
+            "lab",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"AddressesTaken\")].message}",
+        ])
+    };
+    let pool_says = format!(
+        "1 address is answered by another host on the network, so ferrolb does not announce it: \
+         {vip} (default/web) by MAC {mac}"
+    );
+    eventually(DEADLINE, "the pool's AddressesTaken condition", || async {
+        (taken(&w) == pool_says).then_some(())
+    })
+    .await;
     let metrics = speaker_get(&w, elected, "/metrics").unwrap();
     assert!(
         !metrics.contains(&format!("ferrolb_speaker_announced{{ip=\"{vip}\"")),
@@ -394,6 +412,12 @@ async fn another_host_answering_for_the_vip_is_reported_on_the_service_not_fough
         released.elapsed().as_millis()
     );
     assert_eq!(w.owner(vip), elected);
+    eventually(
+        DEADLINE,
+        "the pool's AddressesTaken condition to go",
+        || async { taken(&w).is_empty().then_some(()) },
+    )
+    .await;
 }
 
 /// A host that starts answering for a VIP ferrolb already announces (a router or

@@ -69,6 +69,8 @@ pub struct Announced {
     claims: BTreeMap<(ServiceKey, IpAddr), BTreeMap<String, Claim>>,
     /// What each node's record claims, to replace it when the record changes.
     by_node: BTreeMap<String, BTreeSet<(ServiceKey, IpAddr)>>,
+    /// The IPs each node holds back because another host answered for them first.
+    held: BTreeMap<String, BTreeMap<IpAddr, OtherResponder>>,
     services: BTreeMap<ServiceKey, Shown>,
 }
 
@@ -90,6 +92,7 @@ impl Announced {
             return Vec::new();
         };
         let mut claims: BTreeMap<(ServiceKey, IpAddr), Claim> = BTreeMap::new();
+        let mut held = BTreeMap::new();
         for entry in &record.spec.ips {
             // Hostile input: what does not parse is skipped, not guessed at.
             let Ok(ip) = entry.ip.parse::<IpAddr>() else {
@@ -100,6 +103,9 @@ impl Announced {
                 since: entry.since.0,
                 other: entry.other_responder.as_ref().and_then(checked_responder),
             };
+            if let Some(other) = claim.other.as_ref().filter(|o| o.held_back) {
+                held.insert(ip, other.clone());
+            }
             for service in &entry.services {
                 if let Some((namespace, name)) = service.split_once('/') {
                     let key = ServiceKey {
@@ -118,6 +124,11 @@ impl Announced {
                 changed.insert(at.0.clone());
             }
         }
+        if held.is_empty() {
+            self.held.remove(&node);
+        } else {
+            self.held.insert(node.clone(), held);
+        }
         let now: BTreeSet<(ServiceKey, IpAddr)> = claims.into_keys().collect();
         let before = self.by_node.insert(node.clone(), now.clone());
         for at in before.unwrap_or_default().difference(&now) {
@@ -129,6 +140,7 @@ impl Announced {
 
     /// A node's record was deleted (its speaker left, or its Node was deleted).
     pub fn record_deleted(&mut self, node: &str) -> Vec<ConditionWrite> {
+        self.held.remove(node);
         let mut changed = BTreeSet::new();
         for at in self.by_node.remove(node).unwrap_or_default() {
             self.forget(&at, node);
@@ -168,6 +180,22 @@ impl Announced {
                 .collect();
         }
         self.decide(&key)
+    }
+
+    /// The IPs some node holds back because another host answered for them first, with
+    /// who answered (`MAC 02:42:ac:12:00:0b (node node-c)`): for the pools' conditions.
+    /// Only the IPs the controller gave out count there, so a record cannot name others.
+    pub fn taken(&self) -> BTreeMap<IpAddr, String> {
+        let mut taken = BTreeMap::new();
+        for held in self.held.values() {
+            for (ip, other) in held {
+                taken.entry(*ip).or_insert_with(|| match &other.node {
+                    Some(node) => format!("MAC {} (node {node})", other.mac),
+                    None => format!("MAC {}", other.mac),
+                });
+            }
+        }
+        taken
     }
 
     pub fn service_deleted(&mut self, key: &ServiceKey) {
@@ -379,11 +407,20 @@ mod tests {
             "{}",
             writes[0].message
         );
+        // The pools hear of it too.
+        assert_eq!(
+            a.taken(),
+            BTreeMap::from([(
+                "192.0.2.10".parse().unwrap(),
+                "MAC 02:42:ac:12:00:0b (node node-b)".to_string()
+            )])
+        );
         a.written(&writes[0], Some(6));
         let taken = a.record_applied(&record(
             "node-a",
             &[("192.0.2.10", &["eth0"], "default/web", 200)],
         ));
+        assert!(a.taken().is_empty(), "the node took it: nothing is held back");
         assert_eq!(
             messages(&taken),
             ["192.0.2.10 is announced by node-a on eth0"]

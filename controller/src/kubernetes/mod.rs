@@ -227,7 +227,7 @@ async fn active(
             }
             _ = pool_flush.tick() => {
                 let now = Time(Timestamp::now());
-                let mut actions = reconciler.pool_statuses(&now);
+                let mut actions = reconciler.pool_statuses(&now, &announced.taken());
                 actions.retain(|a| !matches!(a, Action::PoolStatus { name, .. } if retries.pools.waiting(name)));
                 tokio::select! {
                     biased;

@@ -42,7 +42,7 @@ pub use events::{
 
 /// The field manager of the controller's writes of Service IPs.
 pub const FIELD_MANAGER: &str = "ferrolb-controller";
-pub use pool_status::{INVALID, OVERLAPPING, READY, STRANDED, UNRESOLVED};
+pub use pool_status::{INVALID, OVERLAPPING, READY, STRANDED, TAKEN, UNRESOLVED};
 
 /// Something to write to the API server.
 #[derive(Clone, Debug, PartialEq)]

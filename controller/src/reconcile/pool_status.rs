@@ -5,6 +5,7 @@
 //! a status is written only when a condition or a count changes, not on every reconcile.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use ferrolb_allocator::Outcome;
 use ferrolb_api::IPAddressPoolStatus;
@@ -19,13 +20,17 @@ pub const READY: &str = "Ready";
 pub const INVALID: &str = "Invalid";
 pub const OVERLAPPING: &str = "Overlapping";
 pub const STRANDED: &str = "Stranded";
+pub const TAKEN: &str = "AddressesTaken";
+/// The most IPs an AddressesTaken message lists (the rest are counted).
+const TAKEN_LISTED: usize = 10;
 /// The Ready condition's reason for a `fromNodeNetwork` pool not resolved (yet).
 pub const UNRESOLVED: &str = "NotResolved";
 
 impl Reconciler {
     /// Pool statuses that differ from what the pools say; conditions that change get
-    /// `now` as their transition time.
-    pub fn pool_statuses(&self, now: &Time) -> Vec<Action> {
+    /// `now` as their transition time. `taken`: the IPs held back because another host
+    /// answers for them, with who (from the nodes' records).
+    pub fn pool_statuses(&self, now: &Time, taken: &BTreeMap<IpAddr, String>) -> Vec<Action> {
         if !self.started {
             return Vec::new();
         }
@@ -36,6 +41,7 @@ impl Reconciler {
             .map(|u| (u.name.clone(), u))
             .collect();
         let stranded = self.stranded_by_pool();
+        let taken = self.taken_by_pool(taken);
         let mut actions = Vec::new();
         for (name, pool) in &self.pools {
             let observed = pool.object.status.clone().unwrap_or_default();
@@ -126,6 +132,27 @@ impl Reconciler {
                     ),
                 ));
             }
+            if let Some(lines) = taken.get(name) {
+                let listed: Vec<&str> = lines
+                    .iter()
+                    .take(TAKEN_LISTED)
+                    .map(String::as_str)
+                    .collect();
+                let more = lines.len() - listed.len();
+                desired.conditions.push(condition(
+                    TAKEN,
+                    true,
+                    "AnsweredByAnotherHost",
+                    format!(
+                        "{} {} answered by another host on the network, so ferrolb does not announce {}: {}{}",
+                        lines.len(),
+                        plural(lines.len(), "address is", "addresses are"),
+                        if lines.len() == 1 { "it" } else { "them" },
+                        listed.join("; "),
+                        if more > 0 { format!("; and {more} more") } else { String::new() }
+                    ),
+                ));
+            }
             if !same_status(&observed, &desired) {
                 actions.push(Action::PoolStatus {
                     name: name.clone(),
@@ -151,6 +178,33 @@ impl Reconciler {
                         .push(format!("{ip} ({key})"));
                 }
             }
+        }
+        by_pool
+    }
+}
+
+impl Reconciler {
+    /// Per pool, one line per IP it gave out that another host answers for.
+    fn taken_by_pool(&self, taken: &BTreeMap<IpAddr, String>) -> BTreeMap<String, Vec<String>> {
+        let mut by_pool: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if taken.is_empty() {
+            return by_pool;
+        }
+        for (key, record) in &self.services {
+            for (ip, pool) in &record.from_pool {
+                if let Some(who) = taken.get(ip)
+                    && self.pools.contains_key(pool)
+                {
+                    by_pool
+                        .entry(pool.clone())
+                        .or_default()
+                        .push(format!("{ip} ({key}) by {who}"));
+                }
+            }
+        }
+        // A shared IP is listed once per Service; sorted by IP, then Service.
+        for lines in by_pool.values_mut() {
+            lines.sort();
         }
         by_pool
     }

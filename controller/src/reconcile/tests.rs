@@ -234,7 +234,7 @@ fn a_shrunk_pool_says_which_addresses_it_strands() {
     let (mut r, _) = started(&pools, &[service("a", &["192.0.2.15"])]);
     r.pools_applied(&[pool("lab", &["192.0.2.10-192.0.2.12"], 2)]);
     let now = Time(Timestamp::now());
-    let actions = r.pool_statuses(&now);
+    let actions = r.pool_statuses(&now, &BTreeMap::new());
     let Some(Action::PoolStatus { status, .. }) = actions.first() else {
         panic!("{actions:?}");
     };
@@ -252,12 +252,64 @@ fn a_shrunk_pool_says_which_addresses_it_strands() {
     assert_eq!((status.assigned_ipv4, status.available_ipv4), (0, 3));
 }
 
+/// Issue 23, item 1: an IP the pool gave out that another host answers for (a node's
+/// record says it holds it back) is named on the pool, with who answers; it goes when
+/// the host lets go.
+#[test]
+fn a_pool_names_the_addresses_another_host_answers_for() {
+    let pools = [pool("lab", &["192.0.2.10-192.0.2.19"], 1)];
+    let (mut r, _) = started(
+        &pools,
+        &[service("a", &["192.0.2.10"]), service("b", &["192.0.2.11"])],
+    );
+    let now = Time(Timestamp::now());
+    let taken = BTreeMap::from([
+        (
+            ip("192.0.2.11"),
+            "MAC 02:42:ac:12:00:0b (node node-c)".to_string(),
+        ),
+        // Not one the controller gave out: a record cannot put it on the pool.
+        (ip("192.0.2.19"), "MAC 02:42:ac:12:00:0c".to_string()),
+    ]);
+    let actions = r.pool_statuses(&now, &taken);
+    let [Action::PoolStatus { name, status }] = actions.as_slice() else {
+        panic!("{actions:?}");
+    };
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == TAKEN)
+        .expect("an AddressesTaken condition");
+    assert_eq!(
+        (
+            condition.status.as_str(),
+            condition.reason.as_str(),
+            condition.message.as_str()
+        ),
+        (
+            "True",
+            "AnsweredByAnotherHost",
+            "1 address is answered by another host on the network, so ferrolb does not announce it: \
+             192.0.2.11 (shop/b) by MAC 02:42:ac:12:00:0b (node node-c)"
+        )
+    );
+    r.pool_written(name, status.clone());
+    let actions = r.pool_statuses(&now, &BTreeMap::new());
+    let [Action::PoolStatus { status, .. }] = actions.as_slice() else {
+        panic!("{actions:?}");
+    };
+    assert!(
+        status.conditions.iter().all(|c| c.type_ != TAKEN),
+        "{status:?}"
+    );
+}
+
 #[test]
 fn pool_status_is_written_only_when_it_changes() {
     let pools = [pool("lab", &["192.0.2.10-192.0.2.19"], 1)];
     let (mut r, _) = started(&pools, &[service("a", &["192.0.2.10"])]);
     let now = Time(Timestamp::now());
-    let actions = r.pool_statuses(&now);
+    let actions = r.pool_statuses(&now, &BTreeMap::new());
     let [Action::PoolStatus { name, status }] = actions.as_slice() else {
         panic!("{actions:?}");
     };
@@ -270,7 +322,7 @@ fn pool_status_is_written_only_when_it_changes() {
     );
     r.pool_written(name, status.clone());
     let later = Time(Timestamp::now());
-    assert_eq!(r.pool_statuses(&later), vec![]);
+    assert_eq!(r.pool_statuses(&later, &BTreeMap::new()), vec![]);
     // A status-only update of the pool (same generation) decides nothing again.
     let mut echoed = pools[0].clone();
     echoed.status = Some(status.clone());
@@ -344,7 +396,10 @@ fn nothing_is_decided_before_start() {
     let mut r = Reconciler::new("ferrolb.io/lb");
     assert_eq!(r.service_applied(&service("a", &[])), vec![]);
     assert_eq!(r.pools_applied(&[pool("lab", &["192.0.2.10"], 1)]), vec![]);
-    assert_eq!(r.pool_statuses(&Time(Timestamp::now())), vec![]);
+    assert_eq!(
+        r.pool_statuses(&Time(Timestamp::now()), &BTreeMap::new()),
+        vec![]
+    );
 }
 
 #[test]
@@ -378,7 +433,7 @@ fn a_from_node_network_pool_serves_once_its_speakers_resolved_it() {
     let (mut r, actions) = started(std::slice::from_ref(&auto), &[service("a", &[])]);
     assert_eq!(statuses(&actions), vec![], "nothing to give yet");
     let now = Time(Timestamp::now());
-    let written = r.pool_statuses(&now);
+    let written = r.pool_statuses(&now, &BTreeMap::new());
     let [Action::PoolStatus { status, .. }] = written.as_slice() else {
         panic!("one pool status: {written:?}");
     };
@@ -412,7 +467,7 @@ fn a_from_node_network_pool_serves_once_its_speakers_resolved_it() {
         statuses(&actions),
         vec![("a".into(), vec![ip("10.99.0.251")])]
     );
-    let written = r.pool_statuses(&now);
+    let written = r.pool_statuses(&now, &BTreeMap::new());
     let [Action::PoolStatus { status, .. }] = written.as_slice() else {
         panic!("one pool status: {written:?}");
     };
