@@ -1,6 +1,7 @@
 //! `ferrolb`: one binary for every part of ferrolb.
 
 mod controller_command;
+mod drain;
 mod files;
 mod import;
 mod logging;
@@ -61,6 +62,14 @@ enum Command {
     /// do. Reads the current cluster, or manifests with -f. Exits 0 only when the Service
     /// is healthy, so scripts can call it after `helm install`.
     Why(why::WhyArgs),
+    /// Move a node's external IPs to other nodes before maintenance (`--undo` after).
+    ///
+    /// Labels the Node ferrolb.io/drain=true: every speaker's election passes it over,
+    /// so each IP it announces goes to its runner-up, which announces it at once. Waits
+    /// until the nodes' records show every IP announced elsewhere and prints where each
+    /// went. Refuses when an IP would be left with no node (--force drains anyway).
+    /// Exits 0 once everything moved, 1 when something did not in --timeout.
+    Drain(drain::DrainArgs),
     /// Print the CustomResourceDefinitions as YAML (what the Helm chart installs).
     Crds,
     /// Convert another load balancer's configuration into ferrolb's, and check that no
@@ -101,6 +110,7 @@ fn main() -> ExitCode {
         }
         Command::Controller(args) => controller_command::run(args),
         Command::Why(args) => why::run(args),
+        Command::Drain(args) => drain::run(args),
         Command::Crds => print_crds(),
         Command::Import(args) => import::run(args),
         Command::Speaker(args) => speaker_command::run(args),

@@ -92,6 +92,11 @@ const CASES: &[(&str, Case, bool)] = &[
     ),
     ("failover::link_cut", failover::link_cut, NODES),
     (
+        "failover::ferrolb_drain_moves_ips_without_losing_connections",
+        failover::ferrolb_drain,
+        ANY,
+    ),
+    (
         "failover::kube_proxy_stopped_moves_the_vip",
         failover::kube_proxy_stopped,
         NODES,

@@ -420,7 +420,10 @@ mod tests {
             "node-a",
             &[("192.0.2.10", &["eth0"], "default/web", 200)],
         ));
-        assert!(a.taken().is_empty(), "the node took it: nothing is held back");
+        assert!(
+            a.taken().is_empty(),
+            "the node took it: nothing is held back"
+        );
         assert_eq!(
             messages(&taken),
             ["192.0.2.10 is announced by node-a on eth0"]

@@ -11,7 +11,8 @@
 //!    every pool when the advertisement names none). An IP no advertisement covers is not
 //!    announced.
 //! 3. The eligible nodes: matching the advertisement's `nodeSelectors`, not labelled
-//!    `node.kubernetes.io/exclude-from-external-load-balancers`, not NotReady, and, for an
+//!    `node.kubernetes.io/exclude-from-external-load-balancers` nor `ferrolb.io/drain`,
+//!    not NotReady, and, for an
 //!    IP of an `externalTrafficPolicy: Local` Service, holding a ready endpoint of it.
 //! 4. The owner: [`election::owner`] among the eligible nodes.
 
@@ -32,6 +33,11 @@ use ipnetwork::IpNetwork;
 
 /// The label Kubernetes uses to keep a node out of load balancing.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// The label `ferrolb drain` puts on a node before maintenance: its IPs move away, as
+/// with [`EXCLUDE_LABEL`], which stays the user's own to set (so `ferrolb drain --undo`
+/// never removes what someone else put there).
+pub const DRAIN_LABEL: &str = "ferrolb.io/drain";
 
 /// The label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -329,6 +335,8 @@ pub fn advertising<'m>(
 pub enum Ineligible {
     /// Labelled [`EXCLUDE_LABEL`].
     Excluded,
+    /// Labelled [`DRAIN_LABEL`].
+    Drained,
     NotReady,
     /// No advertisement's `nodeSelectors` match it.
     NotSelected,
@@ -340,6 +348,10 @@ impl std::fmt::Display for Ineligible {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ineligible::Excluded => write!(f, "labelled {EXCLUDE_LABEL}"),
+            Ineligible::Drained => write!(
+                f,
+                "drained for maintenance (label {DRAIN_LABEL}; `ferrolb drain --undo` lifts it)"
+            ),
             Ineligible::NotReady => f.write_str("NotReady"),
             Ineligible::NotSelected => {
                 f.write_str("not matched by the L2Advertisement's nodeSelectors")
@@ -358,6 +370,9 @@ pub fn ineligible(node: &Node, advs: &[&L2Advertisement]) -> Option<Ineligible> 
     let labels = node.metadata.labels.as_ref().unwrap_or(&no_labels);
     if labels.contains_key(EXCLUDE_LABEL) {
         return Some(Ineligible::Excluded);
+    }
+    if labels.contains_key(DRAIN_LABEL) {
+        return Some(Ineligible::Drained);
     }
     let not_ready = node
         .status

@@ -364,3 +364,73 @@ pub fn kubelet_stopped(suite: &Suite) -> Result<()> {
         },
     )
 }
+
+/// `ferrolb drain OWNER` with the client opening connections every 20 ms, then
+/// `ferrolb drain --undo OWNER`: every IP the node announced moves away and comes back,
+/// and no new connection fails either way.
+pub fn ferrolb_drain(suite: &Suite) -> Result<()> {
+    let web = suite.web()?;
+    let c = &suite.cluster;
+    let vip = web.ips[0];
+    let nodes = suite.block_on(c.node_ips())?;
+    let owner = settle(suite, vip)?;
+    let ferrolb = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrolb"))
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(&c.kubeconfig)
+            .output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!("ferrolb {} failed ({}): {said}", args.join(" "), out.status);
+        }
+        Ok(said)
+    };
+    let probed = |step: &dyn Fn() -> Result<String>| -> Result<(String, client::Gaps)> {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probes = client::probe_until(&c.client, vip, done.clone());
+        let said = step();
+        // Keep probing a moment after the command returns: clients still update.
+        std::thread::sleep(Duration::from_secs(1));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let gaps = probes
+            .join()
+            .map_err(|_| anyhow::anyhow!("the probe thread panicked"))??;
+        Ok((said?, gaps))
+    };
+    let (drained, away) = probed(&|| ferrolb(&["drain", &owner]))?;
+    let (to, _) = on_the_wire_until(suite, &nodes, vip, Duration::from_secs(10), |n| n != owner)?;
+    report!("ferrolb drain {owner}:\n{}", indent(&drained));
+    let (undone, back) = probed(&|| ferrolb(&["drain", "--undo", &owner]))?;
+    let (home, _) = on_the_wire_until(suite, &nodes, vip, DEADLINE, |n| n == owner)?;
+    report!("ferrolb drain --undo {owner}:\n{}", indent(&undone));
+    report!(
+        "drain: {vip} moved {owner} → {to}, {} of {} new connections failed (longest gap {} ms); \
+         undo: back on {home}, {} of {} failed (longest gap {} ms)",
+        away.failed,
+        away.probes,
+        away.longest.as_millis(),
+        back.failed,
+        back.probes,
+        back.longest.as_millis()
+    );
+    if away.failed > 0 || back.failed > 0 {
+        bail!(
+            "connections were lost: {} while draining, {} while undoing",
+            away.failed,
+            back.failed
+        );
+    }
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("      {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
