@@ -206,6 +206,19 @@ async fn the_server_enforces_every_cel_rule_with_its_message() {
             "{gratuitous}: plan says {problem:?}"
         );
     }
+    // Node priorities are bounded too.
+    let err = cp
+        .apply(
+            "apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: p}\n\
+             spec: {nodePriorities: [{priority: 5000, nodeSelector: {}}]}\n",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("spec.nodePriorities[0].priority")
+            && err.contains("less than or equal to 1000"),
+        "{err}"
+    );
     for gratuitous in [
         "{count: 1, intervalMilliseconds: 10, refreshSeconds: 0}",
         "{count: 30, intervalMilliseconds: 60000, refreshSeconds: 86400}",

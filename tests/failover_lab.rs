@@ -752,3 +752,57 @@ fn rotating_the_key_in_three_steps_never_splits_the_cluster() {
 }
 
 type LabProcessRef = ferrolb::lab::LabProcess;
+
+/// Issue 23, item 5: an L2Advertisement that prefers one node (not the one the hash
+/// picks): that node announces the VIP while it runs; killed, another takes over;
+/// back, it takes the VIP back once its hold-down has passed, and only then.
+#[test]
+fn a_preferred_node_announces_while_it_can() {
+    let mut w = World::start(&service("web", 80, 30080, ""));
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let hashed = w.single_owner(vip);
+    let preferred = (hashed + 1) % 3;
+    let name = w.lab.node(preferred).name().to_string();
+    let pool = POOL.replace(
+        "spec: {forwarding: nodePort}",
+        &format!(
+            "spec:\n  forwarding: nodePort\n  nodePriorities:\n  \
+             - {{priority: 100, nodeSelector: {{matchLabels: {{kubernetes.io/hostname: {name}}}}}}}\n"
+        ),
+    );
+    assert_ne!(pool, POOL);
+    let staged = w.dir.path().join(".pool.yaml");
+    std::fs::write(&staged, pool).unwrap();
+    std::fs::rename(&staged, w.dir.path().join("pool.yaml")).unwrap();
+    let only = |node: usize| move |w: &World| (w.answering(vip).as_slice() == [node]).then_some(());
+    poll_until(DEADLINE, "the preferred node to announce", || {
+        only(preferred)(&w)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+
+    w.speakers[preferred].kill_hard().unwrap();
+    let stand_in = poll_until(DEADLINE, "another node to take over", || {
+        match w.answering(vip).as_slice() {
+            [one] if *one != preferred => Some(*one),
+            _ => None,
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+
+    w.restart(preferred);
+    let restarted = Instant::now();
+    poll_until(
+        Duration::from_secs(15),
+        "the preferred node to take the VIP back",
+        || only(preferred)(&w),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    let back = restarted.elapsed();
+    println!(
+        "preferred node{preferred} (the hash picks node{hashed}): node{stand_in} stood in; back on node{preferred} {} ms after its speaker restarted",
+        back.as_millis()
+    );
+    // Not before its hold-down (3 s): a crash-looping preferred node drags nothing.
+    assert!(back >= Duration::from_secs(3), "{back:?}");
+}

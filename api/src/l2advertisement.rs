@@ -48,6 +48,13 @@ pub struct L2AdvertisementSpec {
         "rule": crate::UNIQUE_RULE, "message": crate::UNIQUE_MESSAGE,
     }]))]
     pub node_selectors: Vec<LabelSelector>,
+    /// Nodes that announce in preference to the others: each IP goes to the live,
+    /// eligible node with the highest priority (by hash among equals), so the others
+    /// announce only while none of those can. A node's priority is the highest of the
+    /// entries whose selector matches it, 0 when none does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub node_priorities: Vec<NodePriority>,
     /// Interfaces to announce on. Empty: every interface with a subnet holding the IP,
     /// else the interface(s) of the node's route to it (never Pod veths or bridges).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -63,6 +70,20 @@ pub struct L2AdvertisementSpec {
     /// `--announce-interval-ms`, `--refresh-secs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gratuitous: Option<Gratuitous>,
+}
+
+/// Bounds of [`NodePriority::priority`].
+pub const PRIORITY_MIN: i32 = -1000;
+pub const PRIORITY_MAX: i32 = 1000;
+
+/// A priority for the nodes a selector matches.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePriority {
+    /// Higher wins (-1000..1000; nodes matching no entry have 0).
+    #[schemars(range(min = PRIORITY_MIN, max = PRIORITY_MAX))]
+    pub priority: i32,
+    pub node_selector: LabelSelector,
 }
 
 /// Bounds of [`Gratuitous`], the same in the CRD and for files read by `plan`.

@@ -16,7 +16,9 @@ pub mod validation;
 
 pub use address::{AddressRange, Family};
 pub use announcement::{AnnouncedIP, NodeAnnouncement, NodeAnnouncementSpec, OtherResponder};
-pub use l2advertisement::{Forwarding, Gratuitous, L2Advertisement, L2AdvertisementSpec};
+pub use l2advertisement::{
+    Forwarding, Gratuitous, L2Advertisement, L2AdvertisementSpec, NodePriority,
+};
 pub use pool::{
     AddressEntry, FromNodeNetwork, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus,
     NodeNetworkStatus, ServiceAllocation,

@@ -185,6 +185,17 @@ pub fn advertisement_problem(advertisement: &L2Advertisement) -> Option<String> 
         .or_else(|| repeat("spec.nodeSelectors", &spec.node_selectors))
         .or_else(|| repeat("spec.interfaces", &spec.interfaces))
         .or_else(|| spec.gratuitous.as_ref().and_then(|g| g.problem()))
+        .or_else(|| {
+            use crate::l2advertisement::{PRIORITY_MAX, PRIORITY_MIN};
+            spec.node_priorities.iter().enumerate().find_map(|(i, p)| {
+                (!(PRIORITY_MIN..=PRIORITY_MAX).contains(&p.priority)).then(|| {
+                    format!(
+                        "spec.nodePriorities[{i}].priority {} is out of {PRIORITY_MIN}..={PRIORITY_MAX}",
+                        p.priority
+                    )
+                })
+            })
+        })
 }
 
 fn repeat<T: PartialEq + Shown>(field: &str, items: &[T]) -> Option<String> {

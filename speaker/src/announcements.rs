@@ -14,7 +14,9 @@
 //!    `node.kubernetes.io/exclude-from-external-load-balancers` nor `ferrolb.io/drain`,
 //!    not NotReady, and, for an
 //!    IP of an `externalTrafficPolicy: Local` Service, holding a ready endpoint of it.
-//! 4. The owner: [`election::owner`] among the eligible nodes.
+//! 4. The owner: [`election::owner`] among the eligible nodes membership leaves
+//!    ([`ClusterView::candidates`]), of the highest priority the advertisements give
+//!    ([`preferred`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -116,6 +118,7 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
         return out;
     };
     let nodes: Vec<&Node> = m.nodes.iter().map(|n| &*n.object).collect();
+    let labels = node_labels(&nodes);
     let pool_labels: BTreeMap<&str, Labels> = m
         .pools
         .iter()
@@ -175,7 +178,10 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
             })
             .filter_map(|n| n.metadata.name.as_deref())
             .collect();
-        let owner = election::owner(ip, view.candidates(ip, &eligible));
+        let owner = election::owner(
+            ip,
+            preferred(&advs, &labels, view.candidates(ip, &eligible)),
+        );
         out.owners.insert(ip, owner.map(str::to_string));
         if owner.is_none() {
             out.orphans.insert(ip, keys.clone());
@@ -327,6 +333,49 @@ pub fn advertising<'m>(
         .iter()
         .map(|a| &*a.object)
         .filter(|a| announces_pool(a, pool, labels))
+        .collect()
+}
+
+/// Each node's labels, by name.
+pub type NodeLabels<'m> = BTreeMap<&'m str, &'m Labels>;
+
+/// [`NodeLabels`] of `nodes`.
+pub fn node_labels<'m>(nodes: &[&'m Node]) -> NodeLabels<'m> {
+    nodes
+        .iter()
+        .filter_map(|n| Some((n.metadata.name.as_deref()?, n.metadata.labels.as_ref()?)))
+        .collect()
+}
+
+/// The candidates of the highest priority `advs` give them (their `nodePriorities`; a
+/// node matching no entry has 0, and where several advertisements announce one IP the
+/// highest of theirs counts): the preferred nodes announce while any of them can. All of
+/// them when no advertisement sets priorities. Applied after membership's narrowing, so
+/// a preferred node that has just come back takes its IPs once it has settled.
+pub fn preferred<'a>(
+    advs: &[&L2Advertisement],
+    labels: &NodeLabels,
+    candidates: Vec<&'a str>,
+) -> Vec<&'a str> {
+    if advs.iter().all(|a| a.spec.node_priorities.is_empty()) {
+        return candidates;
+    }
+    let no_labels = Labels::new();
+    let priority = |name: &str| -> i32 {
+        let labels = labels.get(name).copied().unwrap_or(&no_labels);
+        advs.iter()
+            .flat_map(|a| &a.spec.node_priorities)
+            .filter(|p| selector::matches(&p.node_selector, labels))
+            .map(|p| p.priority)
+            .max()
+            .unwrap_or(0)
+    };
+    let scored: Vec<(i32, &'a str)> = candidates.iter().map(|c| (priority(c), *c)).collect();
+    let top = scored.iter().map(|(p, _)| *p).max();
+    scored
+        .into_iter()
+        .filter(|(p, _)| Some(*p) == top)
+        .map(|(_, c)| c)
         .collect()
 }
 
@@ -816,6 +865,62 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
                 interval_milliseconds: Some(50),
                 refresh_seconds: Some(60),
             }
+        );
+    }
+
+    /// Issue 23, item 5: the preferred nodes announce every IP while one of them can,
+    /// by hash among equals; the others only when none can; a preferred node that has
+    /// just come back waits for its hold-down like any other.
+    #[test]
+    fn preferred_nodes_announce_while_one_can() {
+        let services: String = (0..10)
+            .map(|i| svc("").replace("name: web", &format!("name: web{i}")))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        let m = manifests(&format!(
+            "{}---\n{services}",
+            adv("{nodePriorities: [{priority: 10, nodeSelector: {matchLabels: {zone: b}}}]}")
+        ));
+        let member = |settled: bool| crate::election::MemberView {
+            subnets: vec![],
+            settled,
+            known: true,
+            proxy_failing: false,
+        };
+        let view = |members: &[(&str, bool)]| ClusterView {
+            members: Some(
+                members
+                    .iter()
+                    .map(|(n, settled)| (n.to_string(), member(*settled)))
+                    .collect(),
+            ),
+        };
+        let owners = |v: &ClusterView| -> BTreeSet<String> {
+            plan_node(&m, "n1", v)
+                .owners
+                .values()
+                .map(|o| o.clone().unwrap_or_default())
+                .collect()
+        };
+        let all = view(&[("n1", true), ("n2", true), ("n3", true)]);
+        assert_eq!(
+            owners(&all),
+            BTreeSet::from(["n2".to_string(), "n3".to_string()]),
+            "both zone-b nodes share the IPs; n1 has none"
+        );
+        assert_eq!(
+            owners(&view(&[("n1", true), ("n3", true)])),
+            BTreeSet::from(["n3".to_string()])
+        );
+        assert_eq!(
+            owners(&view(&[("n1", true)])),
+            BTreeSet::from(["n1".to_string()]),
+            "no preferred node alive: the others announce"
+        );
+        assert_eq!(
+            owners(&view(&[("n1", true), ("n2", false)])),
+            BTreeSet::from(["n1".to_string()]),
+            "a preferred node back moments ago waits for its hold-down"
         );
     }
 }

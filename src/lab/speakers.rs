@@ -15,8 +15,9 @@ impl Lab {
         for node in self.nodes() {
             let _ = write!(
                 out,
-                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  \
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{kubernetes.io/hostname: {}}}\nstatus:\n  addresses:\n  \
                  - {{type: InternalIP, address: \"{}\"}}\n  - {{type: InternalIP, address: \"{}\"}}\n",
+                node.name(),
                 node.name(),
                 node.ipv4(),
                 node.ipv6()

@@ -380,7 +380,7 @@ fn announced(
             if local {
                 "make a Pod of the Service Ready (externalTrafficPolicy: Local needs a ready endpoint on the announcing node)"
             } else {
-                "check the L2Advertisement's nodeSelectors, the node label node.kubernetes.io/exclude-from-external-load-balancers, and node readiness"
+                "check the L2Advertisement's nodeSelectors, the node labels node.kubernetes.io/exclude-from-external-load-balancers and ferrolb.io/drain (`ferrolb drain --undo NODE`), and node readiness"
             },
         ));
     }
@@ -389,8 +389,13 @@ fn announced(
             .push(format!("not eligible: {}", excluded.join("; ")));
     }
     let Some(components) = &f.components else {
-        // Reading files: the election, with every eligible node alive.
-        let owner = election::owner(ip, eligible.iter().map(String::as_str)).unwrap_or_default();
+        // Reading files: the election, with every eligible node alive, among the
+        // preferred ones (the speakers' rule).
+        let nodes: Vec<_> = m.nodes.iter().map(|n| &*n.object).collect();
+        let labels = announcements::node_labels(&nodes);
+        let candidates = eligible.iter().map(String::as_str).collect();
+        let owner = election::owner(ip, announcements::preferred(&advs, &labels, candidates))
+            .unwrap_or_default();
         d.evidence.push(format!(
             "eligible: {} (with every speaker up, {owner} announces)",
             eligible.join(", ")
