@@ -512,6 +512,28 @@ fn forward_rules(
         .as_ref()
         .and_then(|s| s.ports.clone())
         .unwrap_or_default();
+    let without: Vec<String> = ports
+        .iter()
+        .filter(|p| p.node_port.is_none())
+        .map(|p| p.port.to_string())
+        .collect();
+    if !without.is_empty() {
+        let why = if svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.allocate_load_balancer_node_ports)
+            == Some(false)
+        {
+            "it sets allocateLoadBalancerNodePorts: false"
+        } else {
+            "the API server has not given them one (yet)"
+        };
+        problems.push(format!(
+            "Service \"{key}\": port(s) {} of {vip} have no NodePort ({why}), so forwarding: nodePort \
+             does not carry them; kube-proxy (or your CNI) must handle the VIP on the announcing node",
+            without.join(", ")
+        ));
+    }
     ports
         .iter()
         .filter_map(|p| {
@@ -921,6 +943,30 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
             owners(&view(&[("n1", true), ("n2", false)])),
             BTreeSet::from(["n1".to_string()]),
             "a preferred node back moments ago waits for its hold-down"
+        );
+    }
+
+    /// Issue 23, item 3: with allocateLoadBalancerNodePorts: false there is no NodePort
+    /// to forward to: said, naming the Service and the ports, instead of silence.
+    #[test]
+    fn forwarding_without_node_ports_is_reported() {
+        let m = manifests(&format!(
+            "{}---\n{}",
+            adv("{forwarding: nodePort}"),
+            svc(", allocateLoadBalancerNodePorts: false").replace(", nodePort: 30080", "")
+        ));
+        let owner = &announcers(&m)[0];
+        let plan = plan_node(&m, owner, &ClusterView::everyone());
+        assert!(plan.forwards.is_empty());
+        assert!(
+            plan.problems
+                .iter()
+                .any(|p| p.starts_with("Service \"shop/web\": port(s) 80 of ")
+                    && p.contains(
+                        "have no NodePort (it sets allocateLoadBalancerNodePorts: false)"
+                    )),
+            "{:?}",
+            plan.problems
         );
     }
 }
