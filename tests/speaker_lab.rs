@@ -966,3 +966,56 @@ fn ipv6_answers_and_takeovers_are_what_kernels_expect() {
         .expect("a node's MAC");
     assert_ne!(new, owner);
 }
+
+/// Issue 23, item 3: kube-proxy in IPVS mode without strictARP, as the kernel sees it: a
+/// node holds the VIP on a dummy `kube-ipvs0` with arp_ignore 0, so its kernel answers
+/// ARP for it beside the owner. The node's speaker finds that and says what to change;
+/// with arp_ignore=1 (what strictARP sets) only the owner answers again.
+#[test]
+fn a_kernel_answering_for_a_vip_it_holds_on_kube_ipvs0_is_named() {
+    let w = World::start(&service("web", 80, 30080, ""));
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (owner, _) = w.owner(vip);
+    let other = (owner + 1) % 3;
+    let node = w.lab.node(other);
+    // kube-proxy's is a dummy link; this kernel may lack the dummy driver, and an empty
+    // bridge holds an address the same way.
+    node.run("ip", ["link", "add", "kube-ipvs0", "type", "bridge"])
+        .unwrap();
+    node.run("ip", ["addr", "add", &format!("{vip}/32"), "dev", "kube-ipvs0"])
+        .unwrap();
+    node.run("ip", ["link", "set", "kube-ipvs0", "up"]).unwrap();
+    let client = w.lab.client();
+    let mut macs = arp_replies(client, vip, Duration::from_millis(300));
+    macs.sort();
+    let mut both = vec![w.lab.node(owner).mac(), node.mac()];
+    both.sort();
+    assert_eq!(macs, both, "the owner and node{other}'s kernel both answer");
+    let said = format!(
+        "this node's kernel answers ARP on eth0 for 1 VIP(s) it does not announce ({vip}), because kube-ipvs0 hold(s) them and arp_ignore is 0"
+    );
+    poll_until(DEADLINE, "node's speaker to name the cause", || {
+        w.speakers[other]
+            .stderr()
+            .ok()
+            .filter(|log| log.contains(&said))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+
+    // strictARP's setting: only the owner answers.
+    node.run("sysctl", ["-qw", "net.ipv4.conf.all.arp_ignore=1"])
+        .unwrap();
+    assert_eq!(
+        arp_replies(client, vip, Duration::from_millis(300)),
+        vec![w.lab.node(owner).mac()]
+    );
+    // Re-evaluated on the next change of links: said to be over.
+    node.run("ip", ["link", "del", "kube-ipvs0"]).unwrap();
+    poll_until(DEADLINE, "node's speaker to say it is over", || {
+        w.speakers[other].stderr().ok().filter(|log| {
+            log.contains("this node's kernel no longer answers ARP for VIPs it does not announce")
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+}

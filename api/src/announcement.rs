@@ -68,6 +68,12 @@ pub struct NodeAnnouncementSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub kube_proxy_failing: Option<String>,
+    /// The node's own kernel answers ARP for VIPs this node does not announce
+    /// (kube-proxy in IPVS mode without strictARP): what, and what to change. Absent
+    /// when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub kernel_answers_arp: Option<String>,
 }
 
 /// One IP as this node announces it.
@@ -163,6 +169,7 @@ impl NodeAnnouncementSpec {
                 ips: kept,
                 count,
                 kube_proxy_failing: None,
+                kernel_answers_arp: None,
             },
             left_out,
         )

@@ -23,6 +23,7 @@ use crate::cluster::{Cluster, ClusterOptions};
 use crate::election::ClusterView;
 use crate::forwarding::{ForwardRule, Forwarder};
 use crate::interfaces::{self, Link};
+use crate::kernel_arp;
 use crate::metrics::Metrics;
 use crate::node_network;
 use crate::probe;
@@ -36,9 +37,8 @@ pub trait Objects {
     fn changed(&mut self) -> impl Future<Output = anyhow::Result<()>>;
     /// What this node owns after each change, for sources that report it.
     fn owned(&mut self, _owned: Vec<Ownership>) {}
-    /// Why kube-proxy on this node fails its health check (`None`: it passes), for
-    /// sources that report it.
-    fn kube_proxy(&mut self, _failing: Option<String>) {}
+    /// What this node says of itself besides its IPs, for sources that report it.
+    fn node_health(&mut self, _health: NodeHealth) {}
     /// Whether `fromNodeNetwork` pools are resolved here (a cluster, where the result
     /// can be written to the pool's status for every node and the controller).
     fn resolves_pools(&self) -> bool {
@@ -53,6 +53,15 @@ pub trait Objects {
 pub struct Resolved {
     pub pool: String,
     pub status: ferrolb_api::NodeNetworkStatus,
+}
+
+/// What a node says of itself besides its IPs, in its record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeHealth {
+    /// Why kube-proxy fails its health check here (`None`: it passes, or is unchecked).
+    pub kube_proxy_failing: Option<String>,
+    /// The kernel answers ARP for VIPs this node does not announce ([`kernel_arp`]).
+    pub kernel_answers_arp: Option<String>,
 }
 
 /// What this node says about one IP.
@@ -137,12 +146,12 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             opts.metrics.members.set(alive.len() as i64);
             alive_before = alive;
         }
+        let mut health = NodeHealth::default();
         if let Some(c) = cluster.as_ref().filter(|c| c.checks_kube_proxy()) {
-            let failing = c.kube_proxy_failing();
+            health.kube_proxy_failing = c.kube_proxy_failing();
             opts.metrics
                 .kube_proxy_healthy
-                .set(i64::from(failing.is_none()));
-            objects.kube_proxy(failing);
+                .set(i64::from(health.kube_proxy_failing.is_none()));
         }
         if let Some(stats) = cluster.as_ref().and_then(Cluster::stats) {
             Metrics::count_to(
@@ -190,6 +199,25 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
                 manifests.nodes.iter().map(|n| &*n.object),
             )
         };
+        // The kernel's own ARP answers for VIPs held by local links (IPVS): sysctls
+        // are read only when some local link holds a VIP this node does not announce.
+        let vips: BTreeSet<IpAddr> = plan.owners.keys().copied().collect();
+        let mine: BTreeSet<IpAddr> = state.owned.keys().copied().collect();
+        let held = kernel_arp::held_locally(&current_links, &vips, &mine);
+        let kernel = kernel_arp::kernel_answers(&current_links, &held, kernel_arp::read_arp_ignore);
+        opts.metrics
+            .vips_answered_by_kernel
+            .set(kernel.as_ref().map_or(0, |k| k.vips.len() as i64));
+        health.kernel_answers_arp = kernel.map(|k| k.to_string());
+        match (&health.kernel_answers_arp, &state.kernel_said) {
+            (Some(now), said) if said.as_ref() != Some(now) => warn!("{now}"),
+            (None, Some(_)) => {
+                info!("this node's kernel no longer answers ARP for VIPs it does not announce")
+            }
+            _ => {}
+        }
+        state.kernel_said = health.kernel_answers_arp.clone();
+        objects.node_health(health);
         let owned = ownership(&plan, &state, &others_now, &nodes_by_mac);
         opts.metrics.set_responders(&owned);
         opts.metrics.set_services_announced(
@@ -553,6 +581,8 @@ struct Reported {
     /// IPs this node announced last and that no node may announce now: reported as such
     /// until a node may again, or the IP goes.
     orphans: BTreeMap<IpAddr, Vec<ferrolb_allocator::ServiceKey>>,
+    /// What was last said of the kernel answering ARP for VIPs ([`kernel_arp`]).
+    kernel_said: Option<String>,
 }
 
 impl Reported {

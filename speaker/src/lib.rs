@@ -6,6 +6,8 @@
 //! * [`election`]: which node owns an IP (pure).
 //! * [`announcements`]: from declared objects to what this node announces (pure).
 //! * [`interfaces`]: which links exist and which of them announce an IP (rtnetlink).
+//! * [`kernel_arp`]: whether the node's own kernel answers ARP for VIPs it does not
+//!   announce (kube-proxy IPVS mode without strictARP; pure).
 //! * [`forwarding`]: VIP:port to NodePort DNAT in ferrolb's own nftables table.
 //! * [`responder`]: per-interface tasks answering ARP/NS and announcing takeovers, over
 //!   [`packet_socket`]s.
@@ -29,6 +31,7 @@ pub mod daemon;
 pub mod election;
 pub mod forwarding;
 pub mod interfaces;
+pub mod kernel_arp;
 pub mod kubernetes;
 pub mod mac;
 pub mod membership;

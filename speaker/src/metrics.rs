@@ -74,6 +74,8 @@ pub struct Metrics {
     pub api_connected: Gauge,
     /// 1 while kube-proxy on this node passes its health check, or it is not checked.
     pub kube_proxy_healthy: Gauge,
+    /// VIPs this node's kernel answers ARP for though it does not announce them.
+    pub vips_answered_by_kernel: Gauge,
     /// MetalLB's `metallb_speaker_announced`: 1 per Service and IP this node announces.
     pub metallb_announced: Family<MetallbAnnouncedLabels, Gauge>,
     /// MetalLB's `metallb_k8s_client_config_loaded_bool`: 1 once every watch has listed.
@@ -103,6 +105,7 @@ impl Default for Metrics {
             membership_encrypted: Gauge::default(),
             api_connected: Gauge::default(),
             kube_proxy_healthy: Gauge::default(),
+            vips_answered_by_kernel: Gauge::default(),
             metallb_announced: Family::default(),
             metallb_config_loaded: Gauge::default(),
         };
@@ -138,6 +141,11 @@ impl Default for Metrics {
             "kube_proxy_healthy",
             "1 while kube-proxy on this node passes its health check (or it is not checked); 0: the node's IPs are announced by others",
             m.kube_proxy_healthy.clone(),
+        );
+        r.register(
+            "vips_answered_by_kernel",
+            "VIPs this node's kernel answers ARP for though it does not announce them (kube-proxy IPVS mode without strictARP); should be 0",
+            m.vips_answered_by_kernel.clone(),
         );
         r.register(
             "gratuitous_announcements",

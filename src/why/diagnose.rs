@@ -50,6 +50,8 @@ pub struct Speaker {
     pub problem: Option<String>,
     /// Why kube-proxy fails its health check there, as the node's record says.
     pub kube_proxy_failing: Option<String>,
+    /// The node's kernel answers ARP for VIPs it does not announce, as its record says.
+    pub kernel_answers_arp: Option<String>,
 }
 
 /// Everything the diagnosis reads.
@@ -469,6 +471,27 @@ fn announced(
     match condition {
         Some(c) if c.reason == report::REASON_CONFLICT => {
             d.evidence.push(format!("condition {type_}: {}", c.message));
+            // Nodes whose own kernel answers for VIPs: the likeliest other host.
+            let kernels: Vec<(&String, &String)> = components
+                .speakers
+                .iter()
+                .filter_map(|(n, s)| Some((n, s.kernel_answers_arp.as_ref()?)))
+                .collect();
+            if !kernels.is_empty() {
+                for (node, said) in &kernels {
+                    d.evidence.push(format!("{node}: {said}"));
+                }
+                let names: Vec<&str> = kernels.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(stop(
+                    d,
+                    format!(
+                        "the kernels of {} answer ARP for {ip} too: kube-proxy in IPVS mode without strictARP",
+                        names.join(", ")
+                    ),
+                    "set ipvs.strictARP: true in kube-proxy's configuration (kubectl -n kube-system edit configmap kube-proxy) \
+                     and restart kube-proxy, or set net.ipv4.conf.all.arp_ignore=1 and arp_announce=2 on the nodes",
+                ));
+            }
             Err(stop(
                 d,
                 if c.status == "True" {

@@ -221,10 +221,11 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
         .map(|l| l.items)
         .unwrap_or_default();
     for record in records {
-        if let (Some(node), Some(failing)) = (record.metadata.name, record.spec.kube_proxy_failing)
+        if let Some(node) = record.metadata.name
             && let Some(s) = speakers.get_mut(&node)
         {
-            s.kube_proxy_failing = Some(failing);
+            s.kube_proxy_failing = record.spec.kube_proxy_failing;
+            s.kernel_answers_arp = record.spec.kernel_answers_arp;
         }
     }
 
@@ -284,5 +285,6 @@ fn speaker(p: &Pod) -> Speaker {
         ready,
         problem,
         kube_proxy_failing: None,
+        kernel_answers_arp: None,
     }
 }

@@ -31,7 +31,7 @@ use kube::Client;
 use tokio::sync::watch;
 use tracing::{Instrument, info};
 
-use crate::daemon::{self, Objects, Ownership, Resolved};
+use crate::daemon::{self, NodeHealth, Objects, Ownership, Resolved};
 use crate::metrics::Metrics;
 use objects::WatchHealth;
 use record::Record;
@@ -68,8 +68,8 @@ impl Objects for ClusterObjects {
         self.record.update(owned);
     }
 
-    fn kube_proxy(&mut self, failing: Option<String>) {
-        self.record.kube_proxy(failing);
+    fn node_health(&mut self, health: NodeHealth) {
+        self.record.node_health(health);
     }
 
     fn resolves_pools(&self) -> bool {

@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::daemon::Ownership;
+use crate::daemon::{NodeHealth, Ownership};
 
 /// The field manager of the record's writes.
 pub const FIELD_MANAGER: &str = "ferrolb-speaker";
@@ -47,7 +47,7 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Hands the newest ownership to the task that writes the record.
 pub struct Record {
     tx: watch::Sender<Vec<Ownership>>,
-    kube_proxy: watch::Sender<Option<String>>,
+    health: watch::Sender<NodeHealth>,
     task: JoinHandle<()>,
     api: Api<NodeAnnouncement>,
     node: String,
@@ -63,13 +63,13 @@ impl Record {
     ) -> Record {
         let api: Api<NodeAnnouncement> = Api::namespaced(client, namespace);
         let (tx, rx) = watch::channel(Vec::new());
-        let (kube_proxy, kube_proxy_rx) = watch::channel(None);
+        let (health, health_rx) = watch::channel(NodeHealth::default());
         let task = tokio::spawn(
-            run(api.clone(), node.clone(), rx, kube_proxy_rx, snapshots).in_current_span(),
+            run(api.clone(), node.clone(), rx, health_rx, snapshots).in_current_span(),
         );
         Record {
             tx,
-            kube_proxy,
+            health,
             task,
             api,
             node,
@@ -84,11 +84,11 @@ impl Record {
         });
     }
 
-    /// Why kube-proxy on this node fails its health check (`None`: it passes).
-    pub fn kube_proxy(&self, failing: Option<String>) {
-        self.kube_proxy.send_if_modified(|current| {
-            let changed = *current != failing;
-            *current = failing;
+    /// What the node says of itself besides its IPs.
+    pub fn node_health(&self, health: NodeHealth) {
+        self.health.send_if_modified(|current| {
+            let changed = *current != health;
+            *current = health;
             changed
         });
     }
@@ -116,7 +116,7 @@ async fn run(
     api: Api<NodeAnnouncement>,
     node: String,
     mut owned: watch::Receiver<Vec<Ownership>>,
-    mut kube_proxy: watch::Receiver<Option<String>>,
+    mut health: watch::Receiver<NodeHealth>,
     snapshots: watch::Receiver<Arc<Manifests>>,
 ) {
     let mut claims = Claims::default();
@@ -128,7 +128,13 @@ async fn run(
     loop {
         let wanted = owned.borrow_and_update().clone();
         let (mut spec, left_out) = claims.spec(&wanted, Timestamp::now());
-        spec.kube_proxy_failing = kube_proxy.borrow_and_update().clone();
+        let NodeHealth {
+            kube_proxy_failing,
+            kernel_answers_arp,
+        } = health.borrow_and_update().clone();
+        spec.kube_proxy_failing = kube_proxy_failing;
+        // The record's bound; the message is this speaker's own.
+        spec.kernel_answers_arp = kernel_answers_arp.map(|k| k.chars().take(1024).collect());
         if left_out != left_out_before {
             if left_out > 0 {
                 warn!(
@@ -160,7 +166,7 @@ async fn run(
         let retry_at = pending.then_some(not_before);
         tokio::select! {
             changed = owned.changed() => if changed.is_err() { return },
-            changed = kube_proxy.changed() => if changed.is_err() { return },
+            changed = health.changed() => if changed.is_err() { return },
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {}
         }
     }

@@ -89,6 +89,7 @@ fn running() -> Components {
                         ready: true,
                         problem: None,
                         kube_proxy_failing: None,
+                        kernel_answers_arp: None,
                     },
                 )
             })
@@ -174,6 +175,39 @@ fn a_node_whose_kube_proxy_fails_is_named_as_passed_over() {
         d.evidence.iter().any(|e| e.starts_with(
             "kube-proxy fails on every node that may announce it, so the check is ignored and traffic may go nowhere: node-a"
         )),
+        "{d:?}"
+    );
+}
+
+/// Issue 23, item 3: two hosts answer, and a node's record says its own kernel answers
+/// for VIPs (IPVS without strictARP): `why` names the cause and the fix.
+#[test]
+fn a_kernel_answering_for_vips_is_named_as_the_other_host() {
+    let status = format!(
+        "{{loadBalancer: {{ingress: [{{ip: {IP}}}]}}, conditions: [{{type: ferrolb.io/AnnouncedIPv4, status: 'True', \
+         reason: ConflictingResponder, message: '{IP} is announced by node-a on eth0, and another host answers for it too, MAC 02:00:00:00:00:0b (node node-b)', \
+         lastTransitionTime: '2026-01-01T00:00:00Z'}}]}}"
+    );
+    let docs = cluster(&service("", &status));
+    let mut components = running();
+    components
+        .speakers
+        .get_mut("node-b")
+        .unwrap()
+        .kernel_answers_arp =
+        Some("this node's kernel answers ARP on eth0 for 1 VIP(s) it does not announce".into());
+    let d = why(&refs(&docs), Some(components));
+    assert!(!d.healthy, "{d:?}");
+    assert_eq!(
+        d.headline,
+        format!(
+            "the kernels of node-b answer ARP for {IP} too: kube-proxy in IPVS mode without strictARP"
+        )
+    );
+    assert!(
+        d.next
+            .as_deref()
+            .is_some_and(|n| n.starts_with("set ipvs.strictARP: true")),
         "{d:?}"
     );
 }
