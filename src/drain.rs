@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ferrolb_allocator::ServiceKey;
-use ferrolb_api::manifests::{Located, Manifests, Origin};
+use ferrolb_api::manifests::{Located, Manifests};
 use ferrolb_api::{IPAddressPool, L2Advertisement, NodeAnnouncement};
 use ferrolb_speaker::announcements::{Addresses, DRAIN_LABEL, plan};
 use ferrolb_speaker::election::ClusterView;
@@ -136,42 +136,36 @@ fn services_by_ip(m: &Manifests) -> BTreeMap<IpAddr, Vec<ServiceKey>> {
 
 async fn read(client: &kube::Client) -> Result<Manifests> {
     let all = ListParams::default();
-    fn located<T>(items: Vec<T>) -> Vec<Located<T>> {
-        items
-            .into_iter()
-            .map(|object| Located::new(Origin::cluster(), object))
-            .collect()
-    }
     Ok(Manifests {
-        pools: located(
+        pools: Located::in_cluster(
             Api::<IPAddressPool>::all(client.clone())
                 .list(&all)
                 .await
                 .context("listing IPAddressPools (are ferrolb's CRDs installed?)")?
                 .items,
         ),
-        l2_advertisements: located(
+        l2_advertisements: Located::in_cluster(
             Api::<L2Advertisement>::all(client.clone())
                 .list(&all)
                 .await
                 .context("listing L2Advertisements")?
                 .items,
         ),
-        services: located(
+        services: Located::in_cluster(
             Api::<Service>::all(client.clone())
                 .list(&ListParams::default().fields("spec.type=LoadBalancer"))
                 .await
                 .context("listing LoadBalancer Services")?
                 .items,
         ),
-        namespaces: located(
+        namespaces: Located::in_cluster(
             Api::<Namespace>::all(client.clone())
                 .list(&all)
                 .await?
                 .items,
         ),
-        nodes: located(Api::<Node>::all(client.clone()).list(&all).await?.items),
-        endpoint_slices: located(
+        nodes: Located::in_cluster(Api::<Node>::all(client.clone()).list(&all).await?.items),
+        endpoint_slices: Located::in_cluster(
             Api::<EndpointSlice>::all(client.clone())
                 .list(&all)
                 .await

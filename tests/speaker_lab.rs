@@ -773,24 +773,14 @@ spec:
         });
         let nas = scope.spawn(|| {
             capture_at(client, link_index(client), &[], window, ETH_P_IPV6, |f| {
-                let p = ndp::parse(f).ok()?;
-                match p.kind {
-                    ndp::NdpKind::Advertisement {
-                        router,
-                        solicited,
-                        override_,
-                        target_lladdr,
-                    } => {
-                        // Unsolicited, to all-nodes, overriding, not from a router.
-                        assert_eq!(
-                            (router, solicited, override_, p.destination),
-                            (false, false, true, ndp::ALL_NODES),
-                            "{p:?}"
-                        );
-                        Some((IpAddr::V6(p.target), target_lladdr?))
-                    }
-                    _ => None,
-                }
+                let (p, flags, lladdr) = advertisement(f)?;
+                // Unsolicited, to all-nodes, overriding, not from a router.
+                assert_eq!(
+                    (flags, p.destination),
+                    ((false, false, true), ndp::ALL_NODES),
+                    "{p:?}"
+                );
+                Some((IpAddr::V6(p.target), lladdr?))
             })
         });
         // Pools, advertisement and Services land in one step, so no IP is announced
@@ -873,21 +863,13 @@ fn ipv6_answers_and_takeovers_are_what_kernels_expect() {
         Duration::from_millis(500),
         ETH_P_IPV6,
         |f| {
-            let p = ndp::parse(f).ok()?;
-            match p.kind {
-                ndp::NdpKind::Advertisement {
-                    router,
-                    solicited,
-                    override_,
-                    target_lladdr,
-                } if p.target == vip6 && p.destination == client.ipv6() => Some((
-                    p.eth_source,
-                    p.source,
-                    (router, solicited, override_),
-                    target_lladdr,
-                )),
-                _ => None,
-            }
+            let (p, flags, lladdr) = advertisement(f)?;
+            (p.target == vip6 && p.destination == client.ipv6()).then_some((
+                p.eth_source,
+                p.source,
+                flags,
+                lladdr,
+            ))
         },
     );
     let answers: Vec<_> = answers.into_iter().map(|(_, a)| a).collect();
@@ -983,8 +965,11 @@ fn a_kernel_answering_for_a_vip_it_holds_on_kube_ipvs0_is_named() {
     // bridge holds an address the same way.
     node.run("ip", ["link", "add", "kube-ipvs0", "type", "bridge"])
         .unwrap();
-    node.run("ip", ["addr", "add", &format!("{vip}/32"), "dev", "kube-ipvs0"])
-        .unwrap();
+    node.run(
+        "ip",
+        ["addr", "add", &format!("{vip}/32"), "dev", "kube-ipvs0"],
+    )
+    .unwrap();
     node.run("ip", ["link", "set", "kube-ipvs0", "up"]).unwrap();
     let client = w.lab.client();
     let mut macs = arp_replies(client, vip, Duration::from_millis(300));

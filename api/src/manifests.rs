@@ -68,6 +68,14 @@ impl<T> Located<T> {
             object: Arc::new(object),
         }
     }
+
+    /// Objects read from the API server.
+    pub fn in_cluster(items: Vec<T>) -> Vec<Located<T>> {
+        items
+            .into_iter()
+            .map(|object| Located::new(Origin::cluster(), object))
+            .collect()
+    }
 }
 
 /// The objects ferrolb reads, each with where it came from.

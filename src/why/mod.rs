@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use ferrolb_allocator::ServiceKey;
-use ferrolb_api::manifests::{Located, Manifests, Origin};
+use ferrolb_api::manifests::{Located, Manifests};
 use ferrolb_api::{IPAddressPool, L2Advertisement, NodeAnnouncement};
 use ferrolb_kubernetes::lease::Holder;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -229,21 +229,15 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
         }
     }
 
-    fn located<T>(items: Vec<T>) -> Vec<Located<T>> {
-        items
-            .into_iter()
-            .map(|object| Located::new(Origin::cluster(), object))
-            .collect()
-    }
     Ok(Facts {
         manifests: Manifests {
-            pools: located(pools),
-            l2_advertisements: located(advertisements),
-            services: located(services),
-            namespaces: located(namespaces),
-            nodes: located(nodes),
-            endpoint_slices: located(slices),
-            pods: located(pods),
+            pools: Located::in_cluster(pools),
+            l2_advertisements: Located::in_cluster(advertisements),
+            services: Located::in_cluster(services),
+            namespaces: Located::in_cluster(namespaces),
+            nodes: Located::in_cluster(nodes),
+            endpoint_slices: Located::in_cluster(slices),
+            pods: Located::in_cluster(pods),
             warnings: Vec::new(),
         },
         class: args.load_balancer_class.clone(),

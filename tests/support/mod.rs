@@ -11,7 +11,7 @@ use ferrolb::lab::{Host, Lab, LabProcess, NETNS_PREFIX, Netns, Origin, poll_unti
 use ferrolb_api::manifests::Manifests;
 use ferrolb_speaker::election::ClusterView;
 use ferrolb_speaker::packet_socket::{ETH_P_ARP, PacketSocket, arp_filter, ndp_filter};
-use ferrolb_speaker::{announcements, arp};
+use ferrolb_speaker::{announcements, arp, ndp};
 
 pub const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -253,6 +253,23 @@ pub fn capture_at<T: Send>(
             })
         })
         .unwrap()
+}
+
+/// A Neighbor Advertisement as tests look at it: the packet, its (Router, Solicited,
+/// Override) flags and its target link-layer address.
+pub fn advertisement(
+    frame: &[u8],
+) -> Option<(ndp::NdpPacket, (bool, bool, bool), Option<[u8; 6]>)> {
+    let p = ndp::parse(frame).ok()?;
+    match p.kind {
+        ndp::NdpKind::Advertisement {
+            router,
+            solicited,
+            override_,
+            target_lladdr,
+        } => Some((p, (router, solicited, override_), target_lladdr)),
+        ndp::NdpKind::Solicitation { .. } => None,
+    }
 }
 
 /// The ARP replies for `ip` that reach `mac` on interface `index` of `origin` within
