@@ -255,11 +255,12 @@ pub fn capture_at<T: Send>(
         .unwrap()
 }
 
-/// A Neighbor Advertisement as tests look at it: the packet, its (Router, Solicited,
-/// Override) flags and its target link-layer address.
-pub fn advertisement(
-    frame: &[u8],
-) -> Option<(ndp::NdpPacket, (bool, bool, bool), Option<[u8; 6]>)> {
+/// (Router, Solicited, Override).
+pub type NaFlags = (bool, bool, bool);
+
+/// A Neighbor Advertisement as tests look at it: the packet, its flags and its target
+/// link-layer address.
+pub fn advertisement(frame: &[u8]) -> Option<(ndp::NdpPacket, NaFlags, Option<[u8; 6]>)> {
     let p = ndp::parse(frame).ok()?;
     match p.kind {
         ndp::NdpKind::Advertisement {
