@@ -486,6 +486,7 @@ async fn new_metadata_reaches_the_others() -> anyhow::Result<()> {
         settled: true,
         started_at_ms: 1,
         reported: true,
+        proxy_failing: true,
     };
     let start = Instant::now();
     speakers[0].membership().set_meta(meta.clone())?;
