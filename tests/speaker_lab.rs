@@ -955,7 +955,12 @@ fn ipv6_answers_and_takeovers_are_what_kernels_expect() {
 /// with arp_ignore=1 (what strictARP sets) only the owner answers again.
 #[test]
 fn a_kernel_answering_for_a_vip_it_holds_on_kube_ipvs0_is_named() {
-    let w = World::start(&service("web", 80, 30080, ""));
+    let w = World::start_each(&service("web", 80, 30080, ""), |i| {
+        vec![
+            "--metrics-address".to_string(),
+            format!("192.0.2.{}:7474", 10 + i),
+        ]
+    });
     let vip = w.ips_of("web")[0];
     w.wait_answered(vip);
     let (owner, _) = w.owner(vip);
@@ -987,6 +992,9 @@ fn a_kernel_answering_for_a_vip_it_holds_on_kube_ipvs0_is_named() {
             .filter(|log| log.contains(&said))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    let metrics = SocketAddr::new(node.ipv4().into(), 7474);
+    let counted = || metric(client, metrics, "ferrolb_speaker_vips_answered_by_kernel");
+    assert_eq!(counted(), Some(1.0));
 
     // strictARP's setting: only the owner answers.
     node.run("sysctl", ["-qw", "net.ipv4.conf.all.arp_ignore=1"])
@@ -1003,4 +1011,5 @@ fn a_kernel_answering_for_a_vip_it_holds_on_kube_ipvs0_is_named() {
         })
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    assert_eq!(counted(), Some(0.0));
 }
