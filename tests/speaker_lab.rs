@@ -879,6 +879,18 @@ fn ipv6_answers_and_takeovers_are_what_kernels_expect() {
         "one solicited NA from the owner, sourced from the VIP"
     );
 
+    // Nor does anything here pose as a router: rdisc6's solicitation goes unanswered.
+    let rdisc6 = client
+        .command("rdisc6", ["-1", "-r", "1", "-w", "500", "eth0"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&rdisc6.stdout);
+    assert!(
+        !rdisc6.status.success() && said.contains("No response."),
+        "a Router Advertisement answered, or rdisc6 failed: {said}{}",
+        String::from_utf8_lossy(&rdisc6.stderr)
+    );
+
     // A host configuring the VIP: its kernel's DAD probe is answered, so the address
     // fails DAD there, and the speaker goes on answering (a probe does not take an IP).
     let dad_of = |ip: &str| -> String {
