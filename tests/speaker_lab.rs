@@ -704,12 +704,7 @@ fn metric(host: &ferrolb::lab::Host, address: SocketAddr, series: &str) -> Optio
 /// counted every time but logged once per 10 s, so it cannot fill the owner's log.
 #[test]
 fn conflict_warnings_are_rate_limited_and_counted() {
-    let w = World::start_each(&service("web", 80, 30080, ""), |i| {
-        vec![
-            "--metrics-address".to_string(),
-            format!("192.0.2.{}:7474", 10 + i),
-        ]
-    });
+    let w = World::start_with_metrics(&service("web", 80, 30080, ""));
     let vip = w.ips_of("web")[0];
     w.wait_answered(vip);
     let (owner_index, owner) = w.owner(vip);
@@ -967,12 +962,7 @@ fn ipv6_answers_and_takeovers_are_what_kernels_expect() {
 /// with arp_ignore=1 (what strictARP sets) only the owner answers again.
 #[test]
 fn a_kernel_answering_for_a_vip_it_holds_on_kube_ipvs0_is_named() {
-    let w = World::start_each(&service("web", 80, 30080, ""), |i| {
-        vec![
-            "--metrics-address".to_string(),
-            format!("192.0.2.{}:7474", 10 + i),
-        ]
-    });
+    let w = World::start_with_metrics(&service("web", 80, 30080, ""));
     let vip = w.ips_of("web")[0];
     w.wait_answered(vip);
     let (owner, _) = w.owner(vip);

@@ -48,6 +48,17 @@ impl World {
         World::start_each(services, |_| vec![])
     }
 
+    /// Like [`World::start`], each speaker serving /metrics on its node's IPv4, port
+    /// 7474.
+    pub fn start_with_metrics(services: &str) -> World {
+        World::start_each(services, |i| {
+            vec![
+                "--metrics-address".to_string(),
+                format!("192.0.2.{}:7474", 10 + i),
+            ]
+        })
+    }
+
     /// Like [`World::start`], with extra speaker arguments per node index.
     pub fn start_each(services: &str, extra: impl Fn(usize) -> Vec<String>) -> World {
         if let Err(missing) = Lab::check_prerequisites() {
