@@ -100,41 +100,6 @@ async fn a_service_gets_the_first_address_with_an_event_and_pool_counts() {
     assert_eq!(values, [Some(1.0), Some(11.0), Some(1.0), Some(11.0)]);
 }
 
-/// Issue 23, item 3: a pool in `ipMode: Proxy` has its Services' ingress say so (the
-/// real API server keeps it: KEP-1860 is GA), and switching the pool back rewrites it.
-#[tokio::test]
-async fn a_pool_s_ip_mode_reaches_the_service_status() {
-    let cluster = Cluster::start().await;
-    let _controller = cluster.controller("a", &[]).await;
-    let proxy_pool = |mode: &str| {
-        pool("lab", &["198.51.100.10-198.51.100.20"])
-            .replace("spec: {", &format!("spec: {{ipMode: {mode}, "))
-    };
-    cluster.apply(&proxy_pool("Proxy"));
-    cluster.apply(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
-         spec: {type: LoadBalancer, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n",
-    );
-    let mode = || {
-        cluster.kubectl(&[
-            "get",
-            "svc",
-            "web",
-            "-o",
-            "jsonpath={.status.loadBalancer.ingress[0].ip} {.status.loadBalancer.ingress[0].ipMode}",
-        ])
-    };
-    eventually(DEADLINE, "ipMode Proxy in the Service's status", || async {
-        (mode() == "198.51.100.10 Proxy").then_some(())
-    })
-    .await;
-    cluster.apply(&proxy_pool("VIP"));
-    eventually(DEADLINE, "ipMode VIP again, the same IP", || async {
-        (mode() == "198.51.100.10 VIP").then_some(())
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn a_pending_service_says_why_once() {
     let cluster = Cluster::start().await;

@@ -8,7 +8,7 @@ use ferrolb_api::manifests::{Located, Manifests};
 use ferrolb_api::selector::Labels;
 use ferrolb_api::validation::{CheckedPool, check_pools};
 use ferrolb_api::{Family, IPAddressPool};
-use k8s_openapi::api::core::v1::{LoadBalancerIngress, Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 
 use crate::{FamilyPolicy, Plan, PoolConfig, PortKey, ServiceKey, ServiceRequest, Start, Traffic};
 
@@ -327,28 +327,16 @@ pub fn ingress_writer(svc: &Service) -> Option<&str> {
         .next_back()
 }
 
-/// The IPs of `status.loadBalancer.ingress` whose `ipMode` is `Proxy`.
-pub fn ingress_proxy_ips(svc: &Service) -> Vec<IpAddr> {
-    ingress(svc)
-        .filter(|i| i.ip_mode.as_deref() == Some("Proxy"))
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect()
-}
-
 /// The IPs in `status.loadBalancer.ingress`.
 pub fn ingress_ips(svc: &Service) -> Vec<IpAddr> {
-    ingress(svc)
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect()
-}
-
-fn ingress(svc: &Service) -> impl Iterator<Item = &LoadBalancerIngress> {
     svc.status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
         .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .collect()
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ pub use l2advertisement::{
     Forwarding, Gratuitous, L2Advertisement, L2AdvertisementSpec, NodePriority,
 };
 pub use pool::{
-    AddressEntry, FromNodeNetwork, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus, IpMode,
+    AddressEntry, FromNodeNetwork, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus,
     NodeNetworkStatus, ServiceAllocation,
 };
 

@@ -105,33 +105,6 @@ pub struct IPAddressPoolSpec {
     /// key and receive part of its traffic. Services already sharing an IP keep it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_sharing_across_namespaces: Option<bool>,
-    /// How kube-proxy treats this pool's IPs, written in each Service's
-    /// `status.loadBalancer.ingress[].ipMode` (KEP-1860). `VIP` (the default): kube-proxy
-    /// handles traffic to the IP on every node, as usual. `Proxy`: kube-proxy leaves the
-    /// IP alone (IPVS then puts no VIP on `kube-ipvs0`, so strictARP is not needed), and
-    /// ferrolb's NodePort forwarding carries the traffic: the pool's L2Advertisement must
-    /// set `forwarding: nodePort`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_mode: Option<IpMode>,
-}
-
-/// `status.loadBalancer.ingress[].ipMode`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum IpMode {
-    #[default]
-    #[serde(rename = "VIP")]
-    Vip,
-    Proxy,
-}
-
-impl IpMode {
-    /// As the API spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IpMode::Vip => "VIP",
-            IpMode::Proxy => "Proxy",
-        }
-    }
 }
 
 const EXACTLY_ONE_SOURCE_RULE: &str =
@@ -200,9 +173,6 @@ impl IPAddressPoolSpec {
     }
     pub fn allow_sharing_across_namespaces(&self) -> bool {
         self.allow_sharing_across_namespaces.unwrap_or(false)
-    }
-    pub fn ip_mode(&self) -> IpMode {
-        self.ip_mode.unwrap_or_default()
     }
 }
 

@@ -119,12 +119,6 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
     };
     let nodes: Vec<&Node> = m.nodes.iter().map(|n| &*n.object).collect();
     let labels = node_labels(&nodes);
-    let proxy_pools: BTreeSet<&str> = m
-        .pools
-        .iter()
-        .filter(|p| p.object.spec.ip_mode() == ferrolb_api::IpMode::Proxy)
-        .filter_map(|p| p.object.metadata.name.as_deref())
-        .collect();
     let pool_labels: BTreeMap<&str, Labels> = m
         .pools
         .iter()
@@ -195,24 +189,15 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
         if owner != Some(node) {
             continue;
         }
-        let forwards = advs
-            .iter()
-            .any(|a| a.spec.forwarding == Forwarding::NodePort);
-        if !forwards && proxy_pools.contains(pool.as_str()) {
-            let names: Vec<String> = keys.iter().map(ToString::to_string).collect();
-            out.problems.push(format!(
-                "{ip} ({}): pool {pool:?} sets ipMode: Proxy, so kube-proxy leaves the IP to ferrolb, \
-                 but no L2Advertisement of the pool sets forwarding: nodePort: its traffic reaching \
-                 {node} goes nowhere",
-                names.join(", ")
-            ));
-        }
         let mut interfaces: BTreeSet<String> = BTreeSet::new();
         let default_rule = advs.iter().any(|a| a.spec.interfaces.is_empty());
         if !default_rule {
             interfaces.extend(advs.iter().flat_map(|a| a.spec.interfaces.iter().cloned()));
         }
-        if forwards {
+        if advs
+            .iter()
+            .any(|a| a.spec.forwarding == Forwarding::NodePort)
+        {
             match internal_ip(&me.object, Family::of(ip)) {
                 Some(node_ip) => {
                     for key in &keys {
@@ -983,42 +968,5 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
             "{:?}",
             plan.problems
         );
-    }
-
-    /// Issue 23, item 3: a pool in `ipMode: Proxy` needs ferrolb to forward, since
-    /// kube-proxy leaves its IPs alone: without `forwarding: nodePort` the owner says so.
-    #[test]
-    fn a_proxy_mode_pool_without_forwarding_is_reported() {
-        let proxy_pool = "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: p}\n\
-                          spec: {addresses: [192.0.2.200-192.0.2.209], ipMode: Proxy}\n";
-        let text = |forwarding: &str| {
-            format!(
-                "{NODES}---\n{proxy_pool}---\n{}---\n{}",
-                adv(&format!("{{forwarding: {forwarding}}}")),
-                svc("")
-            )
-        };
-        let plan_of = |forwarding: &str| {
-            let mut m = Manifests::default();
-            assert_eq!(m.add_text("t.yaml", &text(forwarding)), vec![]);
-            let owner = announcers(&m)[0].clone();
-            plan_node(&m, &owner, &ClusterView::everyone())
-        };
-        let without = plan_of("none");
-        assert!(
-            without
-                .problems
-                .iter()
-                .any(|p| p.contains("pool \"p\" sets ipMode: Proxy, so kube-proxy leaves the IP to ferrolb, but no L2Advertisement of the pool sets forwarding: nodePort")),
-            "{:?}",
-            without.problems
-        );
-        let with = plan_of("nodePort");
-        assert!(
-            with.problems.iter().all(|p| !p.contains("ipMode")),
-            "{:?}",
-            with.problems
-        );
-        assert!(!with.forwards.is_empty());
     }
 }

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ferrolb_api::{IPAddressPool, IPAddressPoolStatus, IpMode};
+use ferrolb_api::{IPAddressPool, IPAddressPoolStatus};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -155,12 +155,9 @@ impl<'a> Writer<'a> {
             Action::ServiceStatus {
                 key,
                 ips,
-                proxy,
                 resource_version,
             } => {
-                let result = self
-                    .service_status(&key, &ips, &proxy, resource_version)
-                    .await;
+                let result = self.service_status(&key, &ips, resource_version).await;
                 match &result {
                     Ok(_) => {
                         Metrics::count(&self.metrics.writes, "service_status");
@@ -311,7 +308,6 @@ impl<'a> Writer<'a> {
         &self,
         key: &ServiceKey,
         ips: &[IpAddr],
-        proxy: &[IpAddr],
         resource_version: Option<String>,
     ) -> Result<Service, kube::Error> {
         let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
@@ -319,14 +315,7 @@ impl<'a> Writer<'a> {
             serde_json::Value::Null
         } else {
             ips.iter()
-                .map(|ip| {
-                    let mode = if proxy.contains(ip) {
-                        IpMode::Proxy
-                    } else {
-                        IpMode::Vip
-                    };
-                    json!({ "ip": ip.to_string(), "ipMode": mode.as_str() })
-                })
+                .map(|ip| json!({ "ip": ip.to_string(), "ipMode": "VIP" }))
                 .collect()
         };
         let mut patch = json!({ "status": { "loadBalancer": { "ingress": ingress } } });

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 
 use ferrolb_api::selector::Labels;
 use ferrolb_api::validation::CheckedPool;
-use ferrolb_api::{AddressEntry, Family, IPAddressPool, IPAddressPoolStatus, IpMode};
+use ferrolb_api::{AddressEntry, Family, IPAddressPool, IPAddressPoolStatus};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 
 use ferrolb_allocator::input::{self, Translation, ingress_ips};
@@ -52,8 +52,6 @@ pub enum Action {
     ServiceStatus {
         key: ServiceKey,
         ips: Vec<IpAddr>,
-        /// Those of `ips` whose pool sets `ipMode: Proxy`; the others are `VIP`.
-        proxy: Vec<IpAddr>,
         resource_version: Option<String>,
     },
     /// An Event on the Service, for `kubectl describe svc`.
@@ -98,8 +96,6 @@ struct Record {
     resource_version: Option<String>,
     /// Ingress IPs in the last object seen (or written).
     observed: Vec<IpAddr>,
-    /// Those of them with `ipMode: Proxy`.
-    observed_proxy: Vec<IpAddr>,
     /// The request as last read (its `current` empty), or why it cannot be honoured.
     request: Result<ServiceRequest, String>,
     /// While `request` is invalid, the last one that was valid: what the Service keeps
@@ -199,10 +195,7 @@ impl Reconciler {
             return self.no_longer_ours(key, previous, svc);
         };
         let unchanged = previous.as_ref().is_some_and(|p| {
-            p.request == record.request
-                && p.outcome.is_some()
-                && p.observed == record.observed
-                && p.observed_proxy == record.observed_proxy
+            p.request == record.request && p.outcome.is_some() && p.observed == record.observed
         });
         if let Some(p) = &previous {
             record.outcome = p.outcome.clone();
@@ -397,7 +390,6 @@ impl Reconciler {
             uid: svc.metadata.uid.clone(),
             resource_version: svc.metadata.resource_version.clone(),
             observed: ingress_ips(svc),
-            observed_proxy: input::ingress_proxy_ips(svc),
             request,
             last_valid,
             families,
@@ -578,7 +570,6 @@ impl Reconciler {
             actions.push(Action::ServiceStatus {
                 key: key.clone(),
                 ips: Vec::new(),
-                proxy: Vec::new(),
                 resource_version: svc.metadata.resource_version.clone(),
             });
         }
@@ -597,17 +588,6 @@ impl Reconciler {
     /// The writes that make the API say what was decided for one Service.
     fn settle(&mut self, key: &ServiceKey) -> Vec<Action> {
         let held = self.allocator.assignments(key).to_vec();
-        // The IPs whose pool asks kube-proxy to leave them alone (KEP-1860).
-        let mut proxy: Vec<IpAddr> = held
-            .iter()
-            .filter(|a| {
-                self.pools
-                    .get(&a.pool)
-                    .is_some_and(|p| p.object.spec.ip_mode() == IpMode::Proxy)
-            })
-            .map(|a| a.ip)
-            .collect();
-        proxy.sort();
         let record = self.services.get_mut(key).expect("settled services exist");
         let mut ips: Vec<IpAddr> = held.iter().map(|a| a.ip).collect();
         // The Service's primary family first, as Kubernetes orders dual-stack fields.
@@ -627,13 +607,10 @@ impl Reconciler {
             }
             return actions;
         }
-        let mut observed_proxy = record.observed_proxy.clone();
-        observed_proxy.sort();
-        if ips != record.observed || proxy != observed_proxy {
+        if ips != record.observed {
             actions.push(Action::ServiceStatus {
                 key: key.clone(),
                 ips: ips.clone(),
-                proxy,
                 resource_version: record.resource_version.clone(),
             });
         } else {

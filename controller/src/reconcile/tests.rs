@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use ferrolb_api::{AddressEntry, IPAddressPool, IPAddressPoolSpec, IpMode};
+use ferrolb_api::{AddressEntry, IPAddressPool, IPAddressPoolSpec};
 use k8s_openapi::api::core::v1::{
     LoadBalancerIngress, LoadBalancerStatus, Namespace, Service, ServicePort, ServiceSpec,
     ServiceStatus,
@@ -302,58 +302,6 @@ fn a_pool_names_the_addresses_another_host_answers_for() {
         status.conditions.iter().all(|c| c.type_ != TAKEN),
         "{status:?}"
     );
-}
-
-/// Issue 23, item 3: a pool's `ipMode: Proxy` is written on each of its IPs' ingress
-/// entries; changing the pool's mode rewrites the status of the Services it serves, and
-/// once the status says so, nothing more is written.
-#[test]
-fn a_pool_s_ip_mode_is_written_on_its_services() {
-    let proxy_pool = |generation| {
-        let mut p = pool("lab", &["192.0.2.10-192.0.2.19"], generation);
-        p.spec.ip_mode = Some(IpMode::Proxy);
-        p
-    };
-    let (mut r, actions) = started(&[proxy_pool(1)], &[service("a", &[])]);
-    let writes: Vec<(Vec<IpAddr>, Vec<IpAddr>)> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::ServiceStatus { ips, proxy, .. } => Some((ips.clone(), proxy.clone())),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(writes, [(vec![ip("192.0.2.10")], vec![ip("192.0.2.10")])]);
-    // The status as written: Proxy. Nothing more to write.
-    let mut written = service("a", &["192.0.2.10"]);
-    written.metadata.resource_version = Some("2".into());
-    written
-        .status
-        .as_mut()
-        .unwrap()
-        .load_balancer
-        .as_mut()
-        .unwrap()
-        .ingress
-        .as_mut()
-        .unwrap()[0]
-        .ip_mode = Some("Proxy".into());
-    let again = r.service_applied(&written);
-    assert!(
-        !again
-            .iter()
-            .any(|a| matches!(a, Action::ServiceStatus { .. })),
-        "{again:?}"
-    );
-    // Back to VIP: the same IP, rewritten with VIP.
-    let actions = r.pools_applied(&[pool("lab", &["192.0.2.10-192.0.2.19"], 2)]);
-    let rewritten: Vec<(Vec<IpAddr>, Vec<IpAddr>)> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::ServiceStatus { ips, proxy, .. } => Some((ips.clone(), proxy.clone())),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(rewritten, [(vec![ip("192.0.2.10")], vec![])]);
 }
 
 #[test]
