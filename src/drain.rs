@@ -20,12 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ferrolb_allocator::ServiceKey;
+use ferrolb_api::NodeAnnouncement;
 use ferrolb_api::manifests::{Located, Manifests};
-use ferrolb_api::{IPAddressPool, L2Advertisement, NodeAnnouncement};
 use ferrolb_speaker::announcements::{Addresses, DRAIN_LABEL, plan};
 use ferrolb_speaker::election::ClusterView;
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 
@@ -112,12 +111,12 @@ pub fn left_without_node(
         .collect()
 }
 
-/// The IPs the election gives `node` once it is not drained, with every speaker up.
-pub fn returning_to(m: &Manifests, node: &str, class: &str) -> BTreeSet<IpAddr> {
-    owners(&labelled(m, node, false), class)
-        .into_iter()
+/// Of `owners` (see [`owners`]), the IPs the election gives `node`.
+pub fn owned_by(owners: &BTreeMap<IpAddr, Option<String>>, node: &str) -> BTreeSet<IpAddr> {
+    owners
+        .iter()
         .filter(|(_, owner)| owner.as_deref() == Some(node))
-        .map(|(ip, _)| ip)
+        .map(|(ip, _)| *ip)
         .collect()
 }
 
@@ -136,45 +135,36 @@ fn services_by_ip(m: &Manifests) -> BTreeMap<IpAddr, Vec<ServiceKey>> {
 
 async fn read(client: &kube::Client) -> Result<Manifests> {
     let all = ListParams::default();
+    let load_balancers = ListParams::default().fields("spec.type=LoadBalancer");
     Ok(Manifests {
-        pools: Located::in_cluster(
-            Api::<IPAddressPool>::all(client.clone())
-                .list(&all)
-                .await
-                .context("listing IPAddressPools (are ferrolb's CRDs installed?)")?
-                .items,
-        ),
-        l2_advertisements: Located::in_cluster(
-            Api::<L2Advertisement>::all(client.clone())
-                .list(&all)
-                .await
-                .context("listing L2Advertisements")?
-                .items,
-        ),
-        services: Located::in_cluster(
-            Api::<Service>::all(client.clone())
-                .list(&ListParams::default().fields("spec.type=LoadBalancer"))
-                .await
-                .context("listing LoadBalancer Services")?
-                .items,
-        ),
-        namespaces: Located::in_cluster(
-            Api::<Namespace>::all(client.clone())
-                .list(&all)
-                .await?
-                .items,
-        ),
-        nodes: Located::in_cluster(Api::<Node>::all(client.clone()).list(&all).await?.items),
-        endpoint_slices: Located::in_cluster(
-            Api::<EndpointSlice>::all(client.clone())
-                .list(&all)
-                .await
-                .context("listing EndpointSlices")?
-                .items,
-        ),
+        pools: list(
+            client,
+            &all,
+            "IPAddressPools (are ferrolb's CRDs installed?)",
+        )
+        .await?,
+        l2_advertisements: list(client, &all, "L2Advertisements").await?,
+        services: list(client, &load_balancers, "LoadBalancer Services").await?,
+        namespaces: list(client, &all, "Namespaces").await?,
+        nodes: list(client, &all, "Nodes").await?,
+        endpoint_slices: list(client, &all, "EndpointSlices").await?,
         pods: Vec::new(),
         warnings: Vec::new(),
     })
+}
+
+/// Every `K` in the cluster, as read from it.
+async fn list<K>(client: &kube::Client, params: &ListParams, what: &str) -> Result<Vec<Located<K>>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let items = Api::<K>::all(client.clone())
+        .list(params)
+        .await
+        .with_context(|| format!("listing {what}"))?
+        .items;
+    Ok(Located::in_cluster(items))
 }
 
 /// Which node each IP is announced by now, from the nodes' records (a held-back IP or
@@ -225,7 +215,9 @@ async fn drain(args: &DrainArgs) -> Result<ExitCode> {
     };
     let params = PatchParams::default();
     if args.undo {
-        let returning = returning_to(&m, node, class);
+        // With every speaker up and the node not drained.
+        let all = owners(&labelled(&m, node, false), class);
+        let returning = owned_by(&all, node);
         nodes
             .patch(node, &params, &label(serde_json::Value::Null))
             .await
@@ -233,7 +225,7 @@ async fn drain(args: &DrainArgs) -> Result<ExitCode> {
         println!(
             "node {node} may announce again: the election gives it {} of the {} IPs in the cluster",
             returning.len(),
-            owners(&m, class).len()
+            all.len()
         );
         let started = Instant::now();
         let waiting = wait(&records, deadline, |now| {
@@ -257,11 +249,7 @@ async fn drain(args: &DrainArgs) -> Result<ExitCode> {
             "draining node {node} would leave {} with no node to announce {}: {}. Give each another \
              eligible node (a ready endpoint elsewhere for externalTrafficPolicy: Local, the \
              L2Advertisement's nodeSelectors), or drain with --force",
-            if orphaned.len() == 1 {
-                "1 IP".to_string()
-            } else {
-                format!("{} IPs", orphaned.len())
-            },
+            ips(orphaned.len()),
             if orphaned.len() == 1 { "it" } else { "them" },
             listed(&orphaned)
         );
@@ -437,7 +425,10 @@ spec: {}
                 .values()
                 .all(|o| o.as_deref() != Some("node-a"))
         );
-        let back = returning_to(&drained, "node-a", class);
+        let back = owned_by(
+            &owners(&labelled(&drained, "node-a", false), class),
+            "node-a",
+        );
         assert!(back.contains(&"192.0.2.201".parse().unwrap()), "{back:?}");
     }
 }

@@ -135,11 +135,8 @@ impl Cluster {
         .with_context(|| format!("starting membership on {bind}"))?;
         info!(bind = %bind, peers = peers.len().saturating_sub(1), "membership started");
         let proxy_health = opts.kube_proxy_health.map(|check| {
-            let address = SocketAddr::new(bind.ip(), check.port);
-            info!(url = %format!("http://{address}{}", proxy_health::PATH), every = ?check.interval,
-                "checking kube-proxy's health: while it fails, other nodes announce this node's IPs");
             proxy_health::spawn(proxy_health::Options {
-                address,
+                address: SocketAddr::new(bind.ip(), check.port),
                 interval: check.interval,
             })
         });

@@ -77,9 +77,16 @@ pub fn kernel_answers(
     if held.is_empty() {
         return None;
     }
+    // Links on an IPv4 subnet, where clients ask: not Pod veths and the like, which
+    // would only lengthen the message (and the sysctls read).
     let answering_on: Vec<String> = links
         .iter()
         .filter(|l| !l.loopback && l.up && !l.noarp && l.mac.is_some())
+        .filter(|l| {
+            l.addresses
+                .iter()
+                .any(|a| matches!(a, ipnetwork::IpNetwork::V4(n) if n.prefix() < 32))
+        })
         .filter(|l| !held.iter().any(|(_, holder)| *holder == l.name))
         .filter(|l| arp_ignore(&l.name) == 0)
         .map(|l| l.name.clone())
@@ -134,6 +141,7 @@ mod tests {
     fn ipvs_without_strict_arp_is_found_and_named() {
         let links = [
             link("eth0", &["192.0.2.11/24"], true),
+            link("cali1234", &["fe80::1/64"], true),
             link(
                 "kube-ipvs0",
                 &["192.0.2.200/32", "192.0.2.201/32", "10.96.0.1/32"],

@@ -54,7 +54,7 @@ pub struct Check {
 const MAX_REASON: usize = 256;
 
 /// The path kube-proxy serves its health on.
-pub const PATH: &str = "/healthz";
+const PATH: &str = "/healthz";
 
 /// What the checks say, with the damping of [`FAIL_AFTER`] and [`RECOVER_AFTER`].
 /// Pure: fed the outcome of each check.
@@ -109,8 +109,10 @@ pub type Failing = Option<String>;
 /// each change, naming the address and the failure. Stops when the receiver is dropped.
 pub fn spawn(options: Options) -> watch::Receiver<Failing> {
     let (tx, rx) = watch::channel(None);
+    let url = format!("http://{}{PATH}", options.address);
+    info!(url = %url, every = ?options.interval,
+        "checking kube-proxy's health: while it fails, other nodes announce this node's IPs");
     tokio::spawn(async move {
-        let url = format!("http://{}{PATH}", options.address);
         let mut verdict = Verdict::default();
         let mut next = Instant::now();
         loop {

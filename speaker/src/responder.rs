@@ -26,6 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use ferrolb_api::Gratuitous;
+use ferrolb_api::hash::stable_hash64;
 
 use crate::arp::{self, Operation};
 use crate::metrics::{InterfaceLabels, Metrics};
@@ -123,12 +124,12 @@ fn conflict_retry(settings: &Settings, in_conflict: usize) -> Duration {
     settings.conflict_retry.max(Duration::from_secs_f64(spread))
 }
 
-/// The time between routine checks of each of `announced` IPs of a link:
+/// The time between routine checks of each IP of a link with `ips` IPs:
 /// [`Settings::verify_interval`], or longer so that they stay under
 /// [`Settings::conflict_probe_rate`] (a bound of their own, besides the re-probes of
 /// IPs in conflict).
-fn verify_interval(settings: &Settings, announced: usize) -> Option<Duration> {
-    let spread = announced as f64 / f64::from(settings.conflict_probe_rate.max(1));
+fn verify_interval(settings: &Settings, ips: usize) -> Option<Duration> {
+    let spread = ips as f64 / f64::from(settings.conflict_probe_rate.max(1));
     Some(
         settings
             .verify_interval?
@@ -139,10 +140,11 @@ fn verify_interval(settings: &Settings, announced: usize) -> Option<Duration> {
 /// Where in a check interval `ip`'s check falls, in [0, 1): fixed per IP, so a link's
 /// checks are spread out.
 fn spread_fraction(ip: IpAddr) -> f64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    ip.hash(&mut h);
-    (h.finish() % 1024) as f64 / 1024.0
+    let bytes = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    (stable_hash64(&[&bytes]) % 1024) as f64 / 1024.0
 }
 
 /// What one interface must answer for.
@@ -558,9 +560,12 @@ impl LinkTask {
     /// The next routine check of `ip`, or none when they are off: one interval after the
     /// last, so that each IP is probed at most once per interval; the `first` somewhere
     /// in the interval, fixed per IP, so that IPs announced together are checked apart.
+    ///
+    /// The interval is stretched by every IP of the link, not only those answering: an
+    /// upper bound, known without a scan (this runs for each IP a takeover brings).
     fn schedule_check(&mut self, ip: IpAddr, now: Instant, first: bool) {
-        let announced = self.states.values().filter(|s| s.answers()).count();
-        match verify_interval(&self.settings, announced).filter(|_| self.settings.probe_count > 0) {
+        let ips = self.states.len();
+        match verify_interval(&self.settings, ips).filter(|_| self.settings.probe_count > 0) {
             Some(every) => {
                 let wait = if first {
                     every.mul_f64(spread_fraction(ip))
@@ -796,8 +801,6 @@ impl LinkTask {
 mod tests {
     use super::*;
 
-    /// A few IPs in conflict are probed again after 3 s; many are spread out so that
-    /// their probes stay under 20 frames a second on the link, however many there are.
     #[test]
     fn routine_checks_come_every_10_s_and_stay_under_the_rate_on_a_busy_link() {
         let s = Settings::default();
@@ -817,6 +820,8 @@ mod tests {
         assert!(fractions.len() >= 8, "{fractions:?}");
     }
 
+    /// A few IPs in conflict are probed again after 3 s; many are spread out so that
+    /// their probes stay under 20 frames a second on the link, however many there are.
     #[test]
     fn re_probes_of_conflicting_ips_stay_under_the_rate() {
         let s = Settings::default();

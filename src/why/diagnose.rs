@@ -471,10 +471,11 @@ fn announced(
     match condition {
         Some(c) if c.reason == report::REASON_CONFLICT => {
             d.evidence.push(format!("condition {type_}: {}", c.message));
-            // Nodes whose own kernel answers for VIPs: the likeliest other host.
+            // The other host is a node of ours whose own kernel answers ARP for VIPs.
             let kernels: Vec<(&String, &String)> = components
                 .speakers
                 .iter()
+                .filter(|(n, _)| c.message.contains(&format!("(node {n})")))
                 .filter_map(|(n, s)| Some((n, s.kernel_answers_arp.as_ref()?)))
                 .collect();
             if !kernels.is_empty() {

@@ -213,8 +213,8 @@ async fn from_cluster(args: &WhyArgs, key: &ServiceKey) -> Result<Facts> {
         .filter(|p| component(p, "speaker"))
         .filter_map(|p| Some((p.spec.as_ref()?.node_name.clone()?, speaker(p))))
         .collect();
-    // What each node's record says of its kube-proxy. Reading records is a nicety: a
-    // user who may not list them still gets the rest of the diagnosis.
+    // What each node's record says of its kube-proxy and its kernel. Reading records is
+    // a nicety: a user who may not list them still gets the rest of the diagnosis.
     let records = Api::<NodeAnnouncement>::namespaced(client.clone(), &args.ferrolb_namespace)
         .list(&all)
         .await

@@ -190,12 +190,15 @@ fn a_kernel_answering_for_vips_is_named_as_the_other_host() {
     );
     let docs = cluster(&service("", &status));
     let mut components = running();
-    components
-        .speakers
-        .get_mut("node-b")
-        .unwrap()
-        .kernel_answers_arp =
-        Some("this node's kernel answers ARP on eth0 for 1 VIP(s) it does not announce".into());
+    // node-a's kernel answers for VIPs too, but the condition names node-b.
+    for node in ["node-a", "node-b"] {
+        components
+            .speakers
+            .get_mut(node)
+            .unwrap()
+            .kernel_answers_arp =
+            Some("this node's kernel answers ARP on eth0 for 1 VIP(s) it does not announce".into());
+    }
     let d = why(&refs(&docs), Some(components));
     assert!(!d.healthy, "{d:?}");
     assert_eq!(
