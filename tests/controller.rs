@@ -43,6 +43,23 @@ async fn a_service_gets_the_first_address_with_an_event_and_pool_counts() {
     let cluster = Cluster::start().await;
     let controller = cluster.controller("a", &[]).await;
     cluster.apply(&pool("lab", &["198.51.100.10-198.51.100.20"]));
+    // The Service comes once the controller has the pool: its watches are separate, and
+    // a Service it saw first would be pending for a moment (an AllocationFailed Event).
+    eventually(
+        DEADLINE,
+        "the controller to mark the pool Ready",
+        || async {
+            let ready = cluster.kubectl(&[
+                "get",
+                "ippool",
+                "lab",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ]);
+            (ready == "True").then_some(())
+        },
+    )
+    .await;
     let started = Instant::now();
     cluster.apply(
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
