@@ -806,3 +806,122 @@ fn a_preferred_node_announces_while_it_can() {
     // Not before its hold-down (3 s): a crash-looping preferred node drags nothing.
     assert!(back >= Duration::from_secs(3), "{back:?}");
 }
+
+/// Issue 23, item 5: a node whose switch port drops everything now and then, its link
+/// never going down (no carrier change to go by). Each time its peers declare it down,
+/// it learns it was the side cut off and holds off; each cut-off that takes its IPs away
+/// doubles the hold. Its IPs move away at once, stay away while it flaps, and come back
+/// once after it has been quiet for the damped hold.
+#[test]
+fn a_flaky_node_moves_its_ips_away_once_and_takes_them_back_once_quiet() {
+    const CYCLES: usize = 4;
+    const DOWN: Duration = Duration::from_millis(1000);
+    let hold = Duration::from_millis(1000);
+    let w = World::start_each(&service("web", 80, 30080, ""), |_| {
+        vec![
+            "--rejoin-hold-ms".into(),
+            hold.as_millis().to_string(),
+            "--metrics-address".into(),
+            "127.0.0.1:7474".into(),
+        ]
+    });
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let _backends = backends(&w, vip);
+    let flaky = w.single_owner(vip);
+    let node = w.lab.node(flaky).clone();
+    let peers: Vec<usize> = (0..3).filter(|i| *i != flaky).collect();
+    let started = Instant::now();
+    let mut samples: Vec<(Duration, Vec<usize>)> = Vec::new();
+    let sample = |samples: &mut Vec<(Duration, Vec<usize>)>| {
+        samples.push((started.elapsed(), w.answering(vip)));
+    };
+    let gauge = |i: usize, name: &str| metric(&w, i, &format!("ferrolb_speaker_{name}"));
+    let mut moved_away = None;
+    let mut last_heal = started;
+    let mut down_for = Vec::new();
+    let mut declared_down = 0.0;
+    for cycle in 0..CYCLES {
+        node.set_dropping(true).unwrap();
+        let dropped = Instant::now();
+        poll_until(
+            DEADLINE,
+            "the peers and the flaky node to declare each other down",
+            || {
+                sample(&mut samples);
+                if moved_away.is_none()
+                    && matches!(samples.last(), Some((_, a)) if a.len() == 1 && a[0] != flaky)
+                {
+                    moved_away = Some(dropped.elapsed());
+                }
+                let both_sides = peers.iter().all(|p| gauge(*p, "members") == Some(2.0))
+                    && gauge(flaky, "members") == Some(1.0);
+                both_sides.then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("cycle {cycle}: {e:#}\n{}", w.logs()));
+        // Down for a while after that: the link's flapping pattern.
+        while dropped.elapsed() < DOWN {
+            sample(&mut samples);
+        }
+        node.set_dropping(false).unwrap();
+        last_heal = Instant::now();
+        down_for.push(dropped.elapsed().as_millis());
+        poll_until(
+            DEADLINE,
+            "the flaky node to learn it was declared down",
+            || {
+                sample(&mut samples);
+                let told = gauge(flaky, "membership_declared_down_by_peers_total").unwrap_or(0.0);
+                (told > declared_down).then(|| declared_down = told)
+            },
+        )
+        .unwrap_or_else(|e| panic!("cycle {cycle}: {e:#}\n{}", w.logs()));
+        // Up for a moment longer than one hold-down: the link's flapping pattern.
+        while last_heal.elapsed() < hold * 3 / 2 {
+            sample(&mut samples);
+        }
+    }
+    let back = poll_until(
+        Duration::from_secs(30),
+        "the flaky node to take its IP back",
+        || {
+            sample(&mut samples);
+            (samples.last().is_some_and(|(_, a)| a == &[flaky])).then(|| last_heal.elapsed())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+
+    let singles: Vec<usize> = samples
+        .iter()
+        .filter(|(_, a)| a.len() == 1)
+        .map(|(_, a)| a[0])
+        .collect();
+    let moves = singles.windows(2).filter(|p| p[0] != p[1]).count();
+    let cut_offs = gauge(flaky, "membership_recent_cut_offs").unwrap_or(0.0);
+    let timeline: Vec<String> = samples
+        .iter()
+        .map(|(t, a)| format!("{}ms:{a:?}", t.as_millis()))
+        .collect();
+    println!(
+        "node{flaky} cut off {CYCLES} times (down {down_for:?} ms, at least until both sides \
+         declared the other down; up {} ms): its IP moved away {} ms after the first cut-off; \
+         {moves} moves in all; {cut_offs} cut-offs counted; back {} ms after the last heal \
+         (hold {} ms)",
+        (hold * 3 / 2).as_millis(),
+        moved_away.map_or(-1, |d| d.as_millis() as i64),
+        back.as_millis(),
+        hold.as_millis()
+    );
+    // Without damping, each heal would take the IP back: two moves per cycle. With it:
+    // away; back once after the first hold (shorter than the time up); away again; then
+    // the doubled hold outlasts the time up, so back only at the end.
+    assert!(moves <= 4, "{moves} moves: {timeline:?}");
+    assert!(cut_offs >= 2.0, "{cut_offs} cut-offs counted");
+    assert!(back >= hold * 2, "back after {back:?}: {timeline:?}");
+    assert_eq!(
+        gauge(flaky, "membership_settled"),
+        Some(1.0),
+        "settled again once back"
+    );
+}

@@ -13,6 +13,11 @@
 //!   node declares it itself, all nodes see the same flag (a local "first seen" clock
 //!   would differ between the returning node and the others).
 //!
+//! * **Damping**: a node cut off again (its link lost a subnet, or its peers declared it
+//!   down while it was on the smaller side) waits twice as long each time within a
+//!   minute, up to 16 hold-downs (`crate::damping`), so a flaky link moves its IPs away
+//!   once and leaves them there until it is quiet. Moving away is never delayed.
+//!
 //! What does *not* count: datagrams that fail authentication, replays, floods. Only
 //! authenticated, fresh traffic from a peer changes who is alive, so no packet from
 //! outside the keyring can black out or move an IP. A speaker whose key is wrong or
@@ -41,6 +46,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
+use crate::damping::{self, Damping};
 use crate::election::{ClusterView, MemberView};
 use crate::membership::{self, Config, Members, Membership, NodeMeta};
 use crate::proxy_health;
@@ -91,6 +97,13 @@ pub struct Cluster {
     rejoining_until: Option<Instant>,
     /// The verdict of the kube-proxy health checks, when they run.
     proxy_health: Option<watch::Receiver<proxy_health::Failing>>,
+    /// How long this node waits from `hold_from` before it settles: the hold-down,
+    /// doubled by each recent cut-off.
+    hold: Duration,
+    damping: Damping,
+    /// The `Members::declared_down` already acted on, and when it last cut us off.
+    declared_down: u64,
+    last_declared_down: Option<Instant>,
 }
 
 impl Cluster {
@@ -140,6 +153,7 @@ impl Cluster {
                 interval: check.interval,
             })
         });
+        let opts_hold = opts.hold;
         Ok(Cluster {
             membership: Some(membership),
             members,
@@ -152,6 +166,10 @@ impl Cluster {
             joined: false,
             rejoining_until: None,
             proxy_health,
+            hold: opts_hold,
+            damping: Damping::new(opts_hold),
+            declared_down: 0,
+            last_declared_down: None,
         })
     }
 
@@ -182,6 +200,26 @@ impl Cluster {
             self.set_proxy_healthy(healthy);
         }
         let members = self.members.borrow_and_update().clone();
+        if members.declared_down > self.declared_down {
+            self.declared_down = members.declared_down;
+            let declared = self.peers.iter().map(|(n, _)| n.clone()).collect();
+            // One cut-off can bring several "you are down" messages (one per datagram the
+            // peers received from the old identity): count them once.
+            let repeat = self
+                .last_declared_down
+                .is_some_and(|t| now < t + self.opts.join_grace);
+            if self.joined
+                && !repeat
+                && damping::cut_off(&members.seen_when_declared_down, &declared)
+            {
+                self.last_declared_down = Some(now);
+                self.cut_off(now, "declared down by its peers");
+                // What it thinks of the others is stale (it declared them down, too):
+                // claim nothing until they are back, as after its link came back.
+                self.rejoining_until = Some(now + self.opts.join_grace);
+                self.publish_meta();
+            }
+        }
         if !self.joined {
             if !self.heard_all(&members) && now < self.started + self.opts.join_grace {
                 return ClusterView {
@@ -229,10 +267,10 @@ impl Cluster {
                 };
             }
         }
-        if !self.meta.settled && now >= self.hold_from + self.opts.hold {
+        if !self.meta.settled && now >= self.hold_from + self.hold {
             self.meta.settled = true;
             info!(
-                hold = ?self.opts.hold,
+                hold = ?self.hold,
                 "settled: this node may take IPs back from others"
             );
             self.publish_meta();
@@ -280,7 +318,7 @@ impl Cluster {
         if !self.joined {
             return Some(self.started + self.opts.join_grace);
         }
-        let later = (!self.meta.settled).then(|| self.hold_from + self.opts.hold);
+        let later = (!self.meta.settled).then(|| self.hold_from + self.hold);
         match (self.rejoining_until, later) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -311,8 +349,7 @@ impl Cluster {
     pub fn set_subnets(&mut self, subnets: Vec<IpNetwork>) {
         if subnets != self.meta.subnets {
             if self.meta.subnets.iter().any(|s| !subnets.contains(s)) {
-                self.meta.settled = false;
-                self.hold_from = Instant::now();
+                self.cut_off(Instant::now(), "its link lost a subnet");
             }
             if self.joined && subnets.iter().any(|s| !self.meta.subnets.contains(s)) {
                 self.rejoining_until = Some(Instant::now() + self.opts.join_grace);
@@ -325,6 +362,40 @@ impl Cluster {
             self.meta.subnets = subnets;
             self.publish_meta();
         }
+    }
+
+    /// This node was cut off from the others: it takes IPs back only once it has been
+    /// connected for the hold-down, doubled by each recent cut-off (`crate::damping`).
+    /// A cut-off while it is still holding off (its link came back, then the peers told
+    /// it that it had been down: one outage) restarts the hold without doubling it: only
+    /// cut-offs that took IPs away count. The caller publishes the metadata.
+    fn cut_off(&mut self, now: Instant, why: &str) {
+        if self.meta.settled {
+            self.hold = self.damping.cut_off(now);
+        }
+        self.hold_from = now;
+        self.meta.settled = false;
+        info!(
+            why,
+            recent = self.damping.recent(now),
+            hold = ?self.hold,
+            "cut off: this node takes IPs back only after the hold"
+        );
+    }
+
+    /// Whether this node may take IPs back from others (its hold-down has passed).
+    pub fn settled(&self) -> bool {
+        self.meta.settled
+    }
+
+    /// How many times its peers declared this node down (each one rejoined).
+    pub fn times_declared_down(&self) -> u64 {
+        self.declared_down
+    }
+
+    /// How many times this node was cut off within the damping window.
+    pub fn recent_cut_offs(&self) -> usize {
+        self.damping.recent(Instant::now())
     }
 
     /// kube-proxy on this node passes its health check, or fails it: tell the others,
@@ -408,6 +479,8 @@ mod tests {
     /// node0 of three, joined, with `alive` as its membership view.
     fn node0(alive: &[&str]) -> (Cluster, watch::Sender<Members>) {
         let view = |names: &[&str]| Members {
+            declared_down: 0,
+            seen_when_declared_down: Default::default(),
             alive: names
                 .iter()
                 .map(|n| {
@@ -449,6 +522,10 @@ mod tests {
             joined: true,
             rejoining_until: None,
             proxy_health: None,
+            hold: ClusterOptions::default().hold,
+            damping: Damping::new(ClusterOptions::default().hold),
+            declared_down: 0,
+            last_declared_down: None,
         };
         (cluster, tx)
     }
@@ -480,6 +557,73 @@ mod tests {
         let view = c.view();
         assert_eq!(names(&view), ["node0", "node1", "node2"]);
         assert!(!view.members.unwrap()["node0"].settled);
+    }
+
+    /// What the driver reports when the peers declare node0 down while it saw `seen`.
+    fn declared_down(tx: &watch::Sender<Members>, seen: &[&str]) {
+        tx.send_modify(|m| {
+            m.declared_down += 1;
+            m.seen_when_declared_down = seen.iter().map(|n| n.to_string()).collect();
+        });
+    }
+
+    fn settled(c: &mut Cluster) -> bool {
+        c.view().members.unwrap()["node0"].settled
+    }
+
+    #[test]
+    fn declared_down_on_the_small_side_it_waits_longer_each_time() {
+        let (mut c, tx) = node0(&["node0", "node1", "node2"]);
+        let hold = c.opts.hold;
+        declared_down(&tx, &["node0"]);
+        assert!(
+            !settled(&mut c),
+            "cut off, it does not take IPs back at once"
+        );
+        let first = c.wake_at().unwrap();
+        assert!(
+            first > Instant::now() + hold - Duration::from_millis(500)
+                && first <= Instant::now() + hold
+        );
+        // The same cut-off told twice counts once…
+        declared_down(&tx, &["node0"]);
+        assert_eq!(c.recent_cut_offs(), 1);
+        // Settled again, it is cut off after the join grace: twice the hold, from now.
+        c.hold_from = Instant::now() - hold;
+        assert!(settled(&mut c));
+        c.last_declared_down = Some(Instant::now() - c.opts.join_grace);
+        declared_down(&tx, &["node0"]);
+        assert!(!settled(&mut c));
+        assert!(c.wake_at().unwrap() > Instant::now() + hold * 2 - Duration::from_millis(500));
+        assert_eq!(c.recent_cut_offs(), 2);
+        // Cut off again while still holding off (one outage, told twice): the hold
+        // starts again, not doubled.
+        c.set_subnets(vec![]);
+        assert_eq!(c.recent_cut_offs(), 2);
+        assert!(c.wake_at().unwrap() > Instant::now() + hold * 2 - Duration::from_millis(500));
+        assert!(c.wake_at().unwrap() <= Instant::now() + hold * 2);
+        // Settled, its link losing a subnet counts the same as being declared down.
+        c.hold_from = Instant::now() - hold * 2;
+        assert!(settled(&mut c));
+        c.set_subnets(vec![LAN.parse().unwrap()]);
+        c.set_subnets(vec![]);
+        assert_eq!(c.recent_cut_offs(), 3);
+        assert_eq!(c.hold, hold * 4);
+    }
+
+    #[test]
+    fn declared_down_on_the_large_side_of_a_partition_it_keeps_its_ips() {
+        let (mut c, tx) = node0(&["node0", "node1", "node2"]);
+        declared_down(&tx, &["node0", "node1"]);
+        assert!(
+            settled(&mut c),
+            "the side that saw more nodes stays settled"
+        );
+        assert_eq!(c.recent_cut_offs(), 0);
+        assert_eq!(c.wake_at(), None);
+        // Declared down while seeing everyone: its own datagrams were lost.
+        declared_down(&tx, &["node0", "node1", "node2"]);
+        assert!(!settled(&mut c));
     }
 
     #[test]

@@ -122,6 +122,7 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
     let mut alive_before: BTreeSet<String> = BTreeSet::new();
     let mut rejected_before = 0;
     let mut replayed_before = 0;
+    let mut declared_down_before = 0;
     let (resolved_tx, mut resolved_rx) = tokio::sync::mpsc::channel::<Resolved>(8);
     let mut resolving = Resolving::default();
     loop {
@@ -133,6 +134,15 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             },
             (None, None) => ClusterView::everyone(),
         };
+        if let Some(c) = &cluster {
+            let declared_down = c.times_declared_down();
+            opts.metrics
+                .declared_down_by_peers
+                .inc_by(declared_down.saturating_sub(declared_down_before));
+            declared_down_before = declared_down;
+            opts.metrics.recent_cut_offs.set(c.recent_cut_offs() as i64);
+            opts.metrics.settled.set(i64::from(c.settled()));
+        }
         if let Some(members) = &view.members {
             let alive: BTreeSet<String> = members.keys().cloned().collect();
             if alive != alive_before {

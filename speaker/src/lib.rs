@@ -28,6 +28,7 @@ pub use ferrolb_wire::{arp, ndp};
 pub mod announcements;
 pub mod cluster;
 pub mod daemon;
+pub mod damping;
 pub mod election;
 pub mod forwarding;
 pub mod interfaces;

@@ -65,6 +65,12 @@ pub struct Metrics {
     pub plan_seconds: Histogram,
     pub members: Gauge,
     pub members_declared_down: Counter,
+    /// Times the peers declared this node down.
+    pub declared_down_by_peers: Counter,
+    /// Times this node was cut off within the damping window (each doubles its hold).
+    pub recent_cut_offs: Gauge,
+    /// 1 once this node may take IPs back from others; 0 during its hold-down.
+    pub settled: Gauge,
     pub membership_rejected: Counter,
     /// Authenticated membership datagrams dropped as replays or over a sender's allowance.
     pub membership_replayed: Counter,
@@ -99,6 +105,9 @@ impl Default for Metrics {
             failover_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             plan_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             members: Gauge::default(),
+            recent_cut_offs: Gauge::default(),
+            declared_down_by_peers: Counter::default(),
+            settled: Gauge::default(),
             members_declared_down: Counter::default(),
             membership_rejected: Counter::default(),
             membership_replayed: Counter::default(),
@@ -186,6 +195,21 @@ impl Default for Metrics {
             "members",
             "Speakers alive in membership, this one included",
             m.members.clone(),
+        );
+        r.register(
+            "membership_declared_down_by_peers",
+            "Times the other speakers declared this one down (it rejoined each time): a flaky link, a partition, or a stall",
+            m.declared_down_by_peers.clone(),
+        );
+        r.register(
+            "membership_recent_cut_offs",
+            "Times this node was cut off from the others (its link lost a subnet, or its peers declared it down while it was on the smaller side) within the damping window; each doubles the hold before it takes IPs back",
+            m.recent_cut_offs.clone(),
+        );
+        r.register(
+            "membership_settled",
+            "1 once this node may take IPs back from others; 0 during its (damped) hold-down",
+            m.settled.clone(),
         );
         r.register(
             "members_declared_down",

@@ -153,6 +153,28 @@ impl Host {
         .map(drop)
     }
 
+    /// Makes the switch drop every frame to and from this host (`true`), or stop
+    /// (`false`), while the host's link stays up: a bad cable or switch port that no
+    /// carrier change shows, as a bridge-family nftables table on the switch.
+    pub fn set_dropping(&self, dropping: bool) -> Result<()> {
+        let table = format!("dropping_{}", self.switch_port.replace('-', "_"));
+        let script = if dropping {
+            format!(
+                "table bridge {table} {{\n chain forward {{ type filter hook forward priority 0; \
+                 iifname \"{port}\" drop; oifname \"{port}\" drop; }}\n}}\n",
+                port = self.switch_port
+            )
+        } else {
+            format!("delete table bridge {table}\n")
+        };
+        sys::run_with_input(
+            &self.name,
+            Command::new("ip").args(["netns", "exec", &self.switch_netns, "nft", "-f", "-"]),
+            Some(&script),
+        )
+        .map(drop)
+    }
+
     /// The MAC this host's neighbour table holds for `ip` on `eth0`, in any state that
     /// has one except FAILED and INCOMPLETE (so STALE counts: the host would use it).
     pub fn neighbour(&self, ip: impl Into<IpAddr>) -> Result<Option<[u8; 6]>> {

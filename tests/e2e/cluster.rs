@@ -181,7 +181,50 @@ impl Cluster {
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args);
-        checked(&mut cmd, None, &format!("helm {}", args.join(" ")))
+        let result = checked(&mut cmd, None, &format!("helm {}", args.join(" ")));
+        // A `--wait` that timed out says only "not ready": say what the Pods are doing.
+        match (&result, args.contains(&"--wait")) {
+            (Err(e), true) => {
+                let ns = args
+                    .iter()
+                    .position(|a| *a == "-n" || *a == "--namespace")
+                    .and_then(|i| args.get(i + 1))
+                    .copied()
+                    .unwrap_or("default");
+                bail!("{e:#}\n{}", self.pods_in(ns))
+            }
+            _ => result,
+        }
+    }
+
+    /// What the Pods of `ns` are doing: their status, the namespace's Events and the last
+    /// log lines of every container, for a failure message. Never fails: a part it cannot
+    /// read says so.
+    pub fn pods_in(&self, ns: &str) -> String {
+        let part = |title: &str, args: &[&str]| match self.kubectl(args, None) {
+            Ok(out) => format!("--- {title}:\n{}", out.trim_end()),
+            Err(e) => format!("--- {title}: {e:#}"),
+        };
+        let mut report = vec![
+            part(
+                &format!("Pods in {ns}"),
+                &["get", "pods", "-n", ns, "-o", "wide"],
+            ),
+            part(
+                &format!("Events in {ns}"),
+                &["get", "events", "-n", ns, "--sort-by=.lastTimestamp"],
+            ),
+        ];
+        let names = self
+            .kubectl(&["get", "pods", "-n", ns, "-o", "name"], None)
+            .unwrap_or_default();
+        for pod in names.lines().take(10) {
+            report.push(part(
+                &format!("last log lines of {pod}"),
+                &["logs", "-n", ns, pod, "--all-containers", "--tail", "15"],
+            ));
+        }
+        report.join("\n")
     }
 
     /// `tests/nodes/node --name NAME NODE ARGS`: something done to a real node.

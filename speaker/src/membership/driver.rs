@@ -2,7 +2,7 @@
 //! send, and publishes the live members.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +14,13 @@ use rand::rngs::StdRng;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+/// A node declared down asks whom it saw this long before: what it saw while cut off,
+/// not the renewals the heal itself brings (a peer told it is down renews its identity,
+/// so its old one leaves the views for a few microseconds, on both sides).
+const SEEN_BEFORE: Duration = Duration::from_millis(50);
+/// How many changes of the members are remembered for that (the newest).
+const MAX_RECENT_VIEWS: usize = 64;
 
 use super::freshness::{Freshness, Verdict};
 use super::identity::NodeId;
@@ -79,6 +86,11 @@ pub(super) struct Driver {
     pub(super) metas_changed: Arc<AtomicBool>,
     /// The members must be published again (foca reported a change, or metadata).
     members_dirty: bool,
+    /// Times we were declared down, and whom we saw alive the last time.
+    declared_down: u64,
+    seen_when_declared_down: BTreeSet<String>,
+    /// The members we saw, each change with its time, oldest first.
+    recent_views: VecDeque<(Instant, BTreeSet<String>)>,
     pub(super) members: watch::Sender<Members>,
     pub(super) counters: Arc<Counters>,
     last_reject_log: Option<Instant>,
@@ -122,6 +134,9 @@ impl Driver {
             metas,
             metas_changed,
             members_dirty: true,
+            declared_down: 0,
+            seen_when_declared_down: BTreeSet::new(),
+            recent_views: VecDeque::new(),
             members,
             counters,
             last_reject_log: None,
@@ -426,8 +441,11 @@ impl Driver {
                     // We were declared down (a partition healed): foca renewed our
                     // identity; tell the peers now rather than at the next rejoin tick.
                     OwnedNotification::Rejoin(id) => {
+                        self.declared_down += 1;
+                        self.seen_when_declared_down = self.seen_before_the_heal();
                         tracing::info!(
                             bump = id.bump,
+                            seen = ?self.seen_when_declared_down,
                             "membership: declared down by peers, rejoining"
                         );
                         republish_meta = true;
@@ -479,6 +497,19 @@ impl Driver {
         }
     }
 
+    /// The members we saw alive [`SEEN_BEFORE`] ago, ourselves included: which side of
+    /// a cut we were on.
+    fn seen_before_the_heal(&self) -> BTreeSet<String> {
+        let then = Instant::now().checked_sub(SEEN_BEFORE);
+        self.recent_views
+            .iter()
+            .rev()
+            .find(|(at, _)| then.is_some_and(|then| *at <= then))
+            .or(self.recent_views.front())
+            .map(|(_, seen)| seen.clone())
+            .unwrap_or_else(|| [self.name.clone()].into())
+    }
+
     /// Remembers `id` as the newest identity of its name, if it is.
     fn raise_floor(&mut self, id: &NodeId) {
         let seen = (id.bump, id.epoch);
@@ -510,11 +541,28 @@ impl Driver {
             .collect();
         drop(metas);
         alive.insert(self.name.clone(), self.meta.clone());
+        let names: BTreeSet<String> = alive.keys().cloned().collect();
+        if self
+            .recent_views
+            .back()
+            .is_none_or(|(_, last)| *last != names)
+        {
+            // Bounded however fast members come and go: the oldest views go first.
+            if self.recent_views.len() >= MAX_RECENT_VIEWS {
+                self.recent_views.pop_front();
+            }
+            self.recent_views.push_back((Instant::now(), names));
+        }
+        let now = Members {
+            alive,
+            declared_down: self.declared_down,
+            seen_when_declared_down: self.seen_when_declared_down.clone(),
+        };
         self.members.send_if_modified(|members| {
-            if members.alive == alive {
+            if *members == now {
                 false
             } else {
-                members.alive = alive;
+                *members = now;
                 true
             }
         });

@@ -33,7 +33,7 @@ mod sealing;
 mod settings;
 mod timers;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,6 +85,12 @@ pub struct Members {
     /// (SWIM): only members declared down leave. A member whose metadata has not
     /// arrived yet shows the default (no subnets) for a few milliseconds.
     pub alive: BTreeMap<String, NodeMeta>,
+    /// How many times the peers declared this node down (it rejoined each time under a
+    /// renewed identity).
+    pub declared_down: u64,
+    /// The nodes this node saw alive, itself included, shortly before it was last
+    /// declared down: whether it was the side cut off (`crate::damping::cut_off`).
+    pub seen_when_declared_down: BTreeSet<String>,
 }
 
 /// Datagram counters since start.
@@ -181,7 +187,10 @@ impl Membership {
         );
         let mut alive = BTreeMap::new();
         alive.insert(config.node_name.clone(), config.meta.clone());
-        let (members_tx, members_rx) = watch::channel(Members { alive });
+        let (members_tx, members_rx) = watch::channel(Members {
+            alive,
+            ..Members::default()
+        });
         let counters = Arc::new(Counters::default());
         counters
             .encrypted
