@@ -681,12 +681,26 @@ async fn an_api_server_outage_loses_nothing() {
     cluster.create_services("default", "during", 5).await;
     cluster.cp.stop_apiserver();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    eventually(DEADLINE, "/readyz to report the outage", || async {
-        controller
-            .http_get("/readyz")
-            .filter(|(code, _)| *code == 503)
+    // What /readyz said last, for the failure message (a CI run once timed out here with
+    // nothing in the controller's log).
+    let last = std::cell::RefCell::new(None);
+    let outage = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let answer = controller.http_get("/readyz");
+            if answer.as_ref().is_some_and(|(code, _)| *code == 503) {
+                return;
+            }
+            *last.borrow_mut() = Some(answer);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     })
     .await;
+    assert!(
+        outage.is_ok(),
+        "timed out after {DEADLINE:?} waiting for /readyz to report the outage; it last \
+         answered {:?} (None: no answer)",
+        last.borrow()
+    );
     cluster.cp.start_apiserver().await.unwrap();
 
     let after = eventually(Duration::from_secs(60), "10 assigned", || async {
