@@ -406,7 +406,10 @@ pub fn ferrolb_drain(suite: &Suite) -> Result<()> {
     let (to, _) = on_the_wire_until(suite, &nodes, vip, Duration::from_secs(10), |n| n != owner)?;
     report!("ferrolb drain {owner}:\n{}", indent(&drained));
     let (undone, back) = probed(&|| ferrolb(&["drain", "--undo", &owner]))?;
-    let (home, _) = on_the_wire_until(suite, &nodes, vip, DEADLINE, |n| n == owner)?;
+    // Back where the election puts it: the drained node, or the hash's first choice if
+    // that one has meanwhile settled (a node cut off by an earlier case holds off for a
+    // while), but not the stand-in.
+    let (home, _) = on_the_wire_until(suite, &nodes, vip, DEADLINE, |n| n != to)?;
     report!("ferrolb drain --undo {owner}:\n{}", indent(&undone));
     report!(
         "drain: {vip} moved {owner} → {to}, {} of {} new connections failed (longest gap {} ms); \
