@@ -101,9 +101,8 @@ pub struct Cluster {
     /// doubled by each recent cut-off.
     hold: Duration,
     damping: Damping,
-    /// The `Members::declared_down` already acted on, and when it last cut us off.
+    /// The `Members::declared_down` already acted on.
     declared_down: u64,
-    last_declared_down: Option<Instant>,
 }
 
 impl Cluster {
@@ -153,23 +152,21 @@ impl Cluster {
                 interval: check.interval,
             })
         });
-        let opts_hold = opts.hold;
         Ok(Cluster {
             membership: Some(membership),
             members,
             node: node.to_string(),
             started: Instant::now(),
             hold_from: Instant::now(),
+            hold: opts.hold,
+            damping: Damping::new(opts.hold),
             opts,
             meta,
             peers,
             joined: false,
             rejoining_until: None,
             proxy_health,
-            hold: opts_hold,
-            damping: Damping::new(opts_hold),
             declared_down: 0,
-            last_declared_down: None,
         })
     }
 
@@ -204,15 +201,9 @@ impl Cluster {
             self.declared_down = members.declared_down;
             let declared = self.peers.iter().map(|(n, _)| n.clone()).collect();
             // One cut-off can bring several "you are down" messages (one per datagram the
-            // peers received from the old identity): count them once.
-            let repeat = self
-                .last_declared_down
-                .is_some_and(|t| now < t + self.opts.join_grace);
-            if self.joined
-                && !repeat
-                && damping::cut_off(&members.seen_when_declared_down, &declared)
-            {
-                self.last_declared_down = Some(now);
+            // peers received from the old identity); the ones after the first find this
+            // node holding off already, so they do not double its hold.
+            if self.joined && damping::cut_off(&members.seen_when_declared_down, &declared) {
                 self.cut_off(now, "declared down by its peers");
                 // What it thinks of the others is stale (it declared them down, too):
                 // claim nothing until they are back, as after its link came back.
@@ -525,7 +516,6 @@ mod tests {
             hold: ClusterOptions::default().hold,
             damping: Damping::new(ClusterOptions::default().hold),
             declared_down: 0,
-            last_declared_down: None,
         };
         (cluster, tx)
     }
@@ -587,11 +577,11 @@ mod tests {
         );
         // The same cut-off told twice counts once…
         declared_down(&tx, &["node0"]);
+        assert!(!settled(&mut c));
         assert_eq!(c.recent_cut_offs(), 1);
-        // Settled again, it is cut off after the join grace: twice the hold, from now.
+        // Settled again, it is cut off again: twice the hold, from now.
         c.hold_from = Instant::now() - hold;
         assert!(settled(&mut c));
-        c.last_declared_down = Some(Instant::now() - c.opts.join_grace);
         declared_down(&tx, &["node0"]);
         assert!(!settled(&mut c));
         assert!(c.wake_at().unwrap() > Instant::now() + hold * 2 - Duration::from_millis(500));
