@@ -6,18 +6,48 @@
 
 /// 64 bits of the parts.
 pub fn stable_hash64(parts: &[&[u8]]) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0100_0000_01b3;
-    let mut h = OFFSET;
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            h = (h ^ 0xff).wrapping_mul(PRIME);
-        }
-        for b in *part {
-            h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
+    parts
+        .iter()
+        .fold(StableHasher::default(), |h, part| h.part(part))
+        .finish()
+}
+
+/// [`stable_hash64`] part by part, so that the state after shared leading parts can be
+/// kept: an election scores one IP against thousands of nodes, and hashes the IP once.
+#[derive(Clone, Copy, Debug)]
+pub struct StableHasher {
+    h: u64,
+    first: bool,
+}
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        StableHasher {
+            h: 0xcbf2_9ce4_8422_2325,
+            first: true,
         }
     }
-    splitmix64(h)
+}
+
+impl StableHasher {
+    const PRIME: u64 = 0x0100_0000_01b3;
+
+    /// The state with `part` added after the parts before it.
+    #[must_use]
+    pub fn part(mut self, part: &[u8]) -> StableHasher {
+        if !self.first {
+            self.h = (self.h ^ 0xff).wrapping_mul(Self::PRIME);
+        }
+        self.first = false;
+        for b in part {
+            self.h = (self.h ^ u64::from(*b)).wrapping_mul(Self::PRIME);
+        }
+        self
+    }
+
+    pub fn finish(self) -> u64 {
+        splitmix64(self.h)
+    }
 }
 
 /// 128 bits of the parts, for positions in IPv6 pools larger than 2^64.
@@ -45,6 +75,14 @@ mod tests {
         let ip = [192u8, 0, 2, 200];
         assert_eq!(stable_hash64(&[&ip, b"node-a"]), 0xf546_26be_5d36_916a);
         assert_eq!(stable_hash64(&[&ip, b"node-b"]), 0x14b5_4569_f9ba_8306);
+    }
+
+    #[test]
+    fn a_kept_state_hashes_as_the_whole() {
+        let ip = StableHasher::default().part(&[192, 0, 2, 200]);
+        assert_eq!(ip.part(b"node-a").finish(), 0xf546_26be_5d36_916a);
+        assert_eq!(ip.part(b"node-b").finish(), 0x14b5_4569_f9ba_8306);
+        assert_eq!(StableHasher::default().finish(), stable_hash64(&[]));
     }
 
     #[test]

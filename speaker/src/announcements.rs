@@ -16,7 +16,8 @@
 //!    IP of an `externalTrafficPolicy: Local` Service, holding a ready endpoint of it.
 //! 4. The owner: [`election::owner`] among the eligible nodes membership leaves
 //!    ([`ClusterView::candidates`]), of the highest priority the advertisements give
-//!    ([`preferred`]).
+//!    ([`preferred`]). [`plan`] does steps 2 and 3 once per pool and step 4 in one pass
+//!    per IP ([`election::elect`]): it runs after every change, for IPs × nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -29,7 +30,7 @@ use ferrolb_api::{Family, Forwarding, Gratuitous, L2Advertisement};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-use crate::election::{self, ClusterView};
+use crate::election::{self, Candidate, ClusterView};
 use crate::forwarding::{self, ForwardRule, Protocol};
 use ipnetwork::IpNetwork;
 
@@ -118,7 +119,6 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
         return out;
     };
     let nodes: Vec<&Node> = m.nodes.iter().map(|n| &*n.object).collect();
-    let labels = node_labels(&nodes);
     let pool_labels: BTreeMap<&str, Labels> = m
         .pools
         .iter()
@@ -142,9 +142,13 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
         }
     }
     let no_slices = Vec::new();
+    let mut ballots: BTreeMap<String, Ballot> = BTreeMap::new();
 
     for (ip, (pool, keys)) in by_ip {
-        let advs = advertising(m, &pool, pool_labels.get(pool.as_str()));
+        let ballot = ballots
+            .entry(pool.clone())
+            .or_insert_with(|| Ballot::new(m, &nodes, view, &pool, pool_labels.get(pool.as_str())));
+        let advs = &ballot.advs;
         if advs.is_empty() {
             let names: Vec<String> = keys.iter().map(ToString::to_string).collect();
             out.problems.push(format!(
@@ -163,25 +167,33 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
                     == Some("Local")
             })
             .collect();
-        let eligible: Vec<&str> = nodes
-            .iter()
-            .filter(|n| ineligible(n, &advs).is_none())
-            .filter(|n| {
-                let name = n.metadata.name.as_deref().unwrap_or_default();
-                local.iter().all(|s| {
-                    let key = (
-                        s.metadata.namespace.as_deref().unwrap_or("default"),
-                        s.metadata.name.as_deref().unwrap_or_default(),
-                    );
-                    has_ready_endpoint(slices.get(&key).unwrap_or(&no_slices), s, name)
-                })
-            })
-            .filter_map(|n| n.metadata.name.as_deref())
-            .collect();
-        let owner = election::owner(
-            ip,
-            preferred(&advs, &labels, view.candidates(ip, &eligible)),
-        );
+        let owner = if local.is_empty() {
+            election::elect(ip, &ballot.candidates)
+        } else {
+            // The pool's candidates that hold a ready endpoint of every Local Service on
+            // the IP: found from the endpoints (a few) rather than by asking each node.
+            let mut with_endpoints: Option<BTreeSet<&str>> = None;
+            for s in &local {
+                let key = (
+                    s.metadata.namespace.as_deref().unwrap_or("default"),
+                    s.metadata.name.as_deref().unwrap_or_default(),
+                );
+                let here: BTreeSet<&str> =
+                    ready_endpoints(slices.get(&key).unwrap_or(&no_slices), s)
+                        .filter_map(|e| e.node_name.as_deref())
+                        .collect();
+                with_endpoints = Some(match with_endpoints {
+                    None => here,
+                    Some(before) => before.intersection(&here).copied().collect(),
+                });
+            }
+            let candidates: Vec<Candidate> = with_endpoints
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|n| ballot.index.get(n).map(|&i| ballot.candidates[i]))
+                .collect();
+            election::elect(ip, &candidates)
+        };
         out.owners.insert(ip, owner.map(str::to_string));
         if owner.is_none() {
             out.orphans.insert(ip, keys.clone());
@@ -234,6 +246,48 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
     out.forwards.sort();
     out.forwards.dedup();
     out
+}
+
+/// What decides the owners of one pool's IPs, worked out once per pool: the
+/// advertisements that announce it, and the nodes they allow (step 3 but for
+/// endpoints), resolved against membership with their priorities.
+struct Ballot<'a> {
+    advs: Vec<&'a L2Advertisement>,
+    candidates: Vec<Candidate<'a>>,
+    /// Position in `candidates` by node name.
+    index: BTreeMap<&'a str, usize>,
+}
+
+impl<'a> Ballot<'a> {
+    fn new(
+        m: &'a Manifests,
+        nodes: &[&'a Node],
+        view: &'a ClusterView,
+        pool: &str,
+        pool_labels: Option<&Labels>,
+    ) -> Ballot<'a> {
+        let advs = advertising(m, pool, pool_labels);
+        let no_labels = Labels::new();
+        let candidates = view.resolve(
+            nodes
+                .iter()
+                .filter(|n| ineligible(n, &advs).is_none())
+                .filter_map(|n| {
+                    let labels = n.metadata.labels.as_ref().unwrap_or(&no_labels);
+                    Some((n.metadata.name.as_deref()?, priority(&advs, labels)))
+                }),
+        );
+        let index = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name, i))
+            .collect();
+        Ballot {
+            advs,
+            candidates,
+            index,
+        }
+    }
 }
 
 /// IP -> (its pool, the Services holding it).
@@ -361,22 +415,32 @@ pub fn preferred<'a>(
         return candidates;
     }
     let no_labels = Labels::new();
-    let priority = |name: &str| -> i32 {
-        let labels = labels.get(name).copied().unwrap_or(&no_labels);
-        advs.iter()
-            .flat_map(|a| &a.spec.node_priorities)
-            .filter(|p| selector::matches(&p.node_selector, labels))
-            .map(|p| p.priority)
-            .max()
-            .unwrap_or(0)
-    };
-    let scored: Vec<(i32, &'a str)> = candidates.iter().map(|c| (priority(c), *c)).collect();
+    let scored: Vec<(i32, &'a str)> = candidates
+        .iter()
+        .map(|c| {
+            (
+                priority(advs, labels.get(c).copied().unwrap_or(&no_labels)),
+                *c,
+            )
+        })
+        .collect();
     let top = scored.iter().map(|(p, _)| *p).max();
     scored
         .into_iter()
         .filter(|(p, _)| Some(*p) == top)
         .map(|(_, c)| c)
         .collect()
+}
+
+/// The priority `advs` give a node labelled `labels`: the highest of their
+/// `nodePriorities` entries that match it, 0 when none does.
+pub fn priority(advs: &[&L2Advertisement], labels: &Labels) -> i32 {
+    advs.iter()
+        .flat_map(|a| &a.spec.node_priorities)
+        .filter(|p| selector::matches(&p.node_selector, labels))
+        .map(|p| p.priority)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Why a node may not announce the IPs of some advertisements.

@@ -6,7 +6,7 @@
 //! runner-up); when it returns it takes back exactly those IPs. IPs spread over nodes
 //! like independent fair dice.
 //!
-//! The score is [`stable_hash64`] of the IP's bytes and the node name, so that speakers
+//! The score is [`ferrolb_api::hash::stable_hash64`] of the IP's bytes and the node name, so that speakers
 //! built by different compilers or versions agree.
 
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use ferrolb_api::hash::stable_hash64;
+use ferrolb_api::hash::StableHasher;
 
 /// What membership says about the nodes, as far as election needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -93,11 +93,106 @@ pub fn owner<'a>(ip: IpAddr, eligible: impl IntoIterator<Item = &'a str>) -> Opt
 
 /// The weight of `node` for `ip`.
 pub fn score(ip: IpAddr, node: &str) -> u64 {
-    let ip = match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
-    stable_hash64(&[&ip, node.as_bytes()])
+    Scorer::new(ip).score(node)
+}
+
+/// [`score`] for one IP against many nodes: the IP is hashed once.
+#[derive(Clone, Copy)]
+pub struct Scorer(StableHasher);
+
+impl Scorer {
+    pub fn new(ip: IpAddr) -> Scorer {
+        Scorer(match ip {
+            IpAddr::V4(v4) => StableHasher::default().part(&v4.octets()),
+            IpAddr::V6(v6) => StableHasher::default().part(&v6.octets()),
+        })
+    }
+
+    pub fn score(self, node: &str) -> u64 {
+        self.0.part(node.as_bytes()).finish()
+    }
+}
+
+/// A node that may own the IPs of one pool, resolved once for all of them: its name,
+/// what membership says of it, and its priority (`nodePriorities`).
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate<'a> {
+    pub name: &'a str,
+    /// `None` without membership (every node counts as alive and settled).
+    member: Option<&'a MemberView>,
+    pub priority: i32,
+}
+
+impl ClusterView {
+    /// The alive nodes of `eligible` (name, priority), with what membership says of
+    /// each, for [`elect`]. Resolving once per pool rather than once per IP keeps the
+    /// lookups out of the loop that runs IPs × nodes times.
+    pub fn resolve<'a>(
+        &'a self,
+        eligible: impl IntoIterator<Item = (&'a str, i32)>,
+    ) -> Vec<Candidate<'a>> {
+        eligible
+            .into_iter()
+            .filter_map(|(name, priority)| {
+                let member = match &self.members {
+                    None => None,
+                    Some(members) => Some(members.get(name)?),
+                };
+                Some(Candidate {
+                    name,
+                    member,
+                    priority,
+                })
+            })
+            .collect()
+    }
+}
+
+/// (on the IP's segment, delivering, settled, priority): the higher ranks first.
+type Rank = (bool, bool, bool, i32);
+
+impl Candidate<'_> {
+    /// The narrowing steps of [`ClusterView::candidates`], then the priority, as a key:
+    /// each step keeps the nodes that pass it when any does, which is the same as
+    /// keeping the nodes whose (on the IP's segment, delivering, settled, priority) is
+    /// the highest.
+    fn rank(&self, ip: IpAddr) -> Rank {
+        match self.member {
+            None => (true, true, true, self.priority),
+            Some(m) => (
+                !m.known || m.subnets.iter().any(|s| s.contains(ip)),
+                !m.proxy_failing,
+                m.known && m.settled,
+                self.priority,
+            ),
+        }
+    }
+}
+
+/// The owner of `ip` among `candidates` (from [`ClusterView::resolve`]): the same node
+/// as `owner(ip, preferred(view.candidates(ip, eligible)))`, in one pass with no
+/// allocation, and a node is scored only if it ranks with the best so far. This is the
+/// loop a speaker runs IPs × nodes times after every change, so a failover waits for it.
+pub fn elect<'a>(ip: IpAddr, candidates: &[Candidate<'a>]) -> Option<&'a str> {
+    let scorer = Scorer::new(ip);
+    let mut best: Option<(Rank, u64, &'a str)> = None;
+    for c in candidates {
+        let rank = c.rank(ip);
+        if best.is_some_and(|(r, _, _)| rank < r) {
+            continue;
+        }
+        let score = scorer.score(c.name);
+        let wins = match best {
+            None => true,
+            Some((r, s, name)) => {
+                (rank, score) > (r, s) || ((rank, score) == (r, s) && c.name < name)
+            }
+        };
+        if wins {
+            best = Some((rank, score, c.name));
+        }
+    }
+    best.map(|(_, _, name)| name)
 }
 
 #[cfg(test)]
@@ -266,7 +361,52 @@ mod tests {
         }
     }
 
+    /// The rule step by step, as `ferrolb why` applies it: membership's narrowing, then
+    /// the highest priority, then the highest score.
+    fn step_by_step<'a>(
+        view: &ClusterView,
+        ip: IpAddr,
+        eligible: &[(&'a str, i32)],
+    ) -> Option<&'a str> {
+        let names: Vec<&str> = eligible.iter().map(|(n, _)| *n).collect();
+        let candidates = view.candidates(ip, &names);
+        let priority = |n: &str| eligible.iter().find(|(e, _)| *e == n).map(|(_, p)| *p);
+        let top = candidates.iter().filter_map(|c| priority(c)).max();
+        owner(ip, candidates.into_iter().filter(|c| priority(c) == top))
+    }
+
+    /// A member as proptest draws it: (present, known, settled, kube-proxy failing, on
+    /// the IP's subnet, priority).
+    type Drawn = (bool, bool, bool, bool, bool, i32);
+
     proptest! {
+        /// The one-pass election the speaker runs elects the node the rule, applied step
+        /// by step, elects: for every mix of alive, unknown, unsettled, failing, off-segment
+        /// and preferred nodes, and without membership.
+        #[test]
+        fn one_pass_elects_whom_the_steps_elect(
+            drawn in prop::collection::vec((any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), 0i32..3), 0..9),
+            raw in any::<u32>(),
+            membership in any::<bool>(),
+        ) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 | (raw & 0xffff)));
+            let names: Vec<String> = (0..drawn.len()).map(|i| format!("node-{i}")).collect();
+            let members = drawn.iter().zip(&names).filter(|((present, ..), _)| *present).map(
+                |((_, known, settled, failing, on_segment, _), name): (&Drawn, _)| {
+                    let subnet = if *on_segment { "10.0.0.0/16" } else { "192.168.0.0/16" };
+                    (name.clone(), MemberView {
+                        subnets: vec![subnet.parse().unwrap()],
+                        settled: *settled,
+                        known: *known,
+                        proxy_failing: *failing,
+                    })
+                },
+            );
+            let view = ClusterView { members: membership.then(|| members.collect()) };
+            let eligible: Vec<(&str, i32)> = names.iter().zip(&drawn).map(|(n, d)| (n.as_str(), d.5)).collect();
+            prop_assert_eq!(elect(ip, &view.resolve(eligible.iter().copied())), step_by_step(&view, ip, &eligible));
+        }
+
         /// Only the leaver's IPs move when a node leaves, and they all come back when it
         /// returns.
         #[test]
