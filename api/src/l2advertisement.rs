@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
     plural = "l2advertisements",
     shortname = "l2adv",
     category = "ferrolb",
+    derive = "PartialEq",
     status = "L2AdvertisementStatus",
     printcolumn(name = "Pools", type_ = "string", json_path = ".spec.ipAddressPools"),
     printcolumn(name = "Interfaces", type_ = "string", json_path = ".spec.interfaces"),

@@ -24,6 +24,7 @@ pub const MAX_ADDRESSES: usize = 256;
     plural = "ipaddresspools",
     shortname = "ippool",
     category = "ferrolb",
+    derive = "PartialEq",
     status = "IPAddressPoolStatus",
     printcolumn(name = "Addresses", type_ = "string", json_path = ".spec.addresses"),
     printcolumn(

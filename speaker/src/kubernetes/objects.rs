@@ -17,11 +17,11 @@ use ferrolb_api::{IPAddressPool, L2Advertisement};
 use ferrolb_kubernetes::retry::Backoff;
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{
-    Node, NodeStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
+    Node, NodeCondition, NodeStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::reflector::{self, ObjectRef, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch as channel;
@@ -191,17 +191,27 @@ impl<T: kube::Resource<DynamicType = ()> + Clone + 'static> Default for Store<T>
 }
 
 impl<T: kube::Resource<DynamicType = ()> + Clone + 'static> Store<T> {
-    /// Applies one event: (whether the objects changed, whether a list completed).
-    fn apply(&mut self, event: watcher::Event<T>, trim: impl Fn(T) -> T) -> (bool, bool) {
-        let outcome = match &event {
-            watcher::Event::Apply(_) | watcher::Event::Delete(_) => (true, false),
-            watcher::Event::Init | watcher::Event::InitApply(_) => (false, false),
-            watcher::Event::InitDone => (true, true),
-        };
-        let event = match event {
-            watcher::Event::Apply(o) => watcher::Event::Apply(trim(o)),
-            watcher::Event::InitApply(o) => watcher::Event::InitApply(trim(o)),
-            other => other,
+    /// Applies one event: (whether the objects changed, whether a list completed). An
+    /// update that leaves the trimmed object as it was is no change: a Node's status
+    /// report (every few minutes from every kubelet, many a second at thousands of
+    /// nodes) would otherwise cost a new snapshot and an election of every IP.
+    fn apply(&mut self, event: watcher::Event<T>, trim: impl Fn(T) -> T) -> (bool, bool)
+    where
+        T: PartialEq,
+    {
+        let (event, outcome) = match event {
+            watcher::Event::Apply(o) => {
+                let o = trim(o);
+                let same = self
+                    .objects
+                    .get(&ObjectRef::from_obj(&o))
+                    .is_some_and(|old| *old == o);
+                (watcher::Event::Apply(o), (!same, false))
+            }
+            watcher::Event::InitApply(o) => (watcher::Event::InitApply(trim(o)), (false, false)),
+            watcher::Event::Delete(o) => (watcher::Event::Delete(o), (true, false)),
+            watcher::Event::Init => (watcher::Event::Init, (false, false)),
+            watcher::Event::InitDone => (watcher::Event::InitDone, (true, true)),
         };
         self.writer.apply_watcher_event(&event);
         outcome
@@ -362,17 +372,26 @@ fn trim_slice(s: EndpointSlice) -> EndpointSlice {
     }
 }
 
-/// Only labels, the Ready condition and the addresses: a Node's images and capacity are
-/// most of its size.
+/// Only labels, the Ready condition's status and the addresses: a Node's images and
+/// capacity are most of its size, and its heartbeat times and resourceVersion change at
+/// every status report while nothing the speaker reads does.
 fn trim_node(n: Node) -> Node {
     let mut n = trim_meta(n);
     n.metadata.annotations = None;
+    n.metadata.resource_version = None;
     n.spec = None;
     n.status = n.status.map(|s| NodeStatus {
         addresses: s.addresses,
-        conditions: s
-            .conditions
-            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        conditions: s.conditions.map(|c| {
+            c.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| NodeCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    ..Default::default()
+                })
+                .collect()
+        }),
         ..Default::default()
     });
     n
@@ -484,6 +503,44 @@ endpoints:
             assert_eq!(plan(&trimmed, node, &view, &addresses), expected, "{node}");
         }
         assert_eq!(announced, 2, "the fixture should announce both IPs");
+    }
+
+    /// A kubelet's status report (new heartbeat time and resourceVersion, nothing else)
+    /// costs no snapshot and no election; a node turning NotReady does.
+    #[test]
+    fn a_node_status_report_that_changes_nothing_read_is_no_change() {
+        let node = |version: &str, beat: &str, ready: &str| -> Node {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "n1", "resourceVersion": version, "labels": {"zone": "a"}},
+                "status": {
+                    "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                    "conditions": [{"type": "Ready", "status": ready, "reason": "KubeletReady",
+                        "lastHeartbeatTime": beat, "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+                }
+            }))
+            .unwrap()
+        };
+        let mut store = Store::<Node>::default();
+        store.apply(watcher::Event::Init, trim_node);
+        store.apply(
+            watcher::Event::InitApply(node("1", "2026-01-01T00:00:00Z", "True")),
+            trim_node,
+        );
+        assert_eq!(
+            store.apply(watcher::Event::InitDone, trim_node),
+            (true, true)
+        );
+        let report = node("2", "2026-01-01T00:05:00Z", "True");
+        assert_eq!(
+            store.apply(watcher::Event::Apply(report), trim_node),
+            (false, false)
+        );
+        let not_ready = node("3", "2026-01-01T00:05:40Z", "False");
+        assert_eq!(
+            store.apply(watcher::Event::Apply(not_ready), trim_node),
+            (true, false)
+        );
+        assert_eq!(store.len(), 1);
     }
 
     /// The speaker writes nothing on Services, so it keeps none of their conditions.
