@@ -22,6 +22,7 @@ const SEEN_BEFORE: Duration = Duration::from_millis(50);
 /// How many changes of the members are remembered for that (the newest).
 const MAX_RECENT_VIEWS: usize = 64;
 
+use super::Settings;
 use super::freshness::{Freshness, Verdict};
 use super::identity::NodeId;
 use super::metadata::{MetaHandler, MetaTable, encode_meta};
@@ -94,7 +95,8 @@ pub(super) struct Driver {
     pub(super) members: watch::Sender<Members>,
     pub(super) counters: Arc<Counters>,
     last_reject_log: Option<Instant>,
-    pub(super) rejoin_interval: Duration,
+    /// The failure-detection tuning; its transmissions follow the number of peers.
+    pub(super) settings: Settings,
 }
 
 impl Driver {
@@ -111,7 +113,7 @@ impl Driver {
         metas_changed: Arc<AtomicBool>,
         members: watch::Sender<Members>,
         counters: Arc<Counters>,
-        rejoin_interval: Duration,
+        settings: Settings,
     ) -> Driver {
         Driver {
             foca,
@@ -140,13 +142,13 @@ impl Driver {
             members,
             counters,
             last_reject_log: None,
-            rejoin_interval,
+            settings,
         }
     }
 
     pub(super) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut buf = vec![0u8; 2 * MAX_DATAGRAM];
-        let mut rejoin = tokio::time::interval(self.rejoin_interval);
+        let mut rejoin = tokio::time::interval(self.settings.rejoin_interval);
         rejoin.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reload = tokio::time::interval(KEYRING_RELOAD_EVERY);
         reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -198,6 +200,16 @@ impl Driver {
         peers.sort();
         peers.dedup();
         self.peers = peers;
+        // Every update must reach every member by gossip: in a larger cluster each is
+        // passed on more times (see `Settings::transmissions_for`).
+        let config = self.settings.foca_config(self.peers.len() + 1);
+        match config {
+            Ok(config) => {
+                let result = self.foca.set_config(config);
+                self.check(result, "resizing gossip to the cluster");
+            }
+            Err(error) => tracing::warn!("{error:#}"),
+        }
     }
 
     /// Queues our metadata under a new version (so that every member, including ones

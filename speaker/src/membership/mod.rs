@@ -31,6 +31,7 @@ mod identity;
 mod metadata;
 mod sealing;
 mod settings;
+pub mod simulation;
 mod timers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -141,7 +142,7 @@ impl Membership {
     /// announcing ourselves to every peer. The receiver sees the live members (at first
     /// only ourselves).
     pub async fn start(config: Config) -> anyhow::Result<(Membership, watch::Receiver<Members>)> {
-        let foca_config = config.settings.foca_config()?;
+        let foca_config = config.settings.foca_config(config.peers.len().max(1))?;
         ensure!(
             !config.bind.ip().is_unspecified(),
             "membership must bind this node's own address (peers send to it), not {}",
@@ -196,8 +197,8 @@ impl Membership {
             .encrypted
             .store(config.keyring.is_some(), Ordering::Relaxed);
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        let rejoin_interval = config.settings.rejoin_interval;
         let driver_counters = Arc::clone(&counters);
+        let settings = config.settings.clone();
         let driver = move |socket| {
             Driver::new(
                 foca,
@@ -211,7 +212,7 @@ impl Membership {
                 metas_changed,
                 members_tx,
                 driver_counters,
-                rejoin_interval,
+                settings,
             )
         };
         let peers = config.peers;

@@ -22,9 +22,9 @@ use sha2::{Digest, Sha256};
 /// Largest datagram we send: below any Ethernet MTU, so never fragmented.
 pub(super) const MAX_DATAGRAM: usize = 1400;
 /// The freshness header before the foca message.
-const HEADER: usize = 8 * 6;
+pub(super) const HEADER: usize = 8 * 6;
 /// Frame overhead when sealed: kind byte, key id, nonce, Poly1305 tag.
-const SEALED_OVERHEAD: usize = 1 + 4 + 12 + 16;
+pub(super) const SEALED_OVERHEAD: usize = 1 + 4 + 12 + 16;
 /// Where the header starts in a sealed frame (after kind and key id).
 const SEALED_HEADER_AT: usize = 1 + 4;
 /// What foca may put in one datagram.
