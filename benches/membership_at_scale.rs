@@ -21,7 +21,7 @@ fn main() {
         return; // `cargo test --benches` and `--list`
     }
     let sizes =
-        std::env::var("FERROLB_BENCH_MEMBERS").unwrap_or_else(|_| "3,50,500,1000,5000".into());
+        std::env::var("FERROLB_BENCH_MEMBERS").unwrap_or_else(|_| "3,50,200,500,1000".into());
     let rounds: u64 = std::env::var("FERROLB_BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -34,14 +34,14 @@ fn main() {
         settings.max_transmissions = tx;
     }
     println!(
-        "membership (probe every {:?}, rtt {:?}, suspect to down {:?}, updates passed on {} times); one member lost per round",
+        "membership (probe every {:?}, rtt {:?}, suspect to down {:?}, each update passed on tx = max({}, 6·log10(n+1)) times); one member lost per round",
         settings.probe_period,
         settings.probe_rtt,
         settings.suspect_to_down,
         settings.max_transmissions
     );
     println!(
-        "members rounds  declared down by survivors: first / median / last (median of rounds; worst last)  false downs  per node: datagrams/s  bytes/s   wall"
+        "members   tx rounds  declared down by survivors: first / median / last (median of rounds; worst last)  false downs  per node: datagrams/s  bytes/s   wall"
     );
     for size in sizes.split(',') {
         let members: usize = size
@@ -83,7 +83,8 @@ fn main() {
             String::new()
         };
         println!(
-            "{members:>7} {rounds:>6}  {:>8} / {:>8} / {:>8} ({:>8}){unconverged} {:>12} {:>22.1} {:>8.0} {:>6.1} s",
+            "{members:>7} {:>4} {rounds:>6}  {:>8} / {:>8} / {:>8} ({:>8}){unconverged} {:>12} {:>22.1} {:>8.0} {:>6.1} s",
+            settings.transmissions_for(members),
             mid(&mut first),
             mid(&mut median),
             mid(&mut last),
