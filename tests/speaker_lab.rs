@@ -1015,3 +1015,103 @@ fn a_kernel_answering_for_a_vip_it_holds_on_kube_ipvs0_is_named() {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
     assert_eq!(counted(), Some(0.0));
 }
+
+/// A node that owns more IPs than its ARP filter can name one by one gets ranges that
+/// cover them, and the kernel runs that program: requests for owned IPs reach the
+/// speaker's socket, requests for addresses outside the ranges (a flood aimed at the
+/// segment's other hosts, or a scan) are dropped before user space.
+#[test]
+fn the_kernel_passes_owned_ips_and_drops_the_rest_when_hundreds_are_owned() {
+    use ferrolb_speaker::packet_socket::{
+        MAX_ARP_FILTER_LEN, PacketSocket, arp_filter_for, covering_ranges,
+    };
+    use std::net::Ipv4Addr;
+
+    if let Err(missing) = Lab::check_prerequisites() {
+        panic!("{missing}");
+    }
+    let lab = Lab::new(1).unwrap_or_else(|e| panic!("{e:#}"));
+    let (node, client) = (lab.node(0), lab.client());
+    // 600 IPs, every third address from 10.70.0.0: more ranges than fit one by one.
+    let first = u32::from(Ipv4Addr::new(10, 70, 0, 0));
+    let owned: Vec<Ipv4Addr> = (0..600).map(|i| Ipv4Addr::from(first + 3 * i)).collect();
+    assert!(
+        6 + 2 + 1 + 4 * covering_ranges(&owned, usize::MAX).len() > MAX_ARP_FILTER_LEN,
+        "the owned IPs must not fit one by one"
+    );
+    let asked: Vec<Ipv4Addr> = owned
+        .iter()
+        .step_by(23)
+        .chain(owned.last())
+        .copied()
+        .collect();
+    let foreign: Vec<Ipv4Addr> = [
+        Ipv4Addr::new(10, 69, 255, 255),
+        Ipv4Addr::from(first + 3 * 600),
+        Ipv4Addr::new(10, 80, 0, 1),
+        Ipv4Addr::new(192, 0, 2, 1),
+        Ipv4Addr::new(192, 0, 2, 77),
+    ]
+    .into();
+    let index = link_index(node);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let seen = std::thread::scope(|scope| {
+        let listener = scope.spawn(|| {
+            node.in_netns(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let socket =
+                        PacketSocket::open(index, ETH_P_ARP, &arp_filter_for(&owned)).unwrap();
+                    ready_tx.send(()).unwrap();
+                    let mut seen = std::collections::BTreeSet::new();
+                    let mut buf = vec![0u8; 2048];
+                    let end = tokio::time::Instant::now() + DEADLINE;
+                    while !asked.iter().all(|ip| seen.contains(ip)) {
+                        match tokio::time::timeout_at(end, socket.recv(&mut buf)).await {
+                            Ok(Ok(n)) => {
+                                if let Ok(p) = arp::parse(&buf[..n]) {
+                                    seen.insert(p.target_ip);
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                    seen
+                })
+            })
+            .unwrap()
+        });
+        ready_rx
+            .recv_timeout(DEADLINE)
+            .expect("the node's socket opens");
+        // The foreign requests first: on one path frames keep their order, so by the
+        // time the last owned one arrives, any foreign one let through has arrived too.
+        let requests: Vec<Vec<u8>> = foreign
+            .iter()
+            .chain(&asked)
+            .map(|ip| arp::probe(client.mac(), *ip))
+            .collect();
+        capture_at(
+            client,
+            link_index(client),
+            &requests,
+            Duration::from_millis(10),
+            ETH_P_ARP,
+            |_| None::<()>,
+        );
+        listener.join().unwrap()
+    });
+    let missing: Vec<_> = asked.iter().filter(|ip| !seen.contains(ip)).collect();
+    assert!(
+        missing.is_empty(),
+        "requests for owned IPs the socket never saw: {missing:?}"
+    );
+    let passed: Vec<_> = foreign.iter().filter(|ip| seen.contains(ip)).collect();
+    assert!(
+        passed.is_empty(),
+        "foreign requests the kernel let through: {passed:?}"
+    );
+}
