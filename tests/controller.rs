@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use cluster::{Cluster, NAMESPACE, eventually, load_balancer, pool};
+use cluster::{Cluster, NAMESPACE, eventually, eventually_or, load_balancer, pool};
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -683,21 +683,14 @@ async fn an_api_server_outage_loses_nothing() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     // What /readyz said last goes in the failure message (a CI run once timed out here
     // with nothing in the controller's log).
-    let deadline = Instant::now() + DEADLINE;
-    let mut last = None;
-    loop {
-        let answer = controller.http_get("/readyz");
-        if answer.as_ref().is_some_and(|(code, _)| *code == 503) {
-            break;
+    eventually_or(DEADLINE, "/readyz to report the outage", || async {
+        match controller.http_get("/readyz") {
+            Some((503, _)) => Ok(()),
+            Some(answer) => Err(format!("{answer:?}")),
+            None => Err("no answer".into()),
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for /readyz to report the outage; it last \
-             answered {last:?} (None: no answer)"
-        );
-        last = answer;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     cluster.cp.start_apiserver().await.unwrap();
 
     let after = eventually(Duration::from_secs(60), "10 assigned", || async {

@@ -14,10 +14,10 @@
 //!    `node.kubernetes.io/exclude-from-external-load-balancers` nor `ferrolb.io/drain`,
 //!    not NotReady, and, for an
 //!    IP of an `externalTrafficPolicy: Local` Service, holding a ready endpoint of it.
-//! 4. The owner: [`election::owner`] among the eligible nodes membership leaves
-//!    ([`ClusterView::candidates`]), of the highest priority the advertisements give
-//!    ([`preferred`]). [`plan`] does steps 2 and 3 once per pool and step 4 in one pass
-//!    per IP ([`election::elect`]): it runs after every change, for IPs × nodes.
+//! 4. The owner: [`election::elect`] among the eligible nodes membership says are alive,
+//!    ranked by what membership says of them and by the priority the advertisements
+//!    give them ([`priority`]). [`plan`] does steps 2 and 3 once per pool and step 4 in
+//!    one pass per IP: it runs after every change, for IPs × nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -387,48 +387,6 @@ pub fn advertising<'m>(
         .iter()
         .map(|a| &*a.object)
         .filter(|a| announces_pool(a, pool, labels))
-        .collect()
-}
-
-/// Each node's labels, by name.
-pub type NodeLabels<'m> = BTreeMap<&'m str, &'m Labels>;
-
-/// [`NodeLabels`] of `nodes`.
-pub fn node_labels<'m>(nodes: &[&'m Node]) -> NodeLabels<'m> {
-    nodes
-        .iter()
-        .filter_map(|n| Some((n.metadata.name.as_deref()?, n.metadata.labels.as_ref()?)))
-        .collect()
-}
-
-/// The candidates of the highest priority `advs` give them (their `nodePriorities`; a
-/// node matching no entry has 0, and where several advertisements announce one IP the
-/// highest of theirs counts): the preferred nodes announce while any of them can. All of
-/// them when no advertisement sets priorities. Applied after membership's narrowing, so
-/// a preferred node that has just come back takes its IPs once it has settled.
-pub fn preferred<'a>(
-    advs: &[&L2Advertisement],
-    labels: &NodeLabels,
-    candidates: Vec<&'a str>,
-) -> Vec<&'a str> {
-    if advs.iter().all(|a| a.spec.node_priorities.is_empty()) {
-        return candidates;
-    }
-    let no_labels = Labels::new();
-    let scored: Vec<(i32, &'a str)> = candidates
-        .iter()
-        .map(|c| {
-            (
-                priority(advs, labels.get(c).copied().unwrap_or(&no_labels)),
-                *c,
-            )
-        })
-        .collect();
-    let top = scored.iter().map(|(p, _)| *p).max();
-    scored
-        .into_iter()
-        .filter(|(p, _)| Some(*p) == top)
-        .map(|(_, c)| c)
         .collect()
 }
 

@@ -43,52 +43,20 @@ impl ClusterView {
     pub fn everyone() -> ClusterView {
         ClusterView { members: None }
     }
-
-    /// The nodes of `eligible` that may own `ip`, narrowed step by step, each step only
-    /// when it leaves someone:
-    /// 1. alive (always applied: a dead node never owns anything);
-    /// 2. with a link on a subnet holding the IP, when any alive node has one, so that
-    ///    a node cut off from the IP's segment is never elected (multi-subnet clusters,
-    ///    or a node whose announcing link went down);
-    /// 3. whose kube-proxy passes its health check, when any does: a node that cannot
-    ///    deliver the traffic does not draw it (when none can, the check is ignored);
-    /// 4. settled, when any is: a node that has just (re)joined takes IPs back only after
-    ///    the hold-down, so a flapping node never drags IPs back and forth.
-    pub fn candidates<'a>(&self, ip: IpAddr, eligible: &[&'a str]) -> Vec<&'a str> {
-        let Some(members) = &self.members else {
-            return eligible.to_vec();
-        };
-        let alive: Vec<&'a str> = eligible
-            .iter()
-            .copied()
-            .filter(|n| members.contains_key(*n))
-            .collect();
-        let narrow = |from: Vec<&'a str>, keep: &dyn Fn(&MemberView) -> bool| {
-            let kept: Vec<&'a str> = from
-                .iter()
-                .copied()
-                .filter(|n| keep(&members[*n]))
-                .collect();
-            if kept.is_empty() { from } else { kept }
-        };
-        let on_segment = narrow(alive, &|m| {
-            !m.known || m.subnets.iter().any(|s| s.contains(ip))
-        });
-        let delivering = narrow(on_segment, &|m| !m.proxy_failing);
-        // Unknown metadata counts as not settled: a node must not take IPs back on the
-        // strength of gossip that has not arrived.
-        narrow(delivering, &|m| m.known && m.settled)
-    }
 }
 
 /// The node that announces `ip` among `eligible` (any order, duplicates ignored), or
 /// `None` when no node is eligible. Ties (a 2^-64 chance) go to the smaller name.
 pub fn owner<'a>(ip: IpAddr, eligible: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    eligible
+    let candidates: Vec<Candidate<'a>> = eligible
         .into_iter()
-        .map(|node| (score(ip, node), node))
-        .max_by(|(sa, na), (sb, nb)| sa.cmp(sb).then_with(|| nb.cmp(na)))
-        .map(|(_, node)| node)
+        .map(|name| Candidate {
+            name,
+            member: None,
+            priority: 0,
+        })
+        .collect();
+    elect(ip, &candidates)
 }
 
 /// The weight of `node` for `ip`.
@@ -152,10 +120,20 @@ impl ClusterView {
 type Rank = (bool, bool, bool, i32);
 
 impl Candidate<'_> {
-    /// The narrowing steps of [`ClusterView::candidates`], then the priority, as a key:
-    /// each step keeps the nodes that pass it when any does, which is the same as
-    /// keeping the nodes whose (on the IP's segment, delivering, settled, priority) is
-    /// the highest.
+    /// What ranks a candidate for `ip`, most important first; the owner is a candidate of
+    /// the highest rank:
+    /// 1. with a link on a subnet holding the IP (or whose metadata has not arrived), so
+    ///    that a node cut off from the IP's segment is never elected while another can
+    ///    be (multi-subnet clusters, or a node whose announcing link went down);
+    /// 2. whose kube-proxy passes its health check: a node that cannot deliver the
+    ///    traffic does not draw it while another can;
+    /// 3. settled (unknown metadata counts as not): a node that has just (re)joined takes
+    ///    IPs back only after the hold-down, so a flapping node never drags IPs back and
+    ///    forth;
+    /// 4. the priority the advertisements give it (`nodePriorities`).
+    ///
+    /// Each step thus keeps the nodes that pass it when any does, and is ignored when
+    /// none does. Dead nodes are never candidates ([`ClusterView::resolve`]).
     fn rank(&self, ip: IpAddr) -> Rank {
         match self.member {
             None => (true, true, true, self.priority),
@@ -169,10 +147,11 @@ impl Candidate<'_> {
     }
 }
 
-/// The owner of `ip` among `candidates` (from [`ClusterView::resolve`]): the same node
-/// as `owner(ip, preferred(view.candidates(ip, eligible)))`, in one pass with no
-/// allocation, and a node is scored only if it ranks with the best so far. This is the
-/// loop a speaker runs IPs × nodes times after every change, so a failover waits for it.
+/// The owner of `ip` among `candidates` (from [`ClusterView::resolve`]): of those of the
+/// highest rank, the one with the highest [`score`]; ties (a 2^-64 chance) go to the
+/// smaller name. One pass with no allocation, and a node is scored only if it ranks with
+/// the best so far: this is the loop a speaker runs IPs × nodes times after every change,
+/// so a failover waits for it.
 pub fn elect<'a>(ip: IpAddr, candidates: &[Candidate<'a>]) -> Option<&'a str> {
     let scorer = Scorer::new(ip);
     let mut best: Option<(Rank, u64, &'a str)> = None;
@@ -361,8 +340,40 @@ mod tests {
         }
     }
 
-    /// The rule step by step, as `ferrolb why` applies it: membership's narrowing, then
-    /// the highest priority, then the highest score.
+    impl ClusterView {
+        /// The rule step by step, the way docs/failover.md tells it (the reference
+        /// [`elect`] is held to): the nodes of `eligible` that may own `ip`, narrowed
+        /// step by step, each step only when it leaves someone: alive, on the IP's
+        /// segment, delivering, settled.
+        pub fn candidates<'a>(&self, ip: IpAddr, eligible: &[&'a str]) -> Vec<&'a str> {
+            let Some(members) = &self.members else {
+                return eligible.to_vec();
+            };
+            let alive: Vec<&'a str> = eligible
+                .iter()
+                .copied()
+                .filter(|n| members.contains_key(*n))
+                .collect();
+            let narrow = |from: Vec<&'a str>, keep: &dyn Fn(&MemberView) -> bool| {
+                let kept: Vec<&'a str> = from
+                    .iter()
+                    .copied()
+                    .filter(|n| keep(&members[*n]))
+                    .collect();
+                if kept.is_empty() { from } else { kept }
+            };
+            let on_segment = narrow(alive, &|m| {
+                !m.known || m.subnets.iter().any(|s| s.contains(ip))
+            });
+            let delivering = narrow(on_segment, &|m| !m.proxy_failing);
+            // Unknown metadata counts as not settled: a node must not take IPs back on the
+            // strength of gossip that has not arrived.
+            narrow(delivering, &|m| m.known && m.settled)
+        }
+    }
+
+    /// The rule step by step: membership's narrowing, then the highest priority, then
+    /// the highest score.
     fn step_by_step<'a>(
         view: &ClusterView,
         ip: IpAddr,

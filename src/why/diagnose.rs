@@ -25,7 +25,7 @@ use ferrolb_api::announcement as report;
 use ferrolb_api::manifests::Manifests;
 use ferrolb_api::validation::ProblemKind;
 use ferrolb_speaker::announcements::{self, Ineligible};
-use ferrolb_speaker::election;
+use ferrolb_speaker::election::{self, ClusterView};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -391,13 +391,18 @@ fn announced(
             .push(format!("not eligible: {}", excluded.join("; ")));
     }
     let Some(components) = &f.components else {
-        // Reading files: the election, with every eligible node alive, among the
-        // preferred ones (the speakers' rule).
-        let nodes: Vec<_> = m.nodes.iter().map(|n| &*n.object).collect();
-        let labels = announcements::node_labels(&nodes);
-        let candidates = eligible.iter().map(String::as_str).collect();
-        let owner = election::owner(ip, announcements::preferred(&advs, &labels, candidates))
-            .unwrap_or_default();
+        // Reading files: the speakers' election, with every eligible node alive.
+        let everyone = ClusterView::everyone();
+        let no_labels = Default::default();
+        let candidates = everyone.resolve(m.nodes.iter().filter_map(|n| {
+            let name = n.object.metadata.name.as_deref()?;
+            let labels = n.object.metadata.labels.as_ref().unwrap_or(&no_labels);
+            eligible
+                .iter()
+                .any(|e| e == name)
+                .then(|| (name, announcements::priority(&advs, labels)))
+        }));
+        let owner = election::elect(ip, &candidates).unwrap_or_default();
         d.evidence.push(format!(
             "eligible: {} (with every speaker up, {owner} announces)",
             eligible.join(", ")

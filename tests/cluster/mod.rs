@@ -345,14 +345,34 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    eventually_or(deadline, what, || {
+        let attempt = f();
+        async move { attempt.await.ok_or_else(String::new) }
+    })
+    .await
+}
+
+/// [`eventually`] for a wait whose failure should say what was seen: `f` returns
+/// `Err(seen)` until it succeeds, and the last `seen` goes in the panic message.
+pub async fn eventually_or<T, F, Fut>(deadline: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
     let start = Instant::now();
     loop {
-        if let Some(v) = f().await {
-            return v;
-        }
+        let seen = match f().await {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
         assert!(
             start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
+            "timed out after {deadline:?} waiting for {what}{}",
+            if seen.is_empty() {
+                String::new()
+            } else {
+                format!(" (last seen: {seen})")
+            }
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -240,6 +240,39 @@ fn from_files_the_election_names_the_node() {
     );
 }
 
+/// An L2Advertisement's `nodePriorities` decide, as on the speakers: whichever node the
+/// hash prefers, the preferred one is named.
+#[test]
+fn from_files_the_election_follows_node_priorities() {
+    let hashed = election::owner(IP.parse().unwrap(), ["node-a", "node-b"]).unwrap();
+    let other = if hashed == "node-a" {
+        "node-b"
+    } else {
+        "node-a"
+    };
+    let advertisement = format!(
+        "apiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {{name: lab}}\n\
+         spec: {{nodePriorities: [{{nodeSelector: {{matchLabels: {{kubernetes.io/hostname: {other}}}}}, priority: 10}}]}}\n"
+    );
+    let nodes = NODES.replace(
+        &format!("metadata: {{name: {other}}}"),
+        &format!("metadata: {{name: {other}, labels: {{kubernetes.io/hostname: {other}}}}}"),
+    );
+    let docs = [
+        nodes.as_str(),
+        POOL,
+        &advertisement,
+        &service("", "{}"),
+        &slice("node-a", true),
+    ];
+    let d = why(&docs, None);
+    assert!(d.healthy, "{d:?}");
+    assert_eq!(
+        d.headline,
+        format!("shop/web is healthy: {IP} announced by {other}")
+    );
+}
+
 #[test]
 fn from_files_ready_pods_stand_for_the_endpoints_a_cluster_would_make() {
     let docs = [
