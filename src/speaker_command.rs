@@ -54,6 +54,12 @@ pub struct SpeakerArgs {
     /// entries. 0: never.
     #[arg(long, default_value_t = 0)]
     refresh_secs: u64,
+    /// Answer ARP for announced IPs in the kernel, with a tc program on each link
+    /// (Linux 6.6 or later; needs CAP_BPF and CAP_NET_ADMIN). Where it cannot be
+    /// attached the speaker answers in user space, and says so in its log and in
+    /// ferrolb_speaker_arp_in_kernel.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    arp_in_kernel: bool,
     /// Milliseconds between checks of the manifest directory.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
@@ -112,6 +118,7 @@ pub fn run(args: SpeakerArgs) -> anyhow::Result<ExitCode> {
         announce_count: args.announce_count.max(1),
         announce_interval: Duration::from_millis(args.announce_interval_ms),
         refresh: (args.refresh_secs > 0).then(|| Duration::from_secs(args.refresh_secs)),
+        arp_in_kernel: args.arp_in_kernel,
         ..Default::default()
     };
     let keyring = match &args.memberlist_secret_file {

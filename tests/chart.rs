@@ -120,6 +120,7 @@ fn lint_and_template_with_defaults_and_every_feature() {
         "drop: [ALL]",
         "add: [NET_RAW]\n",
         "--node-port-forwarding=false",
+        "--arp-in-kernel=false",
         "fieldPath: spec.nodeName",
         "--metrics-address=$(NODE_IP):7474",
         "fieldPath: status.hostIP",
@@ -155,6 +156,19 @@ fn lint_and_template_with_defaults_and_every_feature() {
     assert!(everything.contains("add: [NET_RAW, NET_ADMIN]"));
     assert!(everything.contains("--node-port-forwarding=true"));
     assert!(everything.contains("--metrics-address=0.0.0.0:7474"));
+
+    // ARP in the kernel brings CAP_BPF and CAP_NET_ADMIN (a tc program), and only it.
+    let in_kernel = ok(helm(&[
+        "template",
+        "ferrolb",
+        CHART,
+        "-n",
+        NAMESPACE,
+        "--set",
+        "speaker.arpInKernel.enabled=true",
+    ]));
+    assert!(in_kernel.contains("add: [NET_RAW, NET_ADMIN, BPF]\n"));
+    assert!(in_kernel.contains("--arp-in-kernel=true"));
 }
 
 #[test]

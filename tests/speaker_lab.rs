@@ -1115,3 +1115,114 @@ fn the_kernel_passes_owned_ips_and_drops_the_rest_when_hundreds_are_owned() {
         "foreign requests the kernel let through: {passed:?}"
     );
 }
+
+/// Sends `signal` to a lab speaker.
+fn signal(speaker: &ferrolb::lab::LabProcess, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(speaker.pid() as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+/// Issue 24: ARP for announced IPs is answered in the kernel by default, so it goes on
+/// while the speaker process is stopped, but only for as long as the speaker's lease
+/// on the program lasts. A hung speaker then falls silent as a dead one does, and only
+/// the node that took its IP answers.
+#[test]
+fn the_kernel_answers_for_a_stopped_speaker_only_until_its_lease_runs_out() {
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+    let w = World::start_with_metrics(&service("web", 80, 30080, ""));
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (i, owner) = w.owner(vip);
+    let client = w.lab.client();
+    let metrics = SocketAddr::new(owner.ipv4().into(), 7474);
+    assert_eq!(
+        metric(
+            client,
+            metrics,
+            "ferrolb_speaker_arp_in_kernel{interface=\"eth0\"}"
+        ),
+        Some(1.0),
+        "{}",
+        w.logs()
+    );
+    // Stopped, user space cannot answer; the kernel can. A renewal delayed on a loaded
+    // machine can leave less lease than the reply needs, so a few tries.
+    let mut answered_while_stopped = false;
+    for _ in 0..10 {
+        poll_until(DEADLINE, "the owner alone answering", || {
+            (w.answering(vip) == vec![i]).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+        signal(&w.speakers[i], SIGSTOP);
+        if arp_replies(client, vip, Duration::from_millis(30)) == vec![owner.mac()] {
+            answered_while_stopped = true;
+            break;
+        }
+        signal(&w.speakers[i], SIGCONT);
+    }
+    assert!(
+        answered_while_stopped,
+        "the stopped owner's kernel never answered"
+    );
+    // Still stopped: membership gives the IP to another node, and the stopped node's
+    // kernel has stopped answering.
+    let next = poll_until(DEADLINE, "exactly one other node answering", || {
+        match w.answering(vip).as_slice() {
+            [one] if *one != i => Some(*one),
+            _ => None,
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", w.logs()));
+    for _ in 0..5 {
+        assert_eq!(
+            w.answering(vip),
+            vec![next],
+            "the stopped node answers again"
+        );
+    }
+    signal(&w.speakers[i], SIGCONT);
+}
+
+/// Without the kernel responder (`--arp-in-kernel=false`, the chart's default) the
+/// speaker answers in user space: once, from the owner, and not while it is stopped.
+#[test]
+fn in_user_space_the_owner_answers_once_and_not_while_stopped() {
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+    let w = World::start_each(&service("web", 80, 30080, ""), |i| {
+        vec![
+            "--arp-in-kernel=false".to_string(),
+            "--metrics-address".to_string(),
+            format!("192.0.2.{}:7474", 10 + i),
+        ]
+    });
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (i, owner) = w.owner(vip);
+    let client = w.lab.client();
+    let metrics = SocketAddr::new(owner.ipv4().into(), 7474);
+    assert_eq!(
+        metric(
+            client,
+            metrics,
+            "ferrolb_speaker_arp_in_kernel{interface=\"eth0\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        arp_replies(client, vip, Duration::from_millis(300)),
+        vec![owner.mac()]
+    );
+    signal(&w.speakers[i], SIGSTOP);
+    let replies = arp_replies(client, vip, Duration::from_millis(30));
+    signal(&w.speakers[i], SIGCONT);
+    assert_eq!(replies, Vec::<[u8; 6]>::new(), "answered while stopped");
+    poll_until(DEADLINE, "replies counted", || {
+        metric(
+            client,
+            metrics,
+            "ferrolb_speaker_arp_replies_total{interface=\"eth0\"}",
+        )
+        .filter(|n| *n >= 1.0)
+    })
+    .unwrap();
+}

@@ -8,6 +8,8 @@
 //! * [`interfaces`]: which links exist and which of them announce an IP (rtnetlink).
 //! * [`kernel_arp`]: whether the node's own kernel answers ARP for VIPs it does not
 //!   announce (kube-proxy IPVS mode without strictARP; pure).
+//! * [`kernel_responder`]: ARP answered in the kernel by a tc program, for the IPs a
+//!   link announces (user space stays the fallback).
 //! * [`forwarding`]: VIP:port to NodePort DNAT in ferrolb's own nftables table.
 //! * [`responder`]: per-interface tasks answering ARP/NS and announcing takeovers, over
 //!   [`packet_socket`]s.
@@ -33,6 +35,7 @@ pub mod election;
 pub mod forwarding;
 pub mod interfaces;
 pub mod kernel_arp;
+pub mod kernel_responder;
 pub mod kubernetes;
 pub mod mac;
 pub mod membership;

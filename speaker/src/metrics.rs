@@ -45,6 +45,9 @@ pub struct Metrics {
     /// ARP requests for an IP this node answers for.
     pub arp_requests: Family<InterfaceLabels, Counter>,
     pub arp_replies: Family<InterfaceLabels, Counter>,
+    /// 1 per interface where ARP for announced IPs is answered in the kernel; 0 where
+    /// the speaker answers it (the kernel responder could not be attached, or is off).
+    pub arp_in_kernel: Family<InterfaceLabels, Gauge>,
     /// Neighbor Solicitations for an IP this node answers for.
     pub ns_requests: Family<InterfaceLabels, Counter>,
     pub na_replies: Family<InterfaceLabels, Counter>,
@@ -95,6 +98,7 @@ impl Default for Metrics {
             registry: Registry::default(),
             arp_requests: Family::default(),
             arp_replies: Family::default(),
+            arp_in_kernel: Family::default(),
             ns_requests: Family::default(),
             na_replies: Family::default(),
             announcements: Family::default(),
@@ -134,7 +138,16 @@ impl Default for Metrics {
             "ARP requests received for IPs this node answers for",
             m.arp_requests.clone(),
         );
-        r.register("arp_replies", "ARP replies sent", m.arp_replies.clone());
+        r.register(
+            "arp_replies",
+            "ARP replies sent (by the speaker and by its kernel responder)",
+            m.arp_replies.clone(),
+        );
+        r.register(
+            "arp_in_kernel",
+            "1 where ARP for announced IPs is answered in the kernel; 0 where the speaker answers it in user space",
+            m.arp_in_kernel.clone(),
+        );
         r.register(
             "ns_requests",
             "Neighbor Solicitations received for IPs this node answers for",

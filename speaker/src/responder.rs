@@ -29,6 +29,7 @@ use ferrolb_api::Gratuitous;
 use ferrolb_api::hash::stable_hash64;
 
 use crate::arp::{self, Operation};
+use crate::kernel_responder::{self, KernelResponder};
 use crate::metrics::{InterfaceLabels, Metrics};
 use crate::ndp::{self, NdpKind};
 use crate::packet_socket::{
@@ -98,6 +99,9 @@ pub struct Settings {
     /// out further on a link with many IPs so that these probes stay under
     /// `conflict_probe_rate` as well. None: never.
     pub verify_interval: Option<Duration>,
+    /// Answer ARP for announced IPs in the kernel ([`crate::kernel_responder`]) where it
+    /// can be attached; user space answers where it cannot.
+    pub arp_in_kernel: bool,
 }
 
 impl Default for Settings {
@@ -112,6 +116,7 @@ impl Default for Settings {
             conflict_retry: Duration::from_secs(3),
             conflict_probe_rate: 20,
             verify_interval: Some(Duration::from_secs(10)),
+            arp_in_kernel: true,
         }
     }
 }
@@ -328,6 +333,8 @@ struct LinkTask {
     others: Arc<watch::Sender<Others>>,
     /// Takeovers whose check is due or listened for.
     checks: HashMap<IpAddr, Check>,
+    /// Where ARP for announced IPs is answered in the kernel; None: in user space.
+    kernel: Option<KernelResponder>,
 }
 
 /// The IPv4 addresses among `ips`, sorted.
@@ -363,6 +370,16 @@ async fn run_link(
             return;
         }
     };
+    let kernel = settings
+        .arp_in_kernel
+        .then(|| attach_kernel(&spec))
+        .flatten();
+    metrics
+        .arp_in_kernel
+        .get_or_create(&Metrics::interface(&spec.name))
+        .set(i64::from(kernel.is_some()));
+    let mut renewals = tokio::time::interval(kernel_responder::RENEW_EVERY);
+    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut task = LinkTask {
         spec: LinkSpec::default(),
         settings,
@@ -375,6 +392,7 @@ async fn run_link(
         conflict_log: HashMap::new(),
         others,
         checks: HashMap::new(),
+        kernel,
     };
     task.apply(spec).await;
     let mut arp_buf = vec![0u8; 2048];
@@ -399,11 +417,63 @@ async fn run_link(
                 Err(e) => debug!(interface = %task.spec.name, error = %e, "NDP receive failed"),
             },
             _ = sleep_until(due.unwrap_or(far)) => task.tick().await,
+            _ = renewals.tick(), if task.kernel.is_some() => task.renew_kernel(),
+        }
+    }
+}
+
+/// The kernel responder on `spec`'s link, or None (logged) where it cannot be attached.
+fn attach_kernel(spec: &LinkSpec) -> Option<KernelResponder> {
+    match KernelResponder::attach(spec.index, spec.mac) {
+        Ok(kernel) => {
+            info!(interface = %spec.name, "answering ARP in the kernel");
+            Some(kernel)
+        }
+        Err(e) => {
+            warn!(interface = %spec.name, error = %e,
+                "cannot answer ARP in the kernel (it needs Linux 6.6 or later, CAP_BPF and CAP_NET_ADMIN); answering in user space");
+            None
         }
     }
 }
 
 impl LinkTask {
+    /// Makes the kernel responder's map say what `ips` are to this link now.
+    fn sync_kernel(&mut self, ips: impl IntoIterator<Item = IpAddr>) {
+        let Some(kernel) = self.kernel.as_mut() else {
+            return;
+        };
+        for ip in ips {
+            let IpAddr::V4(v4) = ip else { continue };
+            let answering = self.states.get(&ip).map(State::answers);
+            if let Err(e) = kernel.set(v4, answering) {
+                debug!(interface = %self.spec.name, ip = %ip, error = %e,
+                    "the kernel responder cannot take this IP; answering it in user space");
+            }
+        }
+    }
+
+    /// Keeps the kernel responder answering, and counts what it answered.
+    fn renew_kernel(&mut self) {
+        let Some(kernel) = self.kernel.as_mut() else {
+            return;
+        };
+        if let Err(e) = kernel.renew() {
+            warn!(interface = %self.spec.name, error = %e, "cannot renew the kernel responder's lease");
+        }
+        match kernel.newly_answered() {
+            Ok(0) => {}
+            Ok(n) => {
+                let labels = Metrics::interface(&self.spec.name);
+                self.metrics.arp_requests.get_or_create(&labels).inc_by(n);
+                self.metrics.arp_replies.get_or_create(&labels).inc_by(n);
+            }
+            Err(e) => {
+                debug!(interface = %self.spec.name, error = %e, "cannot read the kernel responder's count")
+            }
+        }
+    }
+
     async fn apply(&mut self, spec: LinkSpec) {
         let now = Instant::now();
         let mut dropped = Vec::new();
@@ -415,10 +485,11 @@ impl LinkTask {
             }
             keep
         });
-        for ip in dropped {
-            self.other(ip, None);
-            self.checks.remove(&ip);
+        for ip in &dropped {
+            self.other(*ip, None);
+            self.checks.remove(ip);
         }
+        self.sync_kernel(dropped);
         for ip in &spec.ips {
             if self.states.contains_key(ip) {
                 continue;
@@ -472,6 +543,7 @@ impl LinkTask {
             }
         }
         self.conflict_log.retain(|ip, _| spec.ips.contains(ip));
+        self.sync_kernel(spec.ips.iter().copied());
         self.spec = spec;
         self.tick().await;
     }
@@ -519,6 +591,7 @@ impl LinkTask {
             .filter(|(_, s)| s.due().is_some_and(|d| d <= now))
             .map(|(ip, s)| (*ip, *s))
             .collect();
+        let changed: Vec<IpAddr> = due.iter().map(|(ip, _)| *ip).collect();
         for (ip, state) in due {
             let next = match state {
                 State::Conflict { .. } => State::Probing { sent: 0, next: now },
@@ -555,6 +628,7 @@ impl LinkTask {
                 self.schedule_check(ip, now, true);
             }
         }
+        self.sync_kernel(changed);
     }
 
     /// The next routine check of `ip`, or none when they are off: one interval after the
@@ -716,6 +790,7 @@ impl LinkTask {
                     retry_at: Instant::now() + retry,
                 },
             );
+            self.sync_kernel([ip]);
             self.other(ip, Some(Other { mac, held: true }));
         } else if state.answers()
             && let Some(suppressed) = log

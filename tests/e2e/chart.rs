@@ -188,7 +188,10 @@ async fn speaker_pods(suite: &Suite) -> Result<Vec<String>> {
 
 /// `helm upgrade` that rolls every speaker and controller: no Service's IP changes, and
 /// the client's traffic keeps flowing (new connections measured every 20 ms, and one
-/// connection kept open across the roll).
+/// connection kept open across the roll). The upgrade turns on ARP in the kernel
+/// (`speaker.arpInKernel.enabled`): the kubelet runs the speakers with the chart's
+/// added capabilities under the runtime's default seccomp profile, and the speakers
+/// attach their program where they answer.
 pub fn upgrade(suite: &Suite) -> Result<()> {
     let web = suite.web()?;
     let c = &suite.cluster;
@@ -209,6 +212,8 @@ pub fn upgrade(suite: &Suite) -> Result<()> {
         "--reuse-values",
         "--set",
         "logLevel=info\\,ferrolb_speaker=debug",
+        "--set",
+        "speaker.arpInKernel.enabled=true",
         "--wait",
         "--timeout",
         "5m",
@@ -245,8 +250,9 @@ pub fn upgrade(suite: &Suite) -> Result<()> {
     );
     client::wait_answer(&c.client, vip, Duration::from_secs(10))
         .context("traffic did not come back after the upgrade")?;
+    let attached = in_kernel(suite)?;
     report!(
-        "helm upgrade --wait (every speaker and controller replaced): {:.1} s; {} IPs of {} Services unchanged",
+        "helm upgrade --wait (every speaker and controller replaced): {:.1} s; {} IPs of {} Services unchanged; ARP answered in the kernel on {attached} link(s)",
         took.as_secs_f64(),
         after.values().map(Vec::len).sum::<usize>(),
         after.len()
@@ -262,6 +268,41 @@ pub fn upgrade(suite: &Suite) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// How many links the speakers answer ARP on in the kernel, after an upgrade that turned
+/// it on: at least one (the VIPs' owners'), and no speaker that could not attach it.
+fn in_kernel(suite: &Suite) -> Result<usize> {
+    let logs = suite.cluster.kubectl(
+        &[
+            "logs",
+            "-n",
+            NAMESPACE,
+            "-l",
+            SPEAKERS,
+            "--prefix",
+            "--tail=-1",
+        ],
+        None,
+    )?;
+    let failed: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("cannot answer ARP in the kernel"))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "speakers could not answer ARP in the kernel:\n{}",
+        failed.join("\n")
+    );
+    let attached = logs
+        .lines()
+        .filter(|l| l.contains("answering ARP in the kernel"))
+        .count();
+    ensure!(
+        attached > 0,
+        "no speaker says it answers ARP in the kernel:\n{logs}"
+    );
+    Ok(attached)
 }
 
 /// `helm uninstall` stops every speaker and controller, and no node keeps an nftables
