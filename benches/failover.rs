@@ -155,6 +155,32 @@ const CONFIGURATIONS: [Flavour; 5] = [
     Flavour::Keepalived { advert: "0.05" },
 ];
 
+/// More ferrolb rows, from `FERROLB_BENCH_TUNED`: comma-separated `period/rtt/suspect`
+/// membership settings in ms (candidates for the defaults, say).
+fn extra_settings() -> Result<Vec<Flavour>> {
+    let Ok(text) = std::env::var("FERROLB_BENCH_TUNED") else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .map(|s| {
+            let parts: Vec<u64> = s
+                .trim()
+                .split('/')
+                .map(|p| {
+                    p.parse()
+                        .with_context(|| format!("FERROLB_BENCH_TUNED: {s:?}"))
+                })
+                .collect::<Result<_>>()?;
+            match parts[..] {
+                [period, rtt, suspect] => Ok(Flavour::Ferrolb {
+                    tuned: Some((period, rtt, suspect)),
+                }),
+                _ => bail!("FERROLB_BENCH_TUNED: {s:?} is not period/rtt/suspect"),
+            }
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
@@ -174,8 +200,16 @@ fn main() -> ExitCode {
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_ferrolb"));
     let started = Instant::now();
+    let extra = match extra_settings() {
+        Ok(extra) => extra,
+        Err(e) => {
+            eprintln!("failover: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rows: Vec<Row> = CONFIGURATIONS
         .into_iter()
+        .chain(extra)
         .filter(|f| filters.is_empty() || filters.iter().any(|w| f.label().contains(w.as_str())))
         .map(|flavour| run_configuration(flavour, &binary))
         .collect();
