@@ -2,13 +2,18 @@
 //! user of a floating IP cares about: the lab command, the failover tests and the
 //! benchmarks all measure it the same way.
 //!
-//! The client opens TCP connections to the target one after another, each from a fresh
-//! source port (so no connection's state carries over) and each given [`PROBE_TIMEOUT`]
-//! to complete. The outage runs from the last probe that succeeded before the first one
-//! that failed to the first one that succeeded after it, so its resolution is about
-//! [`PROBE_INTERVAL`] (plus [`PROBE_TIMEOUT`] when failures are silent drops).
+//! The client starts a TCP connection to the target every [`PROBE_INTERVAL`], each from
+//! a fresh source port (so no connection's state carries over) and each given
+//! [`PROBE_TIMEOUT`] to complete, without waiting for the earlier ones. Each probe
+//! counts at the instant it started, and the outage runs from the start of the last
+//! probe that succeeded before the first one that failed to the start of the first one
+//! that succeeded after it: its resolution is [`PROBE_INTERVAL`]. (Until issue 24 a
+//! probe waited for the one before it, so one that met a dead path held the next back
+//! for its whole timeout and outages came in steps of [`PROBE_TIMEOUT`].)
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -16,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use socket2::{Domain, Socket, Type};
 
 use super::{Host, Origin};
 
@@ -163,7 +169,20 @@ impl Control {
     }
 }
 
-/// The probing loop, on a thread inside the client's namespace.
+/// One connection attempt under way.
+struct Attempt {
+    socket: Socket,
+    began: Instant,
+    phase: Phase,
+    /// Known once the connection is made, refused, or has timed out.
+    ok: Option<bool>,
+}
+
+/// The probing loop, on a thread inside the client's namespace. A probe starts every
+/// [`PROBE_INTERVAL`] whether or not the earlier ones have finished (at most
+/// [`PROBE_TIMEOUT`] ÷ [`PROBE_INTERVAL`] + 1 are in flight), and each is judged by when
+/// it started: the outage is known to within one interval, not within one timeout, as
+/// it was when a probe that met a dead path held up the next for its whole timeout.
 fn probe(
     client: &str,
     target: SocketAddr,
@@ -177,24 +196,22 @@ fn probe(
     let started = Instant::now();
     let mut disruption_started: Option<Instant> = None;
     let mut last_error: Option<std::io::Error> = None;
+    let mut flying: VecDeque<Attempt> = VecDeque::new();
+    let mut next_start = started;
     loop {
         if control.cancel.load(Ordering::Relaxed) || stop() {
             bail!("probing {target} from {client} was stopped");
         }
-        let phase = control.phase();
-        let began = Instant::now();
-        if phase != Phase::Before && disruption_started.is_none() {
-            disruption_started = Some(began);
-        }
+        let now = Instant::now();
         match disruption_started {
-            None if steady.is_some() && began - started >= give_up => {
+            None if steady.is_some() && now - started >= give_up => {
                 let why = last_error.map_or_else(String::new, |e| format!(": {e}"));
                 bail!(
                     "{client} cannot reach {target} steadily within {}{why}",
                     format_duration(give_up)
                 );
             }
-            Some(at) if began - at >= give_up => {
+            Some(at) if now - at >= give_up => {
                 let (failed_probes, probes) = tracker.counts();
                 return Err(TrafficLost {
                     client: client.to_string(),
@@ -207,27 +224,127 @@ fn probe(
             }
             _ => {}
         }
-        let result = TcpStream::connect_timeout(&target, PROBE_TIMEOUT);
-        let done = Instant::now();
-        let ok = result.is_ok();
-        if let Err(e) = result {
-            last_error = Some(e);
-        }
-        match tracker.record(phase, ok, done) {
-            Progress::Steady => {
-                // The caller may already be gone (it returns only after joining us).
-                if let Some(tx) = steady.take() {
-                    let _ = tx.send(());
-                }
+        if now >= next_start {
+            let phase = control.phase();
+            if phase != Phase::Before && disruption_started.is_none() {
+                disruption_started = Some(now);
             }
-            Progress::Done(outage) => return Ok(outage),
-            Progress::Probing => {}
+            let (socket, outcome) = start_connect(target)?;
+            let ok = match outcome {
+                Ok(known) => known,
+                Err(e) => {
+                    last_error = Some(e);
+                    Some(false)
+                }
+            };
+            flying.push_back(Attempt {
+                socket,
+                began: now,
+                phase,
+                ok,
+            });
+            next_start = now + PROBE_INTERVAL;
         }
-        // Pace the probes; a failed one that took its whole timeout goes again at once.
-        if let Some(rest) = PROBE_INTERVAL.checked_sub(began.elapsed()) {
-            std::thread::sleep(rest);
+        wait_for_attempts(&mut flying, next_start, &mut last_error)?;
+        while flying.front().is_some_and(|a| a.ok.is_some()) {
+            let Some(attempt) = flying.pop_front() else {
+                break;
+            };
+            let ok = attempt.ok == Some(true);
+            match tracker.record(attempt.phase, ok, attempt.began) {
+                Progress::Steady => {
+                    // The caller may already be gone (it returns only after joining us).
+                    if let Some(tx) = steady.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Progress::Done(outage) => return Ok(outage),
+                Progress::Probing => {}
+            }
         }
     }
+}
+
+/// A non-blocking connection attempt to `target`: its socket, and its outcome when
+/// already known (`Ok(Some(true))` made at once, `Err` refused at once).
+fn start_connect(target: SocketAddr) -> Result<(Socket, std::io::Result<Option<bool>>)> {
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)
+        .context("opening a probe socket")?;
+    socket
+        .set_nonblocking(true)
+        .context("making a probe socket non-blocking")?;
+    let outcome = match socket.connect(&target.into()) {
+        Ok(()) => Ok(Some(true)),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINPROGRESS)
+                || e.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    };
+    Ok((socket, outcome))
+}
+
+/// Waits until an attempt in flight finishes, one times out, or `until`, and records
+/// each attempt's outcome.
+fn wait_for_attempts(
+    flying: &mut VecDeque<Attempt>,
+    until: Instant,
+    last_error: &mut Option<std::io::Error>,
+) -> Result<()> {
+    // An attempt still unanswered at its timeout has failed.
+    for attempt in flying.iter_mut() {
+        if attempt.ok.is_none() && attempt.began.elapsed() >= PROBE_TIMEOUT {
+            attempt.ok = Some(false);
+            *last_error = Some(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {}", format_duration(PROBE_TIMEOUT)),
+            ));
+        }
+    }
+    let pending: Vec<usize> = (0..flying.len())
+        .filter(|&i| flying[i].ok.is_none())
+        .collect();
+    let deadline = pending
+        .iter()
+        .map(|&i| flying[i].began + PROBE_TIMEOUT)
+        .chain(std::iter::once(until))
+        .min()
+        .unwrap_or(until);
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let mut fds: Vec<libc::pollfd> = pending
+        .iter()
+        .map(|&i| libc::pollfd {
+            fd: flying[i].socket.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        })
+        .collect();
+    let millis = wait.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a valid array of pollfd of the length given, alive for the call.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(anyhow::Error::from(e).context("waiting for probe connections"));
+        }
+        return Ok(());
+    }
+    for (fd, &i) in fds.iter().zip(&pending) {
+        if fd.revents == 0 {
+            continue;
+        }
+        let attempt = &mut flying[i];
+        match attempt.socket.take_error() {
+            Ok(None) => attempt.ok = Some(true),
+            Ok(Some(e)) | Err(e) => {
+                attempt.ok = Some(false);
+                *last_error = Some(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where a probe fell relative to the disruption (as the probe started).
@@ -248,8 +365,8 @@ enum Progress {
     Done(Outage),
 }
 
-/// The outage arithmetic, apart from sockets and clocks: probe results go in, in order,
-/// each with the instant it completed.
+/// The outage arithmetic, apart from sockets and clocks: probe results go in, in the
+/// order the probes started, each with the instant it started.
 #[derive(Debug)]
 struct Tracker {
     steady_needed: u32,
