@@ -226,7 +226,7 @@ fn main() -> ExitCode {
         println!("{}", row.line(width));
     }
     println!(
-        "target for ferrolb (default): median < 300 ms, max < 500 ms; packets/s = membership \
+        "target for ferrolb (default): median < 200 ms, max < 300 ms (issue 24); packets/s = membership \
          datagrams (ferrolb, UDP {MEMBERSHIP_PORT}) or VRRP adverts (IP protocol 112) each \
          node sends, node0 node1 node2"
     );

@@ -83,13 +83,13 @@ pub struct SpeakerArgs {
     no_membership: bool,
     /// Membership probe period (ms). Shorter: faster failover, more packets and more
     /// false suspicions under load or loss.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 40)]
     member_probe_period_ms: u64,
     /// How long a probe waits for its answer (ms).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 15)]
     member_probe_rtt_ms: u64,
     /// How long a suspected speaker has to refute before it is declared down (ms).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 80)]
     member_suspect_ms: u64,
     /// A (re)started node takes IPs back from settled nodes only after this long (ms).
     #[arg(long, default_value_t = 3000)]

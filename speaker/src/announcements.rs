@@ -79,6 +79,24 @@ impl NodePlan {
     }
 }
 
+/// The owner of `ip` among `candidates`, and, when its traffic is forwarded and `node`
+/// does not own it, the node that would take it over: that node holds the forwarding
+/// rules too, so a takeover forwards as soon as it announces, with no `nft` run in
+/// between (rules on a node the IP's traffic does not reach do nothing).
+fn owner_and_standby<'a>(
+    ip: IpAddr,
+    candidates: &[Candidate<'a>],
+    node: &str,
+    forwarded: bool,
+) -> (Option<&'a str>, Option<&'a str>) {
+    let owner = election::elect(ip, candidates);
+    let standby = match owner {
+        Some(o) if forwarded && o != node => election::runner_up(ip, candidates, o),
+        _ => None,
+    };
+    (owner, standby)
+}
+
 /// Where the IPs to announce come from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Addresses {
@@ -167,8 +185,12 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
                     == Some("Local")
             })
             .collect();
-        let owner = if local.is_empty() {
-            election::elect(ip, &ballot.candidates)
+        let forwarded = advs
+            .iter()
+            .any(|a| a.spec.forwarding == Forwarding::NodePort);
+        let elect = |candidates| owner_and_standby(ip, candidates, node, forwarded);
+        let (owner, standby) = if local.is_empty() {
+            elect(&ballot.candidates)
         } else {
             // The pool's candidates that hold a ready endpoint of every Local Service on
             // the IP: found from the endpoints (a few) rather than by asking each node.
@@ -192,11 +214,26 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
                 .into_iter()
                 .filter_map(|n| ballot.index.get(n).map(|&i| ballot.candidates[i]))
                 .collect();
-            election::elect(ip, &candidates)
+            elect(&candidates)
         };
         out.owners.insert(ip, owner.map(str::to_string));
         if owner.is_none() {
             out.orphans.insert(ip, keys.clone());
+        }
+        if standby == Some(node)
+            && let Some(node_ip) = internal_ip(&me.object, Family::of(ip))
+        {
+            // The owner reports what is wrong with these rules.
+            let mut problems = Vec::new();
+            for key in &keys {
+                out.forwards.extend(forward_rules(
+                    ip,
+                    node_ip,
+                    services[key],
+                    key,
+                    &mut problems,
+                ));
+            }
         }
         if owner != Some(node) {
             continue;
@@ -206,10 +243,7 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
         if !default_rule {
             interfaces.extend(advs.iter().flat_map(|a| a.spec.interfaces.iter().cloned()));
         }
-        if advs
-            .iter()
-            .any(|a| a.spec.forwarding == Forwarding::NodePort)
-        {
+        if forwarded {
             match internal_ip(&me.object, Family::of(ip)) {
                 Some(node_ip) => {
                     for key in &keys {
@@ -626,13 +660,13 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
 
     /// Which node announces, according to each node's own plan.
     fn announcers(m: &Manifests) -> Vec<String> {
+        announcers_in(m, &ClusterView::everyone())
+    }
+
+    fn announcers_in(m: &Manifests, view: &ClusterView) -> Vec<String> {
         ["n1", "n2", "n3"]
             .into_iter()
-            .filter(|n| {
-                !plan_node(m, n, &ClusterView::everyone())
-                    .announcements
-                    .is_empty()
-            })
+            .filter(|n| !plan_node(m, n, view).announcements.is_empty())
             .map(String::from)
             .collect()
     }
@@ -750,12 +784,40 @@ spec: {addresses: [192.0.2.200-192.0.2.209]}
         );
         let want_ip = format!("10.0.0.{}", &owner[1..]);
         assert_eq!(rule.node_ip.to_string(), want_ip);
-        for other in ["n1", "n2", "n3"].iter().filter(|n| *n != owner) {
-            assert!(
-                plan_node(&m, other, &ClusterView::everyone())
-                    .forwards
-                    .is_empty()
-            );
+        // The node a failover would give the IP to holds the same rule to its own
+        // NodePort; the third node holds none.
+        let others: Vec<&str> = ["n1", "n2", "n3"]
+            .into_iter()
+            .filter(|n| n != owner)
+            .collect();
+        let gone = ClusterView {
+            members: Some(
+                others
+                    .iter()
+                    .map(|n| {
+                        (
+                            n.to_string(),
+                            crate::election::MemberView {
+                                settled: true,
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+        };
+        let next = &announcers_in(&m, &gone)[0];
+        for other in others {
+            let forwards = plan_node(&m, other, &ClusterView::everyone()).forwards;
+            if other == next {
+                assert_eq!(forwards.len(), 1, "{other}, the standby");
+                assert_eq!(
+                    forwards[0].node_ip.to_string(),
+                    format!("10.0.0.{}", &other[1..])
+                );
+            } else {
+                assert!(forwards.is_empty(), "{other}: {forwards:?}");
+            }
         }
         let m = manifests(&format!("{}---\n{}", adv("{}"), svc("")));
         assert!(

@@ -194,6 +194,10 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
         }
         state.report(&plan);
         responder.update(specs);
+        // Let the link tasks announce a takeover now, before the rest of this pass (the
+        // nftables rules, the record): a task spawned from here waits otherwise, as
+        // no other worker may take it.
+        tokio::task::yield_now().await;
         account(&opts.metrics, &previous, &previous_owners, &state, &down_at);
         let others_now = others.borrow_and_update().clone();
         opts.metrics.set_announced(state.owned.iter(), &others_now);
@@ -257,7 +261,16 @@ pub async fn run(mut objects: impl Objects, opts: Options) -> anyhow::Result<()>
             }
             unforwarded_reported = asked.is_some();
         } else if plan.forwards != state.forwards || !forwarding_ok {
-            match forwarder.apply(&plan.forwards) {
+            // `nft` runs twice, tens of milliseconds: off the worker, so that the link
+            // tasks answering for the IPs just taken are not held up behind it.
+            let applied = if tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread
+            {
+                tokio::task::block_in_place(|| forwarder.apply(&plan.forwards))
+            } else {
+                forwarder.apply(&plan.forwards)
+            };
+            match applied {
                 Ok(_) => {
                     if plan.forwards != state.forwards {
                         info!(rules = plan.forwards.len(), "forwarding rules applied");

@@ -153,6 +153,22 @@ impl Candidate<'_> {
 /// the best so far: this is the loop a speaker runs IPs × nodes times after every change,
 /// so a failover waits for it.
 pub fn elect<'a>(ip: IpAddr, candidates: &[Candidate<'a>]) -> Option<&'a str> {
+    elect_among(ip, candidates.iter())
+}
+
+/// Who would own `ip` if `owner` were gone: the node a failover gives it to, while the
+/// others stay as they are.
+pub fn runner_up<'a>(ip: IpAddr, candidates: &[Candidate<'a>], owner: &str) -> Option<&'a str> {
+    elect_among(ip, candidates.iter().filter(|c| c.name != owner))
+}
+
+fn elect_among<'a, 'c>(
+    ip: IpAddr,
+    candidates: impl Iterator<Item = &'c Candidate<'a>>,
+) -> Option<&'a str>
+where
+    'a: 'c,
+{
     let scorer = Scorer::new(ip);
     let mut best: Option<(Rank, u64, &'a str)> = None;
     for c in candidates {

@@ -186,13 +186,13 @@ pub struct PacketSocket {
 impl PacketSocket {
     /// A raw socket for `ethertype` frames on interface `ifindex`, with `filter` attached
     /// before binding so no unfiltered frame is ever queued.
+    ///
+    /// Created with protocol 0, which receives nothing, and given its protocol by the
+    /// bind: a socket created with a protocol already receives from every link, so
+    /// binding it must unhook it first and wait out an RCU grace period (about 12 ms
+    /// here, twice per link: the wait before a takeover's first gratuitous ARP).
     pub fn open(ifindex: u32, ethertype: u16, filter: &[SockFilter]) -> io::Result<PacketSocket> {
-        let protocol = i32::from(ethertype.to_be());
-        let socket = Socket::new(
-            Domain::PACKET,
-            Type::RAW.nonblocking().cloexec(),
-            Some(protocol.into()),
-        )?;
+        let socket = Socket::new(Domain::PACKET, Type::RAW.nonblocking().cloexec(), None)?;
         socket.attach_filter(filter)?;
         socket.bind(&link_address(ifindex, ethertype))?;
         // SAFETY: `Socket` owns its descriptor and always returns the same one; the

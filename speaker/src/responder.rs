@@ -370,14 +370,7 @@ async fn run_link(
             return;
         }
     };
-    let kernel = settings
-        .arp_in_kernel
-        .then(|| attach_kernel(&spec))
-        .flatten();
-    metrics
-        .arp_in_kernel
-        .get_or_create(&Metrics::interface(&spec.name))
-        .set(i64::from(kernel.is_some()));
+    let attach = settings.arp_in_kernel;
     let mut renewals = tokio::time::interval(kernel_responder::RENEW_EVERY);
     renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut task = LinkTask {
@@ -392,9 +385,24 @@ async fn run_link(
         conflict_log: HashMap::new(),
         others,
         checks: HashMap::new(),
-        kernel,
+        kernel: None,
     };
+    // Announce first (a takeover's gratuitous ARP goes out at once); the kernel
+    // responder takes over the answers once attached, a few milliseconds later.
     task.apply(spec).await;
+    if attach {
+        let spec = task.spec.clone();
+        task.kernel = tokio::task::spawn_blocking(move || attach_kernel(&spec))
+            .await
+            .ok()
+            .flatten();
+        let ips: Vec<IpAddr> = task.states.keys().copied().collect();
+        task.sync_kernel(ips);
+    }
+    task.metrics
+        .arp_in_kernel
+        .get_or_create(&Metrics::interface(&task.spec.name))
+        .set(i64::from(task.kernel.is_some()));
     let mut arp_buf = vec![0u8; 2048];
     let mut ndp_buf = vec![0u8; 2048];
     loop {

@@ -149,6 +149,37 @@ impl World {
         (owners[0], self.lab.node(owners[0]))
     }
 
+    /// The node a failover would give `ip` to, were its owner gone (the same pure
+    /// election, over the other nodes).
+    pub fn standby(&self, ip: IpAddr) -> usize {
+        let m = self.manifests();
+        let (owner, _) = self.owner(ip);
+        let view = ClusterView {
+            members: Some(
+                (0..3)
+                    .filter(|&i| i != owner)
+                    .map(|i| {
+                        let member = ferrolb_speaker::election::MemberView {
+                            settled: true,
+                            ..Default::default()
+                        };
+                        (self.lab.node(i).name().to_string(), member)
+                    })
+                    .collect(),
+            ),
+        };
+        let next: Vec<usize> = (0..3)
+            .filter(|&i| {
+                announcements::plan_node(&m, self.lab.node(i).name(), &view)
+                    .announcements
+                    .iter()
+                    .any(|a| a.ip == ip)
+            })
+            .collect();
+        assert_eq!(next.len(), 1, "{ip} would go to nodes {next:?}");
+        next[0]
+    }
+
     /// The IPs allocated to a Service, from the same pure code the speakers run.
     pub fn ips_of(&self, name: &str) -> Vec<IpAddr> {
         let m = self.manifests();

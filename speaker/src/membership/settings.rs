@@ -12,11 +12,12 @@ use super::sealing::MAX_FOCA_PACKET;
 /// A crashed node is declared down after, roughly, the wait until a survivor next probes
 /// it (up to `probe_period` × members ÷ survivors, one period on average in a small
 /// cluster), plus one `probe_period` (the failed probe), plus `suspect_to_down`.
-/// The defaults aim at sub-second failover on a LAN: measured over real UDP between
-/// network namespaces, 3 nodes, a killed member is declared down by both others in
-/// about 190 ms (median; max about 260 ms), for about 40 packets/s sent per node. A
-/// 100 ms period would put the median near 270 ms, leaving no room in a 300 ms
-/// failover budget.
+/// The defaults aim at failover under 200 ms on a LAN: in the lab (3 nodes, real UDP
+/// between network namespaces; `cargo bench --bench failover`) a dead owner's traffic
+/// is cut for 160 ms (median; 210 ms at most), for about 50 packets/s sent per node,
+/// and with every CPU busy no live node was declared down (`cargo bench --bench
+/// membership_under_load`). The previous 50/20/100 ms cut it for 190 ms (300 ms at
+/// most).
 ///
 /// The trade-off: shorter periods detect failures faster but cost more packets (one
 /// probe and one ack per `probe_period` per node), and a shorter `probe_rtt` or
@@ -49,9 +50,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            probe_period: Duration::from_millis(50),
-            probe_rtt: Duration::from_millis(20),
-            suspect_to_down: Duration::from_millis(100),
+            probe_period: Duration::from_millis(40),
+            probe_rtt: Duration::from_millis(15),
+            suspect_to_down: Duration::from_millis(80),
             indirect_probes: 3,
             gossip_period: Duration::from_millis(20),
             max_transmissions: 6,
