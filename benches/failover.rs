@@ -36,6 +36,9 @@
 //! `--bench`); `cargo test --benches` and `--list` return at once. Needs root, iproute2,
 //! nftables, Thomas Habets' arping and keepalived (Debian packages).
 
+#[path = "support/membership_settings.rs"]
+mod membership_settings;
+
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -161,24 +164,10 @@ fn extra_settings() -> Result<Vec<Flavour>> {
     let Ok(text) = std::env::var("FERROLB_BENCH_TUNED") else {
         return Ok(Vec::new());
     };
-    text.split(',')
-        .map(|s| {
-            let parts: Vec<u64> = s
-                .trim()
-                .split('/')
-                .map(|p| {
-                    p.parse()
-                        .with_context(|| format!("FERROLB_BENCH_TUNED: {s:?}"))
-                })
-                .collect::<Result<_>>()?;
-            match parts[..] {
-                [period, rtt, suspect] => Ok(Flavour::Ferrolb {
-                    tuned: Some((period, rtt, suspect)),
-                }),
-                _ => bail!("FERROLB_BENCH_TUNED: {s:?} is not period/rtt/suspect"),
-            }
-        })
-        .collect()
+    Ok(membership_settings::parse("FERROLB_BENCH_TUNED", &text)?
+        .into_iter()
+        .map(|tuned| Flavour::Ferrolb { tuned: Some(tuned) })
+        .collect())
 }
 
 fn main() -> ExitCode {

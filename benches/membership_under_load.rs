@@ -2,8 +2,8 @@
 //! that detect a dead node sooner must not declare a live one dead because it was slow.
 //!
 //! For each membership setting (`FERROLB_BENCH_SETTINGS`, comma-separated
-//! `period/rtt/suspect` in ms; default: the speaker's defaults and the documented tuned
-//! profile): a fresh 3-node lab, the real `ferrolb speaker` on every node in standalone
+//! `period/rtt/suspect` in ms; default: the defaults before and since issue 24 and the
+//! documented tuned profile): a fresh 3-node lab, the real `ferrolb speaker` on every node in standalone
 //! mode owning [`SERVICES`] VIPs, settled (every speaker reports 3 members and settled).
 //! Then the bench starts busy threads, two per CPU, at the speakers' own priority, for
 //! [`LOAD_TIME`] (`FERROLB_BENCH_LOAD_SECONDS`), and counts from every speaker's
@@ -14,6 +14,9 @@
 //! Prints figures and asserts nothing. Runs only under `cargo bench` (which passes
 //! `--bench`); `cargo test --benches` and `--list` return at once. Needs root and
 //! iproute2.
+
+#[path = "support/membership_settings.rs"]
+mod membership_settings;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -60,25 +63,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// The settings to measure: `FERROLB_BENCH_SETTINGS`, else the old and the new defaults
+/// and the tuned profile.
 fn settings() -> Result<Vec<(u64, u64, u64)>> {
-    let text =
-        std::env::var("FERROLB_BENCH_SETTINGS").unwrap_or_else(|_| "50/20/100,25/10/50".into());
-    text.split(',')
-        .map(|s| {
-            let parts: Vec<u64> = s
-                .trim()
-                .split('/')
-                .map(|p| {
-                    p.parse()
-                        .with_context(|| format!("FERROLB_BENCH_SETTINGS: {s:?}"))
-                })
-                .collect::<Result<_>>()?;
-            match parts[..] {
-                [period, rtt, suspect] => Ok((period, rtt, suspect)),
-                _ => bail!("FERROLB_BENCH_SETTINGS: {s:?} is not period/rtt/suspect"),
-            }
-        })
-        .collect()
+    let text = std::env::var("FERROLB_BENCH_SETTINGS")
+        .unwrap_or_else(|_| "50/20/100,40/15/80,25/10/50".into());
+    membership_settings::parse("FERROLB_BENCH_SETTINGS", &text)
 }
 
 fn run() -> Result<()> {

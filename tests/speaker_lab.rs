@@ -1119,6 +1119,32 @@ fn the_kernel_passes_owned_ips_and_drops_the_rest_when_hundreds_are_owned() {
     );
 }
 
+/// Three speakers serving metrics, with `extra` arguments, and a Service's IPv4 VIP
+/// answered: the world, the VIP, its owner's index and metrics address. The owner
+/// answers ARP in the kernel, or in user space, as `in_kernel` says.
+fn answering_world(extra: &[&str], in_kernel: bool) -> (World, IpAddr, usize, SocketAddr) {
+    let w = World::start_each(&service("web", 80, 30080, ""), |i| {
+        let mut args = vec![
+            "--metrics-address".to_string(),
+            format!("192.0.2.{}:7474", 10 + i),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    });
+    let vip = w.ips_of("web")[0];
+    w.wait_answered(vip);
+    let (i, owner) = w.owner(vip);
+    let metrics = SocketAddr::new(owner.ipv4().into(), 7474);
+    let series = "ferrolb_speaker_arp_in_kernel{interface=\"eth0\"}";
+    assert_eq!(
+        metric(w.lab.client(), metrics, series),
+        Some(f64::from(u8::from(in_kernel))),
+        "{}",
+        w.logs()
+    );
+    (w, vip, i, metrics)
+}
+
 /// Sends `signal` to a lab speaker.
 fn signal(speaker: &ferrolb::lab::LabProcess, signal: nix::sys::signal::Signal) {
     let pid = nix::unistd::Pid::from_raw(speaker.pid() as i32);
@@ -1132,22 +1158,9 @@ fn signal(speaker: &ferrolb::lab::LabProcess, signal: nix::sys::signal::Signal) 
 #[test]
 fn the_kernel_answers_for_a_stopped_speaker_only_until_its_lease_runs_out() {
     use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
-    let w = World::start_with_metrics(&service("web", 80, 30080, ""));
-    let vip = w.ips_of("web")[0];
-    w.wait_answered(vip);
-    let (i, owner) = w.owner(vip);
+    let (w, vip, i, _) = answering_world(&[], true);
+    let owner = w.lab.node(i);
     let client = w.lab.client();
-    let metrics = SocketAddr::new(owner.ipv4().into(), 7474);
-    assert_eq!(
-        metric(
-            client,
-            metrics,
-            "ferrolb_speaker_arp_in_kernel{interface=\"eth0\"}"
-        ),
-        Some(1.0),
-        "{}",
-        w.logs()
-    );
     // Stopped, user space cannot answer; the kernel can. A renewal delayed on a loaded
     // machine can leave less lease than the reply needs, so a few tries.
     let mut answered_while_stopped = false;
@@ -1191,26 +1204,9 @@ fn the_kernel_answers_for_a_stopped_speaker_only_until_its_lease_runs_out() {
 #[test]
 fn in_user_space_the_owner_answers_once_and_not_while_stopped() {
     use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
-    let w = World::start_each(&service("web", 80, 30080, ""), |i| {
-        vec![
-            "--arp-in-kernel=false".to_string(),
-            "--metrics-address".to_string(),
-            format!("192.0.2.{}:7474", 10 + i),
-        ]
-    });
-    let vip = w.ips_of("web")[0];
-    w.wait_answered(vip);
-    let (i, owner) = w.owner(vip);
+    let (w, vip, i, metrics) = answering_world(&["--arp-in-kernel=false"], false);
+    let owner = w.lab.node(i);
     let client = w.lab.client();
-    let metrics = SocketAddr::new(owner.ipv4().into(), 7474);
-    assert_eq!(
-        metric(
-            client,
-            metrics,
-            "ferrolb_speaker_arp_in_kernel{interface=\"eth0\"}"
-        ),
-        Some(0.0)
-    );
     assert_eq!(
         arp_replies(client, vip, Duration::from_millis(300)),
         vec![owner.mac()]

@@ -220,19 +220,31 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
         if owner.is_none() {
             out.orphans.insert(ip, keys.clone());
         }
-        if standby == Some(node)
-            && let Some(node_ip) = internal_ip(&me.object, Family::of(ip))
-        {
-            // The owner reports what is wrong with these rules.
-            let mut problems = Vec::new();
-            for key in &keys {
-                out.forwards.extend(forward_rules(
-                    ip,
-                    node_ip,
-                    services[key],
-                    key,
-                    &mut problems,
-                ));
+        if forwarded && (owner == Some(node) || standby == Some(node)) {
+            // The owner reports what is wrong with the rules; the standby holds them.
+            let mut unreported = Vec::new();
+            let problems = if owner == Some(node) {
+                &mut out.problems
+            } else {
+                &mut unreported
+            };
+            match internal_ip(&me.object, Family::of(ip)) {
+                Some(node_ip) => {
+                    for key in &keys {
+                        out.forwards.extend(forward_rules(
+                            ip,
+                            node_ip,
+                            services[key],
+                            key,
+                            problems,
+                        ));
+                    }
+                }
+                None => problems.push(format!(
+                    "{}: node {node:?} has no {} InternalIP in status.addresses, so {ip} cannot be forwarded to its NodePorts",
+                    me.origin,
+                    Family::of(ip)
+                )),
             }
         }
         if owner != Some(node) {
@@ -242,26 +254,6 @@ pub fn plan(m: &Manifests, node: &str, view: &ClusterView, addresses: &Addresses
         let default_rule = advs.iter().any(|a| a.spec.interfaces.is_empty());
         if !default_rule {
             interfaces.extend(advs.iter().flat_map(|a| a.spec.interfaces.iter().cloned()));
-        }
-        if forwarded {
-            match internal_ip(&me.object, Family::of(ip)) {
-                Some(node_ip) => {
-                    for key in &keys {
-                        out.forwards.extend(forward_rules(
-                            ip,
-                            node_ip,
-                            services[key],
-                            key,
-                            &mut out.problems,
-                        ));
-                    }
-                }
-                None => out.problems.push(format!(
-                    "{}: node {node:?} has no {} InternalIP in status.addresses, so {ip} cannot be forwarded to its NodePorts",
-                    me.origin,
-                    Family::of(ip)
-                )),
-            }
         }
         out.announcements.push(Announcement {
             ip,

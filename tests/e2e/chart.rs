@@ -131,18 +131,7 @@ pub fn installs(suite: &Suite) -> Result<()> {
         Ok::<_, anyhow::Error>(())
     })?;
     // Starting is not an error: nothing is logged at ERROR before the first list.
-    let logs = c.kubectl(
-        &[
-            "logs",
-            "-n",
-            NAMESPACE,
-            "-l",
-            SPEAKERS,
-            "--prefix",
-            "--tail=-1",
-        ],
-        None,
-    )?;
+    let logs = speaker_logs(suite)?;
     let errors: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains(r#""level":"ERROR""#))
@@ -270,10 +259,9 @@ pub fn upgrade(suite: &Suite) -> Result<()> {
     Ok(())
 }
 
-/// How many links the speakers answer ARP on in the kernel, after an upgrade that turned
-/// it on: at least one (the VIPs' owners'), and no speaker that could not attach it.
-fn in_kernel(suite: &Suite) -> Result<usize> {
-    let logs = suite.cluster.kubectl(
+/// Every speaker's whole log, each line prefixed with its Pod.
+fn speaker_logs(suite: &Suite) -> Result<String> {
+    suite.cluster.kubectl(
         &[
             "logs",
             "-n",
@@ -284,7 +272,13 @@ fn in_kernel(suite: &Suite) -> Result<usize> {
             "--tail=-1",
         ],
         None,
-    )?;
+    )
+}
+
+/// How many links the speakers answer ARP on in the kernel, after an upgrade that turned
+/// it on: at least one (the VIPs' owners'), and no speaker that could not attach it.
+fn in_kernel(suite: &Suite) -> Result<usize> {
+    let logs = speaker_logs(suite)?;
     let failed: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("cannot answer ARP in the kernel"))
